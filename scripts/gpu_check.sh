@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the device machine (one CUDA GPU, no network), from the repository root, after
+# scripts/prepare_gpu_tree.sh made .gpu/ here: builds the patched libllama with CUDA from .gpu/,
+# runs the GPU tests on synthetic random-weight models and the capture-overhead benchmark.
+# Everything printed also goes to $OUT/gpu_check.log.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+ARCH=${CUDA_ARCH:-90}
+export PATH=/usr/local/cuda/bin:$PATH
+BUILD=.gpu/build
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/.gpu:$PWD PYTHONUNBUFFERED=1
+
+SECONDS=0
+cmake -S .gpu/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF > "$OUT/cmake.log" 2>&1 \
+    || { tail -30 "$OUT/cmake.log"; exit 1; }
+cmake --build $BUILD -j "$(nproc)" --target llama > "$OUT/build.log" 2>&1 || { grep -B2 -A8 error "$OUT/build.log" | head -60; exit 1; }
+echo "== CUDA build of libllama: ${SECONDS}s"
+export LLAMA_CPP_LIB_PATH=$PWD/$BUILD/bin
+
+python3 -m infmllm_gguf.synthetic /tmp/llama-1b.gguf --shape llama-1b --dtype q8_0
+INFMLLM_GPU_MODEL=/tmp/llama-1b.gguf timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
+for fa in --flash-attn --no-flash-attn; do
+    timeout 120 python3 -m cli.main bench /tmp/llama-1b.gguf -ngl -1 $fa --prompt-tokens 2048 --chunk 512 \
+        --decode-tokens 128 --repeats 5 --json "$OUT/bench_1b${fa#--}.json"
+done
+echo "== total ${SECONDS}s"

@@ -1,0 +1,15 @@
+import pytest
+
+from infmllm_gguf.models import default_model_path
+
+PROMPT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+          "of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season "
+          "of Light, it was the season of Darkness, it was the spring of hope, it was the winter of despair.")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    path = default_model_path()
+    if not path.exists():
+        pytest.fail(f"the default model is missing at {path}: run `make setup`")
+    return path

@@ -1,0 +1,63 @@
+"""`infmllm-gguf attention` as a user runs it, in a subprocess."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROMPT
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.usefixtures("default_model")
+def test_attention_json_is_one_object_with_the_documented_schema(tmp_path):
+    png = tmp_path / "map.png"
+    proc = run("attention", "--text", PROMPT, "--window", "8", "--json", "--png", str(png))
+    obj = json.loads(proc.stdout)  # the whole stdout is one JSON object
+    assert set(obj) == {"model", "n_layer", "n_head", "window", "n_tokens", "positions", "scores"}
+    assert obj["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (obj["n_layer"], obj["n_head"], obj["window"]) == (30, 9, 8)
+    assert obj["positions"] == list(range(obj["n_tokens"]))
+    scores = np.array(obj["scores"])
+    assert scores.shape == (30, obj["n_tokens"])
+    np.testing.assert_allclose(scores.sum(axis=1), 8 * 9, rtol=1e-3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.usefixtures("default_model")
+def test_attention_summary_names_the_sink(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(PROMPT)
+    out = run("attention", "--file", str(text), "--window", "4").stdout
+    assert "attention sink (position 0)" in out
+    assert "top 10 positions" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/model.gguf", "--text", "hi"], "model file not found"),
+    (["--text", "short", "--window", "50"], "larger than the text"),
+    (["--text", "a", "--file", "b"], "exactly one of"),
+])
+def test_attention_errors_are_clear(args, message):
+    proc = run("attention", *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_truncated_and_foreign_files_are_rejected(default_model, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(default_model.read_bytes()[: 20_000_000])
+    proc = run("attention", str(truncated), "--text", "hi", check=False)
+    assert proc.returncode == 2 and "truncated" in proc.stderr
+    foreign = tmp_path / "notes.gguf"
+    foreign.write_text("not a model")
+    proc = run("attention", str(foreign), "--text", "hi", check=False)
+    assert proc.returncode == 2 and "not a GGUF file" in proc.stderr
