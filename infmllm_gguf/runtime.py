@@ -22,7 +22,8 @@ from .models import diagnose_gguf, resolve_model
 SEQ = 0  # the one sequence a Runtime decodes
 
 # llama.cpp logs every tensor it loads; keep errors only (llama-cpp-python routes the log here)
-logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+# unless INFMLLM_GGUF_VERBOSE is set
+logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if os.environ.get("INFMLLM_GGUF_VERBOSE") else logging.ERROR)
 llama.llama_backend_init()
 
 

@@ -24,10 +24,19 @@ cmake --build $BUILD -j "$(nproc)" --target llama > "$OUT/build.log" 2>&1 || { g
 echo "== CUDA build of libllama: ${SECONDS}s"
 export LLAMA_CPP_LIB_PATH=$PWD/$BUILD/bin
 
+python3 -m infmllm_gguf.synthetic /tmp/tiny.gguf --shape tiny-llama --dtype f16
+if ! INFMLLM_GGUF_VERBOSE=1 python3 -X faulthandler scripts/gpu_smoke.py /tmp/tiny.gguf > "$OUT/smoke.log" 2>&1; then
+    tail -40 "$OUT/smoke.log"
+    ldd $BUILD/bin/libllama.so | head -20
+    CUDA_VISIBLE_DEVICES= python3 -X faulthandler scripts/gpu_smoke.py /tmp/tiny.gguf 2>&1 | tail -5
+    timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 scripts/gpu_smoke.py /tmp/tiny.gguf 2>&1 | tail -80
+    exit 1
+fi
+tail -3 "$OUT/smoke.log"
 python3 -m infmllm_gguf.synthetic /tmp/llama-1b.gguf --shape llama-1b --dtype q8_0
 INFMLLM_GPU_MODEL=/tmp/llama-1b.gguf timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
 for fa in --flash-attn --no-flash-attn; do
-    timeout 120 python3 -m cli.main bench /tmp/llama-1b.gguf -ngl -1 $fa --prompt-tokens 2048 --chunk 512 \
-        --decode-tokens 128 --repeats 5 --json "$OUT/bench_1b${fa#--}.json"
+    timeout 120 python3 -m cli.main bench /tmp/llama-1b.gguf -ngl -1 $fa --prompt-tokens 1024 --chunk 512 \
+        --decode-tokens 64 --repeats 3 --json "$OUT/bench_1b${fa#--}.json"
 done
 echo "== total ${SECONDS}s"
