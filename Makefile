@@ -18,6 +18,7 @@ setup: .venv/.deps
 	CUDA=$(CUDA) CUDA_ARCH=$(CUDA_ARCH) PYTHON=$(PY) scripts/build_llama.sh
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m infmllm_gguf.models fetch
+	$(PY) -m infmllm_gguf.data fetch
 
 demo: setup
 	.venv/bin/infmllm-gguf attention --text "The cat sat on the mat. The dog lay on the rug. Where did the cat sit?" --window 8

@@ -84,6 +84,7 @@ class Runtime:
         self.n_embd = llama.llama_model_n_embd(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+        self.n_swa = llama.llama_model_n_swa(self.model)  # sliding window (0: none)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._capture_window = 0
 
@@ -167,6 +168,7 @@ class Runtime:
 
     # -- KV cache ---------------------------------------------------------------------------
     def pos_min(self) -> int:
+        """Smallest position of the sequence (of the sliding-window cache, for iSWA models)."""
         return llama.llama_memory_seq_pos_min(self.memory, SEQ)
 
     def pos_max(self) -> int:

@@ -1,0 +1,149 @@
+"""The cache controller: a llama.cpp sequence kept to a fixed number of cells by an eviction policy.
+
+It decodes chunks of tokens, reads attention scores only when the policy needs them, removes the
+cells the policy drops (`llama_memory_seq_rm`, one call per run of dropped cells) and re-indexes
+the survivors to contiguous positions 0..n-1 (`llama_memory_seq_add`, one call per run of kept
+cells), as StreamingLLM does, so a model trained on a 4k or 8k window can read an endless stream.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policies import Policy
+from .runtime import Runtime
+
+
+@dataclass
+class CacheStats:
+    tokens_seen: int = 0
+    cells_cached: int = 0
+    cells_evicted: int = 0
+    evictions: int = 0
+    capture_s: float = 0.0   # reading and aligning attention scores
+    evict_s: float = 0.0     # selecting, removing cells and re-indexing positions
+    decode_s: float = 0.0    # llama_decode, capture side branch included
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open index ranges [a, b) of the True runs of a boolean array."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+class CacheController:
+    """Owns the stream state of one `Runtime` sequence under `policy`.
+
+    `ids[i]` is the stream index (original token number) of the i-th cached cell; with
+    re-indexing its position in llama.cpp is `i`, else it is `ids[i]` itself.
+    """
+
+    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32):
+        self.rt = runtime
+        self.policy = policy
+        self.generation_headroom = generation_headroom
+        self.reindex = runtime.can_shift()
+        if not self.reindex:
+            warnings.warn(f"{runtime.model_path.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
+                          "similar); cached tokens keep their original positions, which grow with the stream",
+                          stacklevel=3)
+        # H2O (and a decaying Inf-MLLM) sum the attention of every decode between two evictions;
+        # Inf-MLLM with decay 0 uses only the last chunk's retrieval window
+        self.accumulates = getattr(policy, "decay", 1.0) > 0
+        self.stats = CacheStats()
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.memory: np.ndarray | None = None
+        self.pending: np.ndarray | None = None  # attention since the last eviction [n_layer, n]
+        self._window = -1
+        self.stats = CacheStats()
+
+    def reset(self) -> None:
+        self.rt.clear()
+        self.reset_state()
+
+    @property
+    def n_cached(self) -> int:
+        return int(self.ids.size)
+
+    def positions(self) -> np.ndarray:
+        """The llama.cpp positions of the cached cells, in stream order."""
+        return np.arange(self.ids.size) if self.reindex else self.ids.copy()
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, tokens, *, logits: str = "last", generating: bool = False) -> None:
+        """Decode one chunk, then evict if the cache holds more than the budget.
+
+        While `generating` (one token at a time) the scores of successive steps add up and
+        eviction waits until the cache reaches budget + generation_headroom.
+        """
+        n = len(tokens)
+        window = self.policy.capture_window(n)
+        if window != self._window:
+            self.rt.capture_scores(window)
+            self._window = window
+        start = self.ids.size if self.reindex else self.stats.tokens_seen
+        t0 = time.perf_counter()
+        self.rt.decode(tokens, range(start, start + n), logits=logits)
+        t1 = time.perf_counter()
+        self.stats.decode_s += t1 - t0
+
+        first = self.stats.tokens_seen
+        self.ids = np.concatenate((self.ids, np.arange(first, first + n, dtype=np.int64)))
+        self.stats.tokens_seen += n
+        if self.memory is not None:
+            self.memory = np.concatenate((self.memory, np.zeros(n)))
+        if window:
+            self._add_attention(accumulate=self.accumulates or generating)
+            self.stats.capture_s += time.perf_counter() - t1
+
+        limit = self.policy.budget + (self.generation_headroom if generating else 0)
+        if self.ids.size > limit or (generating and self.ids.size >= limit):
+            self.evict()
+        self.stats.cells_cached = int(self.ids.size)
+
+    def _add_attention(self, *, accumulate: bool) -> None:
+        captured = self.rt.read_scores()
+        if captured.positions.size != self.ids.size or not np.array_equal(captured.positions, self.positions()):
+            raise RuntimeError(f"llama.cpp holds {captured.positions.size} cells for the sequence, the controller "
+                               f"{self.ids.size}: the cache was edited behind the controller's back")
+        attention = captured.scores.astype(np.float64)
+        if accumulate and self.pending is not None:
+            grown = np.zeros_like(attention)
+            grown[:, :self.pending.shape[1]] = self.pending
+            attention += grown
+        self.pending = attention
+
+    # -- eviction ---------------------------------------------------------------------------
+    def evict(self) -> int:
+        """Apply the policy once; returns the number of cells removed."""
+        if self.ids.size <= self.policy.budget:
+            return 0
+        t0 = time.perf_counter()
+        attention = self.pending if self.policy.needs_attention else None
+        if attention is not None and attention.shape[1] != self.ids.size:
+            raise RuntimeError("no attention scores cover the newest cells; decode a chunk before evicting")
+        memory = self.memory if self.memory is not None and self.policy.needs_attention else None
+        selection = self.policy.select(self.ids, attention, memory)
+        keep = selection.keep
+        pos = self.positions()
+        for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid
+            self.rt.remove(int(pos[a]), int(pos[b - 1]) + 1)
+        if self.reindex:
+            removed_before = np.cumsum(~keep) - (~keep)
+            for a, b in runs(keep):
+                if removed_before[a]:
+                    self.rt.shift(int(pos[a]), int(pos[b - 1]) + 1, -int(removed_before[a]))
+        n_removed = int(np.count_nonzero(~keep))
+        self.ids = self.ids[keep]
+        self.memory = selection.memory
+        self.pending = None
+        self.stats.cells_evicted += n_removed
+        self.stats.evictions += 1
+        self.stats.evict_s += time.perf_counter() - t0
+        return n_removed

@@ -1,0 +1,193 @@
+"""`StreamSession`: stream text (and chat rounds) into a model through a KV cache of fixed size."""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+from llama_cpp import llama_cpp as llama
+
+from .cache import CacheController, CacheStats
+from .policies import make_policy
+from .runtime import Runtime
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class StreamSession:
+    """A model reading an endless stream in `budget` cells, evicting with `policy`.
+
+    Options left at None take the policy's defaults (see `infmllm_gguf.policies`). The llama.cpp
+    context holds `budget + max(chunk, generation_headroom)` cells and never grows.
+    """
+
+    def __init__(self, model_path: str | os.PathLike | None = None, *, budget: int = 1024,
+                 policy: str = "inf-mllm", recent: int | None = None, window: int | None = None,
+                 bias: float | None = None, sinks: int | None = None, decay: float | None = None,
+                 n_keep: int | None = None, chunk: int = 256, generation_headroom: int = 32,
+                 n_gpu_layers: int = -1, n_threads: int | None = None, flash_attn: bool | None = None,
+                 seed: int = 0):
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 token (got {chunk}): pass --chunk N")
+        if window is not None and window > chunk:
+            raise ValueError(f"window ({window}) must not exceed chunk ({chunk}): lower --window or raise --chunk")
+        self.policy = make_policy(policy, budget=budget, recent=recent, window=window, bias=bias,
+                                  sinks=sinks, decay=decay, n_keep=n_keep)
+        self.chunk = chunk
+        self.runtime = Runtime(model_path, n_ctx=budget + max(chunk, generation_headroom), n_batch=chunk,
+                               n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads, seed=seed)
+        self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom)
+        self.rng = np.random.default_rng(seed)
+        self._chat_messages: list[tuple[str, str]] = []
+        self._chat_fed = ""
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the stream: empty cache, counters at zero, no chat history."""
+        self.cache.reset()
+        self._chat_messages.clear()
+        self._chat_fed = ""
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> CacheStats:
+        return self.cache.stats
+
+    def cached_positions(self) -> np.ndarray:
+        """Stream indices (original token numbers) of the cells cached now, ascending."""
+        return self.cache.ids.copy()
+
+    # -- feeding ----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Tokens of `text`; BOS only at the very start of the stream."""
+        return self.runtime.tokenize(text, add_special=self.cache.stats.tokens_seen == 0, parse_special=special)
+
+    def feed_text(self, text: str, *, special: bool = False) -> int:
+        return self.feed_tokens(self.tokenize(text, special=special))
+
+    def feed_tokens(self, ids: Sequence[int]) -> int:
+        """Append tokens to the stream in chunks, evicting as needed; returns how many were fed."""
+        ids = list(ids)
+        for i in range(0, len(ids), self.chunk):
+            self.cache.decode(ids[i:i + self.chunk], logits="last")
+        return len(ids)
+
+    def token_nll(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` and return the negative log-likelihood of each token but the first given the
+        tokens before it, as the bounded cache sees them (float64[len(ids) - 1])."""
+        ids = list(ids)
+        out = []
+        prev_logits = None
+        for i in range(0, len(ids), self.chunk):
+            piece = ids[i:i + self.chunk]
+            self.cache.decode(piece, logits="all")
+            logits = np.stack([self.runtime.logits(j) for j in range(len(piece))])
+            logp = log_softmax(logits)
+            if prev_logits is not None:
+                out.append(-prev_logits[piece[0]])
+            out.extend(-logp[np.arange(len(piece) - 1), piece[1:]])
+            prev_logits = logp[-1]
+        return np.array(out, dtype=np.float64)
+
+    # -- generation -------------------------------------------------------------------------
+    def sample(self, logits: np.ndarray, temperature: float, top_p: float) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        p = np.exp(log_softmax(logits / temperature))
+        order = np.argsort(-p)
+        cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+        top = order[:cut]
+        return int(self.rng.choice(top, p=p[top] / p[top].sum()))
+
+    def generate(self, prompt: str | None = None, *, max_tokens: int = 128, temperature: float = 0.7,
+                 top_p: float = 0.95, stop: Sequence[str] = (), special: bool = False) -> Iterator[str]:
+        """Feed `prompt` (if any), then sample up to `max_tokens` tokens, yielding text pieces.
+
+        Stops at an end-of-generation token or when a `stop` string appears (not yielded). While
+        generating, the cache may hold up to budget + generation_headroom cells; at the end it is
+        brought back to the budget.
+        """
+        try:
+            yield from self._generate(prompt, max_tokens, temperature, top_p, stop, special)
+        finally:
+            if self.cache.n_cached > self.policy.budget:
+                self.cache.evict()
+
+    def _generate(self, prompt, max_tokens, temperature, top_p, stop, special) -> Iterator[str]:
+        if prompt:
+            self.feed_text(prompt, special=special)
+        if self.cache.n_cached == 0:
+            raise ValueError("nothing to continue: feed text or pass a prompt first")
+        text = ""
+        emitted = 0
+        logits = self.runtime.logits()
+        for _ in range(max_tokens):
+            tok = self.sample(logits, temperature, top_p)
+            if llama.llama_vocab_is_eog(self.runtime.vocab, tok):
+                break
+            self.cache.decode([tok], logits="last", generating=True)
+            logits = self.runtime.logits()
+            text += self.runtime.token_piece(tok)
+            hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit > emitted:
+                    yield text[emitted:hit]
+                return
+            # hold back what could still become a stop string
+            safe = len(text) - max((len(s) - 1 for s in stop), default=0)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    # -- chat -------------------------------------------------------------------------------
+    def chat_template(self) -> str:
+        tmpl = llama.llama_model_chat_template(self.runtime.model, None)
+        if not tmpl:
+            raise ValueError(f"{self.runtime.model_path.name} has no chat template; use generate() instead")
+        return tmpl.decode("utf-8")
+
+    def _format(self, messages: list[tuple[str, str]], add_assistant: bool) -> str:
+        arr = (llama.llama_chat_message * len(messages))(
+            *[llama.llama_chat_message(role.encode(), content.encode()) for role, content in messages])
+        tmpl = self.chat_template().encode()
+        size = 2 * sum(len(c) + len(r) for r, c in messages) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(tmpl, arr, len(messages), add_assistant, buf, size)
+            if n < 0:
+                raise ValueError("llama.cpp does not support this model's chat template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise RuntimeError("chat template output kept growing")
+
+    def chat(self, message: str, *, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
+             top_p: float = 0.95) -> str:
+        """One round through the model's chat template; the conversation stays in the stream."""
+        if system is not None and not self._chat_messages:
+            self._chat_messages.append(("system", system))
+        self._chat_messages.append(("user", message))
+        full = self._format(self._chat_messages, add_assistant=True)
+        # feed only what the stream has not seen; templates render earlier turns identically
+        common = os.path.commonprefix([full, self._chat_fed])
+        self.feed_text(full[len(common):], special=True)
+        reply = "".join(self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p))
+        self._chat_messages.append(("assistant", reply))
+        self._chat_fed = full + reply
+        return reply
