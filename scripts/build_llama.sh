@@ -20,7 +20,9 @@ CUDA_ARCH=${CUDA_ARCH:-}
 
 cmake_args="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF"
 if [ "$CUDA" = 1 ]; then
-    cmake_args+=" -DGGML_CUDA=on"
+    # --exclude-libs: with CUDA 13, libggml-cuda.so re-exported libstdc++ internals from a static
+    # archive, and libllama bound to them and crashed in llama_model::print_info (seen on an H200)
+    cmake_args+=" -DGGML_CUDA=on -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"
     [ -n "$CUDA_ARCH" ] && cmake_args+=" -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
 fi
 
