@@ -50,9 +50,8 @@ class Runtime:
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_batch: int | None = None, n_ubatch: int | None = None, n_gpu_layers: int = -1,
-                 flash_attn: bool | None = None, n_threads: int | None = None, seed: int = 0):
+                 flash_attn: bool | None = None, n_threads: int | None = None):
         self.model_path: Path = resolve_model(model_path)
-        self.seed = seed
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         self.model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)

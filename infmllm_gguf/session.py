@@ -40,7 +40,7 @@ class StreamSession:
                                   sinks=sinks, decay=decay, n_keep=n_keep)
         self.chunk = chunk
         self.runtime = Runtime(model_path, n_ctx=budget + max(chunk, generation_headroom), n_batch=chunk,
-                               n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads, seed=seed)
+                               n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads)
         self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom)
         self.rng = np.random.default_rng(seed)
         self._chat_messages: list[tuple[str, str]] = []
