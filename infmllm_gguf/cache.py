@@ -53,7 +53,6 @@ class CacheController:
         # H2O (and a decaying Inf-MLLM) sum the attention of every decode between two evictions;
         # Inf-MLLM with decay 0 uses only the last chunk's retrieval window
         self.accumulates = getattr(policy, "decay", 1.0) > 0
-        self.stats = CacheStats()
         self.reset_state()
 
     def reset_state(self) -> None:
