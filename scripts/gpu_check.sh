@@ -16,17 +16,12 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/.gpu:$PWD PYTHONUNBUFFERED=1
 
 SECONDS=0
-if [ -f .gpu/prebuilt.tar.xz ]; then
-    # libllama and ggml built elsewhere with CUDA for this architecture (see README)
-    mkdir -p $BUILD/bin && tar -xJf .gpu/prebuilt.tar.xz -C $BUILD/bin
-else
 cmake -S .gpu/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF \
     "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > "$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build $BUILD -j "$(nproc)" --target llama > "$OUT/build.log" 2>&1 || { grep -B2 -A8 error "$OUT/build.log" | head -60; exit 1; }
-fi
 echo "== CUDA build of libllama: ${SECONDS}s"
 export LLAMA_CPP_LIB_PATH=$PWD/$BUILD/bin
 
