@@ -21,6 +21,7 @@ from .runtime import Runtime
 class CacheStats:
     tokens_seen: int = 0
     cells_cached: int = 0
+    peak_cells: int = 0      # most cells held at once (right after a decode, before eviction)
     cells_evicted: int = 0
     evictions: int = 0
     capture_s: float = 0.0   # reading and aligning attention scores
@@ -57,14 +58,20 @@ class CacheController:
 
     def reset_state(self) -> None:
         self.ids = np.zeros(0, dtype=np.int64)
+        self._stats = CacheStats()
         self.memory: np.ndarray | None = None
         self.pending: np.ndarray | None = None  # attention since the last eviction [n_layer, n]
         self._window = -1
-        self.stats = CacheStats()
 
     def reset(self) -> None:
         self.rt.clear()
         self.reset_state()
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counters, with `cells_cached` read from the cache state (it changes on decode and evict)."""
+        self._stats.cells_cached = int(self.ids.size)
+        return self._stats
 
     @property
     def n_cached(self) -> int:
@@ -86,25 +93,25 @@ class CacheController:
         if window != self._window:
             self.rt.capture_scores(window)
             self._window = window
-        start = self.ids.size if self.reindex else self.stats.tokens_seen
+        start = self.ids.size if self.reindex else self._stats.tokens_seen
         t0 = time.perf_counter()
         self.rt.decode(tokens, range(start, start + n), logits=logits)
         t1 = time.perf_counter()
-        self.stats.decode_s += t1 - t0
+        self._stats.decode_s += t1 - t0
 
-        first = self.stats.tokens_seen
+        first = self._stats.tokens_seen
         self.ids = np.concatenate((self.ids, np.arange(first, first + n, dtype=np.int64)))
-        self.stats.tokens_seen += n
+        self._stats.tokens_seen += n
+        self._stats.peak_cells = max(self._stats.peak_cells, int(self.ids.size))
         if self.memory is not None:
             self.memory = np.concatenate((self.memory, np.zeros(n)))
         if window:
             self._add_attention(accumulate=self.accumulates or generating)
-            self.stats.capture_s += time.perf_counter() - t1
+            self._stats.capture_s += time.perf_counter() - t1
 
         limit = self.policy.budget + (self.generation_headroom if generating else 0)
         if self.ids.size > limit or (generating and self.ids.size >= limit):
             self.evict()
-        self.stats.cells_cached = int(self.ids.size)
 
     def _add_attention(self, *, accumulate: bool) -> None:
         captured = self.rt.read_scores()
@@ -142,7 +149,7 @@ class CacheController:
         self.ids = self.ids[keep]
         self.memory = selection.memory
         self.pending = None
-        self.stats.cells_evicted += n_removed
-        self.stats.evictions += 1
-        self.stats.evict_s += time.perf_counter() - t0
+        self._stats.cells_evicted += n_removed
+        self._stats.evictions += 1
+        self._stats.evict_s += time.perf_counter() - t0
         return n_removed

@@ -31,5 +31,5 @@ def stream_perplexity(tokens, *, model_path=None, policy: str = "inf-mllm", budg
         elapsed = time.perf_counter() - t0
         stats = s.stats
         return PerplexityRun(policy, budget, chunk, len(tokens), float(np.exp(nll.mean())),
-                             len(tokens) / elapsed, min(stats.tokens_seen, budget + chunk),
+                             len(tokens) / elapsed, stats.peak_cells,
                              stats.evict_s / elapsed, stats.capture_s / elapsed)

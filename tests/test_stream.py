@@ -142,4 +142,6 @@ def test_generation_evicts_and_returns_to_budget(default_model):
         assert "".join(pieces)
         assert s.runtime.n_cached() <= 64
         check_cache(s)
+        assert s.stats.cells_cached == s.runtime.n_cached()
+        assert 64 < s.stats.peak_cells <= 64 + 16
         assert s.stats.tokens_seen > 64 and s.stats.evictions > 0
