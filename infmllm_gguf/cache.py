@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -80,6 +80,29 @@ class CacheController:
     def positions(self) -> np.ndarray:
         """The llama.cpp positions of the cached cells, in stream order."""
         return np.arange(self.ids.size) if self.reindex else self.ids.copy()
+
+    # -- saving -----------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The controller's state: JSON-able settings and counters, and arrays. llama.cpp's cells
+        are saved apart (`Runtime.get_state`)."""
+        arrays = {"ids": self.ids}
+        for name in ("memory", "pending"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        return {"stats": asdict(self._stats), "reindex": self.reindex}, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Take over a state from `state_dict`, once llama.cpp's cells are loaded."""
+        if meta["reindex"] != self.reindex:
+            raise ValueError("the saved stream was re-indexed and this model cannot be (or the reverse)")
+        ids = np.asarray(arrays["ids"], dtype=np.int64)
+        if self.rt.n_cached() != ids.size:
+            raise ValueError(f"the saved cache holds {self.rt.n_cached()} cells, its stream state {ids.size}")
+        self.ids = ids
+        self.memory = arrays.get("memory")
+        self.pending = arrays.get("pending")
+        self._stats = CacheStats(**meta["stats"])
+        self._window = -1  # the capture setting is not part of llama.cpp's state: set it again
 
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, tokens, *, logits: str = "last", generating: bool = False) -> None:

@@ -86,6 +86,9 @@ class Runtime:
         self.n_swa = llama.llama_model_n_swa(self.model)  # sliding window (0: none)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._capture_window = 0
+        self._capture_layers: tuple[int, ...] = ()
+        self._has_logits = False
+        self._restored_logits: np.ndarray | None = None  # llama.cpp's state does not carry logits
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -151,7 +154,9 @@ class Runtime:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
             b.logits[i] = logits == "all" or (logits == "last" and i == n - 1)
+        self._restored_logits = None
         rc = llama.llama_decode(self.ctx, b)
+        self._has_logits = rc == 0 and logits != "none"
         if rc == 1:
             raise RuntimeError(f"the KV cache has no room for {n} more tokens ({self.n_cached()} of "
                                f"{self.n_ctx} cells used)")
@@ -160,10 +165,60 @@ class Runtime:
 
     def logits(self, i: int = -1) -> np.ndarray:
         """A copy of the logits of output `i` of the last decode."""
+        if self._restored_logits is not None and i in (0, -1):
+            return self._restored_logits.copy()
         ptr = llama.llama_get_logits_ith(self.ctx, i)
         if not ptr:
             raise RuntimeError(f"no logits for output {i} of the last decode")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """A copy of the logits of the last decode's `n_outputs` outputs, in batch order
+        (float32 [n_outputs, n_vocab]); the decode must have asked for logits="all"."""
+        ptr = llama.llama_get_logits_ith(self.ctx, n_outputs - 1)  # validates n_outputs
+        if not ptr:
+            raise RuntimeError(f"the last decode has fewer than {n_outputs} outputs")
+        return np.ctypeslib.as_array(llama.llama_get_logits(self.ctx), shape=(n_outputs, self.n_vocab)).copy()
+
+    # -- saving -----------------------------------------------------------------------------
+    def get_state(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """llama.cpp's context state (the cells) as bytes (uint8 [n]), and the last output's logits
+        (None before any decode with logits), which llama.cpp's state does not include."""
+        self.settle()
+        size = llama.llama_state_get_size(self.ctx)
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
+        if written != size:
+            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
+        return buf, (self.logits() if self._has_logits else None)
+
+    def settle(self) -> None:
+        """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
+        the next decode, and its saved state would lose the pending shift: decode one throwaway token
+        after the sequence and remove it. The last logits survive."""
+        last = self.logits() if self._has_logits else None
+        window, layers = self._capture_window, self._capture_layers
+        if window:
+            self.capture_scores(0)
+        pos = self.pos_max() + 1
+        self.decode([0], [pos], logits="none")
+        self.remove(pos, pos + 1)
+        if window:
+            self.capture_scores(window, None if len(layers) == self.n_layer else layers)
+        self._restored_logits, self._has_logits = last, last is not None
+
+    def set_state(self, data: np.ndarray, last_logits: np.ndarray | None) -> None:
+        """Load a state from `get_state` of a context of the same model and size."""
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        read = llama.llama_state_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size)
+        if read != data.size:
+            self.clear()
+            raise ValueError(f"llama.cpp could not load the saved cache ({read} of {data.size} bytes read): "
+                             "it was saved from another model or context size")
+        if last_logits is not None and last_logits.shape != (self.n_vocab,):
+            raise ValueError(f"saved logits have shape {last_logits.shape}, this model's vocabulary {self.n_vocab}")
+        self._restored_logits = None if last_logits is None else last_logits.astype(np.float32)
+        self._has_logits = last_logits is not None
 
     # -- KV cache ---------------------------------------------------------------------------
     def pos_min(self) -> int:

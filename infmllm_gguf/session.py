@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+from dataclasses import fields
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -12,6 +15,8 @@ from .cache import CacheController, CacheStats
 from .policies import make_policy
 from .runtime import Runtime
 
+STATE_VERSION = 1
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
@@ -19,10 +24,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def nll_of(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits[i])[targets[i]] for each row (float64). Only the log-sum-exp is
+    computed, in float32 with a float64 sum: the whole log-softmax would dominate a long stream."""
+    peak = logits.max(axis=-1)
+    lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1, dtype=np.float64))
+    return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
+
+
 class StreamSession:
     """A model reading an endless stream in `budget` cells, evicting with `policy`.
 
-    Options left at None take the policy's defaults (see `infmllm_gguf.policies`). The llama.cpp
+    Options left at None take the policy's defaults (see `infmllm_gguf.policies`; settings other than
+    the common ones named here go in `policy_options`, e.g. ``layer_reduce="max"``). The llama.cpp
     context holds `budget + max(chunk, generation_headroom)` cells and never grows.
     """
 
@@ -31,14 +45,16 @@ class StreamSession:
                  bias: float | None = None, sinks: int | None = None, decay: float | None = None,
                  n_keep: int | None = None, chunk: int = 256, generation_headroom: int = 32,
                  n_gpu_layers: int = -1, n_threads: int | None = None, flash_attn: bool | None = None,
-                 seed: int = 0):
+                 seed: int = 0, **policy_options):
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 token (got {chunk}): pass --chunk N")
         if window is not None and window > chunk:
             raise ValueError(f"window ({window}) must not exceed chunk ({chunk}): lower --window or raise --chunk")
         self.policy = make_policy(policy, budget=budget, recent=recent, window=window, bias=bias,
-                                  sinks=sinks, decay=decay, n_keep=n_keep)
+                                  sinks=sinks, decay=decay, n_keep=n_keep, **policy_options)
         self.chunk = chunk
+        self.generation_headroom = generation_headroom
+        self.flash_attn = flash_attn
         self.runtime = Runtime(model_path, n_ctx=budget + max(chunk, generation_headroom), n_batch=chunk,
                                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads)
         self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom)
@@ -71,6 +87,85 @@ class StreamSession:
         """Stream indices (original token numbers) of the cells cached now, ascending."""
         return self.cache.ids.copy()
 
+    # -- saving -----------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        rt = self.runtime
+        return {"model": rt.model_path.name, "model_bytes": rt.model_path.stat().st_size, "n_vocab": rt.n_vocab,
+                "n_layer": rt.n_layer, "n_embd": rt.n_embd, "n_ctx": rt.n_ctx}
+
+    def _settings(self) -> dict:
+        options = {f.name: getattr(self.policy, f.name) for f in fields(self.policy) if f.init}
+        return {"policy": self.policy.name, **options, "chunk": self.chunk,
+                "generation_headroom": self.generation_headroom, "flash_attn": self.flash_attn}
+
+    def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+        """Write the whole stream state to `path` (an .npz file): llama.cpp's cells and last logits,
+        the controller's bookkeeping, the chat history and the sampler, so that `restore` continues
+        exactly. `extra` is JSON-able data of the caller's (a run's progress), returned by `load`.
+        The file is replaced atomically: a crash mid-save leaves the previous one intact."""
+        path = Path(path)
+        meta, arrays = self.cache.state_dict()
+        meta.update(version=STATE_VERSION, identity=self._identity(), settings=self._settings(),
+                    chat_messages=self._chat_messages, chat_fed=self._chat_fed,
+                    rng=self.rng.bit_generator.state, extra=extra or {})
+        llama_state, last_logits = self.runtime.get_state()
+        if last_logits is not None:
+            arrays["last_logits"] = last_logits
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), llama_state=llama_state,
+                     **{f"cache_{k}": v for k, v in arrays.items()})
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+        """The metadata and arrays of a file written by `save`; ValueError when it is not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved session at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes())
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a session saved by infmllm-gguf ({exc})") from None
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"{path} was saved in state format {meta.get('version')}, this version reads "
+                             f"{STATE_VERSION}")
+        return meta, arrays
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Continue the stream saved at `path` in this session (same model, policy and sizes);
+        returns the `extra` data saved with it."""
+        meta, arrays = self.read_state(path)
+        for what, mine in (("identity", self._identity()), ("settings", self._settings())):
+            diff = {k: (v, mine.get(k)) for k, v in meta[what].items() if mine.get(k) != v}
+            if diff:
+                raise ValueError(f"{path} was saved with other {what}: " +
+                                 ", ".join(f"{k}={saved!r} (here {here!r})" for k, (saved, here) in diff.items()))
+        self.runtime.set_state(arrays.pop("llama_state"), arrays.pop("cache_last_logits", None))
+        self.cache.load_state_dict(meta, {k.removeprefix("cache_"): v for k, v in arrays.items()})
+        self._chat_messages = [tuple(m) for m in meta["chat_messages"]]
+        self._chat_fed = meta["chat_fed"]
+        self.rng.bit_generator.state = meta["rng"]
+        return meta["extra"]
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, model_path: str | os.PathLike | None = None, *,
+                n_gpu_layers: int = -1, n_threads: int | None = None) -> "StreamSession":
+        """A new session continuing the stream saved at `path`, with the settings it was saved with."""
+        meta, _ = cls.read_state(path)
+        settings = dict(meta["settings"])
+        session = cls(model_path, policy=settings.pop("policy"), n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                      **settings)
+        try:
+            session.load(path)
+        except Exception:
+            session.close()
+            raise
+        return session
+
     # -- feeding ----------------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Tokens of `text`; BOS only at the very start of the stream."""
@@ -87,21 +182,21 @@ class StreamSession:
         return len(ids)
 
     def token_nll(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed `ids` and return the negative log-likelihood of each token but the first given the
-        tokens before it, as the bounded cache sees them (float64[len(ids) - 1])."""
-        ids = list(ids)
+        """Feed `ids` and return the negative log-likelihood of each token given the stream before
+        it, as the bounded cache sees it (float64[len(ids)]; one fewer when the stream starts here,
+        since its first token has nothing to be predicted from)."""
+        ids = np.asarray(ids, dtype=np.int64)
         out = []
-        prev_logits = None
-        for i in range(0, len(ids), self.chunk):
+        if self.cache.stats.tokens_seen and ids.size:
+            out.append(nll_of(self.runtime.logits()[None], ids[:1]))
+        for i in range(0, ids.size, self.chunk):
             piece = ids[i:i + self.chunk]
-            self.cache.decode(piece, logits="all")
-            logits = np.stack([self.runtime.logits(j) for j in range(len(piece))])
-            logp = log_softmax(logits)
-            if prev_logits is not None:
-                out.append(-prev_logits[piece[0]])
-            out.extend(-logp[np.arange(len(piece) - 1), piece[1:]])
-            prev_logits = logp[-1]
-        return np.array(out, dtype=np.float64)
+            self.cache.decode(piece.tolist(), logits="all")
+            logits = self.runtime.all_logits(piece.size)
+            out.append(nll_of(logits[:-1], piece[1:]))
+            if i + self.chunk < ids.size:
+                out.append(nll_of(logits[-1:], ids[i + self.chunk:i + self.chunk + 1]))
+        return np.concatenate(out) if out else np.zeros(0)
 
     # -- generation -------------------------------------------------------------------------
     def sample(self, logits: np.ndarray, temperature: float, top_p: float) -> int:
