@@ -13,3 +13,13 @@ def default_model():
     if not path.exists():
         pytest.fail(f"the default model is missing at {path}: run `make setup`")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory):
+    """Random-weight GGUF models in the shapes of real ones (`infmllm_gguf.synthetic.SHAPES`), written
+    once per session: `synthetic_model("llama-1b", "q4_0")` is the path of a 1.1B llama in Q4_0."""
+    from infmllm_gguf.bench import synthetic_model as cached_model
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return lambda shape="tiny-llama", dtype="q8_0": cached_model(shape, dtype, root)
