@@ -1,0 +1,139 @@
+"""`infmllm-gguf perplexity`: its outputs, its input checks, and agreement with independent computations."""
+import csv
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from infmllm_gguf import StreamSession
+from infmllm_gguf.data import shakespeare_path
+from infmllm_gguf.perplexity import file_tokens, stream_perplexity, text_blocks
+
+N = 700  # tokens per run: three chunks of 256 through a budget of 256 evict twice
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cli.main", "perplexity", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "plays.txt"
+    path.write_text(shakespeare_path().read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_runs(text_file, default_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    proc = cli("--file", text_file, "--policy", "inf-mllm,streaming-llm", "--budget", "256", "--bias", "0,1",
+               "--max-tokens", N, "--segment", 256, "--json", out / "runs.json", "--csv", out / "runs.csv",
+               "--plot", out / "runs.png")
+    assert proc.returncode == 0, proc.stderr
+    return proc, out
+
+
+def test_json_has_one_record_per_run_with_a_curve(cli_runs):
+    proc, out = cli_runs
+    runs = json.loads((out / "runs.json").read_text())
+    # the bias sweep applies to inf-mllm only: streaming-llm runs once
+    assert [(r["policy"], r["bias"]) for r in runs] == [("inf-mllm", 0.0), ("inf-mllm", 1.0), ("streaming-llm", None)]
+    for r in runs:
+        assert {"policy", "budget", "chunk", "window", "bias", "tokens", "ppl", "tokens_per_s", "peak_cells",
+                "peak_rss_mb", "curve"} <= set(r)
+        assert r["tokens"] == N - 1 and r["budget"] == 256 and r["chunk"] == 256
+        assert 5 < r["ppl"] < 200 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 50
+        assert r["peak_cells"] == 256 + 256  # the budget plus one chunk, before each eviction
+        ends = [s["tokens"] for s in r["curve"]]
+        assert ends == [511, N - 1]  # segments of at least 256 tokens, whole chunks; the last one shorter
+        assert all(s["cells"] <= 256 for s in r["curve"])
+    assert runs[0]["ppl"] != runs[1]["ppl"]  # the bias changes what is kept
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert [float(row["ppl"]) for row in rows] == [r["ppl"] for r in runs]
+    assert (out / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in runs:  # the table on stdout
+        assert f"{r['ppl']:.3f}" in proc.stdout
+
+
+def test_the_command_agrees_with_a_direct_stream_session(cli_runs, text_file, default_model):
+    runs = json.loads((cli_runs[1] / "runs.json").read_text())
+    with StreamSession(default_model, budget=256, policy="streaming-llm", chunk=256) as s:
+        ids = s.tokenize(text_file.read_text(encoding="utf-8"))[:N]
+        nll = s.token_nll(ids)
+    direct = float(np.exp(nll.mean()))
+    assert runs[2]["ppl"] == pytest.approx(direct, rel=1e-6)
+
+
+def test_gzip_gives_the_same_stream(text_file, default_model, tmp_path):
+    gz = tmp_path / "plays.txt.gz"
+    gz.write_bytes(gzip.compress(text_file.read_bytes()))
+    a = stream_perplexity(text_file, model_path=default_model, policy="streaming-llm", budget=256, max_tokens=300)
+    b = stream_perplexity(gz, model_path=default_model, policy="streaming-llm", budget=256, max_tokens=300)
+    assert a.tokens == b.tokens == 299 and a.ppl == b.ppl
+
+
+def test_blocks_tokenize_like_the_whole_text(default_model, tmp_path):
+    text = shakespeare_path().read_text(encoding="utf-8")[:30_000] + "caf\u00e9 na\u00efve \u2014 end\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    blocks = list(text_blocks(path, block_bytes=2048))  # cuts fall inside multi-byte characters too
+    assert len(blocks) > 10 and "".join(blocks) == text
+    with StreamSession(default_model, budget=256, policy="window") as s:
+        assert [t for b in file_tokens(s, path) for t in b] == s.runtime.tokenize(text, add_special=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
+    (b"caf\xe9 latin-1 text\n", "not UTF-8"),
+    (b"\x1f\x8b\x08\x00broken gzip", "cannot be read"),
+])
+def test_bad_files_are_refused_with_a_reason(tmp_path, content, message):
+    path = tmp_path / ("bad.gz" if content and content.startswith(b"\x1f\x8b") else "bad.txt")
+    if content is not None:
+        path.write_bytes(content)
+    proc = cli("--file", path, "--max-tokens", 10)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_matches_a_numpy_log_softmax_over_plain_llama_cpp_logits(text_file, default_model):
+    """The reference: llama-cpp-python's high-level Llama, all logits of one pass, NumPy log-softmax."""
+    from llama_cpp import Llama
+
+    n = 512
+    run = stream_perplexity(text_file, model_path=default_model, policy="full", budget=1024, chunk=128,
+                            max_tokens=n)
+    llm = Llama(str(default_model), n_ctx=1024, n_batch=512, logits_all=True, verbose=False)
+    ids = llm.tokenize(text_file.read_text(encoding="utf-8").encode(), add_bos=True)[:n]
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[:n], dtype=np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    reference = float(np.exp(-logp[np.arange(n - 1), ids[1:]].mean()))
+    llm.close()
+    assert run.tokens == n - 1
+    assert run.ppl == pytest.approx(reference, rel=1e-2)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model, tmp_path):
+    ck = tmp_path / "run.npz"
+    opts = dict(model_path=default_model, policy="inf-mllm", budget=256, chunk=128, segment=128)
+    whole = stream_perplexity(text_file, max_tokens=900, **opts)
+    first = stream_perplexity(text_file, max_tokens=512, checkpoint=ck, checkpoint_every=256, **opts)
+    fed = []
+    resumed = stream_perplexity(text_file, max_tokens=900, checkpoint=ck, progress=lambda run, done: fed.append(done),
+                                **opts)
+    assert fed[0] == 512 + 128  # it went on from the checkpoint, not from the start
+    assert first.tokens == 511 and resumed.tokens == whole.tokens == 899
+    assert [s.tokens for s in resumed.curve] == [s.tokens for s in whole.curve]
+    # the restored cells sit in other cache slots, so sums run in another order: noise only
+    assert resumed.ppl == pytest.approx(whole.ppl, rel=2e-3)
+    assert resumed.ppl != first.ppl
+    with pytest.raises(ValueError, match="budget=256"):  # a checkpoint of another run is refused
+        stream_perplexity(text_file, max_tokens=900, checkpoint=ck, **{**opts, "budget": 384})
