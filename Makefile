@@ -1,11 +1,12 @@
 # make setup [CUDA=1 [CUDA_ARCH=90]]   virtual environment, patched llama.cpp, this package, default model
+# make data                           the long texts for perplexity runs (Shakespeare, King James Bible)
 # make demo                           the attention scores of a short text on the default model
 # make test                           setup, then the test suite
 PY      := .venv/bin/python
 CUDA    ?= 0
 CUDA_ARCH ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup data demo test clean
 
 .venv/.deps: pyproject.toml
 	python3 -m venv .venv
@@ -19,6 +20,9 @@ setup: .venv/.deps
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m infmllm_gguf.models fetch
 	$(PY) -m infmllm_gguf.data fetch
+
+data: setup
+	$(PY) -m infmllm_gguf.data fetch all
 
 demo: setup
 	.venv/bin/infmllm-gguf attention --text "The cat sat on the mat. The dog lay on the rug. Where did the cat sit?" --window 8
