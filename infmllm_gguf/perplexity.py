@@ -115,12 +115,16 @@ def rss_mb() -> float:
 
 @dataclass
 class Segment:
-    """One stretch of the stream (`tokens` is where it ends): its own perplexity and speed."""
+    """One stretch of the stream (`tokens` is where it ends): its own perplexity and speed.
+
+    `cpu_s` is this process's CPU time over the stretch: on a shared machine, tokens per CPU second
+    show whether the work per token grows with the stream, whatever else the machine runs."""
     tokens: int
     ppl: float
     tokens_per_s: float
     cells: int
     rss_mb: float
+    cpu_s: float = float("nan")
 
 
 @dataclass
@@ -214,25 +218,25 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
             saved = session.load(checkpoint)  # refuses a checkpoint of other settings
             run = PerplexityRun.from_json({**saved["run"], "nll_sum": saved["nll_sum"]})
         done = session.stats.tokens_seen  # tokens fed, the unscored first one included
-        seg_nll, seg_n, seg_s = saved["segment"] if session.stats.tokens_seen else (0.0, 0, 0.0)
+        seg_nll, seg_n, seg_s, seg_cpu = saved["segment"] if session.stats.tokens_seen else (0.0, 0, 0.0, 0.0)
         if run.policy == "full":
             limit = session.runtime.n_ctx_train
             max_tokens = limit if max_tokens is None else min(max_tokens, limit)
-        seg_t0 = time.perf_counter() - seg_s
+        seg_t0, seg_cpu0 = time.perf_counter() - seg_s, time.process_time() - seg_cpu
         t_start = time.perf_counter() - run.seconds
         last_save = done
 
         def end_segment() -> None:
-            nonlocal seg_nll, seg_n, seg_t0
-            now = time.perf_counter()
+            nonlocal seg_nll, seg_n, seg_t0, seg_cpu0
+            now, cpu = time.perf_counter(), time.process_time()
             rss = rss_mb()
             run.curve.append(Segment(run.tokens, float(np.exp(seg_nll / seg_n)), seg_n / (now - seg_t0),
-                                     session.stats.cells_cached, rss))
+                                     session.stats.cells_cached, rss, cpu - seg_cpu0))
             run.peak_rss_mb = max(run.peak_rss_mb, rss)
-            seg_nll, seg_n, seg_t0 = 0.0, 0, now
+            seg_nll, seg_n, seg_t0, seg_cpu0 = 0.0, 0, now, cpu
 
         def save() -> None:
-            segment_so_far = (seg_nll, seg_n, time.perf_counter() - seg_t0)
+            segment_so_far = (seg_nll, seg_n, time.perf_counter() - seg_t0, time.process_time() - seg_cpu0)
             session.save(checkpoint, extra={"run": run.to_json(), "nll_sum": run.nll_sum, "segment": segment_so_far})
 
         blocks = file_tokens(session, source) if isinstance(source, (str, os.PathLike)) else source
