@@ -81,10 +81,12 @@ class Runtime:
         self.n_layer = llama.llama_model_n_layer(self.model)
         self.n_head = llama.llama_model_n_head(self.model)
         self.n_embd = llama.llama_model_n_embd(self.model)
+        self.n_embd_inp = llama.llama_model_n_embd_inp(self.model)  # what an input embedding holds
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
         self.n_swa = llama.llama_model_n_swa(self.model)  # sliding window (0: none)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._embd_batch = None  # a batch of embeddings (images), made on first use
         self._capture_window = 0
         self._capture_layers: tuple[int, ...] = ()
         self._has_logits = False
@@ -94,6 +96,8 @@ class Runtime:
     def close(self) -> None:
         if getattr(self, "ctx", None):
             llama.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                llama.llama_batch_free(self._embd_batch)
             llama.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
@@ -135,7 +139,28 @@ class Runtime:
 
         logits: "last" (only the last token's), "all", or "none".
         """
-        n = len(tokens)
+        n = self._check_batch(len(tokens))
+        for i, tok in enumerate(tokens):
+            self._batch.token[i] = tok
+        self._submit(self._batch, n, positions, logits)
+
+    def decode_embeddings(self, embd: np.ndarray, positions: Sequence[int] | None = None, *,
+                          logits: str = "last") -> None:
+        """Decode input embeddings (float32 [n, n_embd_inp], e.g. an image's from libmtmd) as one
+        batch, like `decode` does tokens."""
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        if embd.ndim != 2 or embd.shape[1] != self.n_embd_inp:
+            raise ValueError(f"embeddings must be [n, {self.n_embd_inp}] for this model (got shape {embd.shape})")
+        if not np.all(np.isfinite(embd)):
+            raise ValueError("embeddings have non-finite values")
+        n = self._check_batch(embd.shape[0])
+        if self._embd_batch is None:
+            # llama_batch_init with embd > 0 allocates `embd` instead of `token`
+            self._embd_batch = llama.llama_batch_init(self.n_batch, self.n_embd_inp, 1)
+        ctypes.memmove(self._embd_batch.embd, embd.ctypes.data, embd.nbytes)
+        self._submit(self._embd_batch, n, positions, logits)
+
+    def _check_batch(self, n: int) -> int:
         if n == 0:
             raise ValueError("decode needs at least one token")
         if n > self.n_batch:
@@ -143,13 +168,15 @@ class Runtime:
         if 0 < self._capture_window and n < self._capture_window:
             raise ValueError(f"the capture window ({self._capture_window} queries) is larger than the batch "
                              f"({n} tokens); decode at least {self._capture_window} tokens or use a smaller window")
+        return n
+
+    def _submit(self, b, n: int, positions: Sequence[int] | None, logits: str) -> None:
+        """Set positions, sequence and output flags of the first `n` entries of batch `b` and decode it."""
         if positions is None:
             start = self.pos_max() + 1
             positions = range(start, start + n)
-        b = self._batch
         b.n_tokens = n
-        for i, (tok, pos) in enumerate(zip(tokens, positions)):
-            b.token[i] = tok
+        for i, pos in zip(range(n), positions):
             b.pos[i] = pos
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
