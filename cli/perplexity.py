@@ -35,6 +35,7 @@ def perplexity(
     window: Optional[str] = typer.Option(None, "--window", "-w", help="retrieval windows (inf-mllm), comma-separated"),
     bias: Optional[str] = typer.Option(None, "--bias", help="attention biases (inf-mllm), comma-separated"),
     recent: Optional[str] = typer.Option(None, "--recent", help="recent tokens always kept, comma-separated"),
+    sinks: Optional[str] = typer.Option(None, "--sinks", help="first tokens always kept, comma-separated"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=2, help="stop after N tokens"),
     segment: int = typer.Option(1024, "--segment", min=1, help="tokens per point of the curve"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs (with curves) as a JSON list"),
@@ -57,7 +58,7 @@ def perplexity(
                                          stream_perplexity, table)
 
     sweeps = {"window": parse_list(window, int, "--window"), "bias": parse_list(bias, float, "--bias"),
-              "recent": parse_list(recent, int, "--recent")}
+              "recent": parse_list(recent, int, "--recent"), "sinks": parse_list(sinks, int, "--sinks")}
     try:
         check_text_file(file)
         specs = run_grid(parse_list(policy, str, "--policy"), parse_list(budget, int, "--budget"), sweeps)

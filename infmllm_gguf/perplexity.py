@@ -135,6 +135,7 @@ class PerplexityRun:
     window: int | None
     bias: float | None
     recent: int | None
+    sinks: int | None = None
     tokens: int = 0          # tokens scored (the first of the stream has no prediction)
     ppl: float = float("nan")
     tokens_per_s: float = 0.0
@@ -148,7 +149,7 @@ class PerplexityRun:
 
     def label(self) -> str:
         parts = [self.policy, f"budget {self.budget}"]
-        parts += [f"{k} {v:g}" for k in ("bias", "window", "recent") if (v := getattr(self, k)) is not None]
+        parts += [f"{k} {v:g}" for k in ("bias", "window", "recent", "sinks") if (v := getattr(self, k)) is not None]
         return ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -213,7 +214,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
     with session:
         cfg = session.policy.config()
         run = PerplexityRun(policy=session.policy.name, budget=budget, chunk=chunk, window=cfg.get("window"),
-                            bias=cfg.get("bias"), recent=cfg.get("recent"))
+                            bias=cfg.get("bias"), recent=cfg.get("recent"), sinks=cfg.get("sinks"))
         if checkpoint is not None and Path(checkpoint).exists():
             saved = session.load(checkpoint)  # refuses a checkpoint of other settings
             run = PerplexityRun.from_json({**saved["run"], "nll_sum": saved["nll_sum"]})
@@ -271,18 +272,18 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         return run
 
 
-CSV_FIELDS = ("policy", "budget", "chunk", "window", "bias", "recent", "tokens", "ppl", "tokens_per_s",
+CSV_FIELDS = ("policy", "budget", "chunk", "window", "bias", "recent", "sinks", "tokens", "ppl", "tokens_per_s",
               "peak_cells", "peak_rss_mb", "seconds", "evict_share", "capture_share")
 
 
 def table(runs: Sequence[PerplexityRun]) -> str:
     """The runs as an aligned text table, best perplexity first within each budget."""
-    head = f"{'policy':14s} {'budget':>6s} {'bias':>5s} {'window':>6s} {'recent':>6s} {'tokens':>9s} " \
+    head = f"{'policy':14s} {'budget':>6s} {'bias':>5s} {'window':>6s} {'recent':>6s} {'sinks':>5s} {'tokens':>9s} " \
            f"{'ppl':>8s} {'tok/s':>7s} {'peak cells':>10s} {'peak RSS MB':>11s}"
     lines = [head, "-" * len(head)]
     fmt = lambda v, width: f"{'-' if v is None else format(v, 'g'):>{width}}"  # noqa: E731
     for r in sorted(runs, key=lambda r: (r.budget, r.ppl)):
-        lines.append(f"{r.policy:14s} {r.budget:6d} {fmt(r.bias, 5)} {fmt(r.window, 6)} {fmt(r.recent, 6)} "
+        lines.append(f"{r.policy:14s} {r.budget:6d} {fmt(r.bias, 5)} {fmt(r.window, 6)} {fmt(r.recent, 6)} {fmt(r.sinks, 5)} "
                      f"{r.tokens:9d} {r.ppl:8.3f} {r.tokens_per_s:7.1f} {r.peak_cells:10d} {r.peak_rss_mb:11.1f}")
     return "\n".join(lines)
 
