@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -405,7 +406,7 @@ def stream_bench(model_path=None, *, runs: Sequence[tuple[str, int | None]], tok
     interleaved. `segment` is rounded up to whole chunks and `tokens` to whole segments, so that every
     segment measures the same work. `reindex=False` keeps the original positions
     (no `seq_add`, no key re-rotation): a speed reference for what re-indexing costs.
-    `progress` shows a bar on stderr (when it is a terminal)."""
+    `progress` shows a bar on stderr."""
     from tqdm import tqdm
 
     from .session import StreamSession
@@ -418,13 +419,16 @@ def stream_bench(model_path=None, *, runs: Sequence[tuple[str, int | None]], tok
     gpu = GpuMemory.open(n_gpu_layers)
     full_budget = min(tokens, n_ctx_train // chunk * chunk)  # the context full may fill
     planned = repeats * sum(full_budget if policy == FULL else tokens for policy, _ in runs)
-    bar = tqdm(total=planned, unit="tok", unit_scale=True, disable=not progress or None, leave=False)
+    # a log (not a terminal) gets a line every 30 s, so a long run shows how far it is
+    bar = tqdm(total=planned, unit="tok", unit_scale=True, disable=not progress, leave=False,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
 
     def one(policy: str, budget: int | None, repeat: int) -> StreamRun:
         budget = full_budget if budget is None else budget
         n = min(tokens, budget) if policy == FULL else tokens
         with StreamSession(model_path, budget=budget, policy=policy, chunk=chunk, n_gpu_layers=n_gpu_layers,
                            flash_attn=flash_attn, n_threads=n_threads) as s:
+            # off: the controller's own path for models that cannot shift (positions keep growing)
             s.cache.reindex = s.cache.reindex and reindex
             s.feed_tokens(ids[:chunk].tolist())  # warm-up: compute buffers, weight repacking, kernels
             s.reset()
@@ -434,7 +438,7 @@ def stream_bench(model_path=None, *, runs: Sequence[tuple[str, int | None]], tok
                 before = s.stats
                 ev, cap = before.evict_s, before.capture_s
                 t0 = time.perf_counter()
-                s.feed_tokens(ids[a:a + segment].tolist())
+                s.feed_tokens(ids[a:min(a + segment, n)].tolist())
                 s.runtime.logits()  # waits for the device
                 dt = time.perf_counter() - t0
                 st = s.stats
@@ -472,11 +476,12 @@ def plot(stream: StreamBench, path: str | os.PathLike) -> None:
         segs = list(zip(*(r.segments for r in runs)))  # segment i of every repeat
         x = [group[0].tokens for group in segs]
         lengths = np.diff([0] + x)
-        label = f"{policy} ({'context' if policy == FULL else 'budget'} {budget})"
-        axes[0].plot(x, lengths / np.array([np.median([g.seconds for g in group]) for group in segs]), label=label)
+        style = {"label": f"{policy} ({'context' if policy == FULL else 'budget'} {budget})",
+                 "marker": "o" if len(x) < 5 else None}  # a short run (full) stays visible
+        axes[0].plot(x, lengths / np.array([np.median([g.seconds for g in group]) for group in segs]), **style)
         panels = [(axes[1], "rss_mib")] + ([(axes[2], "gpu_mib")] if has_gpu else [])
         for ax, key in panels:
-            ax.plot(x, [np.median([getattr(g, key) or np.nan for g in group]) for group in segs], label=label)
+            ax.plot(x, [np.median([getattr(g, key) or np.nan for g in group]) for group in segs], **style)
     axes[0].set_ylabel("tokens/s (per segment)")
     axes[0].set_ylim(bottom=0)
     axes[1].set_ylabel("resident memory (MiB)")

@@ -138,6 +138,14 @@ def test_stream_without_reindexing_keeps_the_budget(synthetic_model):
     assert [g.cells for g in run.segments] == [256] * 4 and run.cells_evicted == 1024 - 256
 
 
+def test_full_stops_at_the_training_context_inside_a_segment(synthetic_model):
+    sb = stream_bench(synthetic_model(), runs=[("full", None)], tokens=2500, chunk=128, segment=768, repeats=1,
+                      source="random", n_gpu_layers=0, n_threads=1)
+    (run,) = sb.runs
+    assert sb.tokens == 3072 and (run.budget, run.tokens, run.stopped_at) == (2048, 2048, 2048)
+    assert [g.tokens for g in run.segments] == [768, 1536, 2048] == [g.cells for g in run.segments]
+
+
 # -- the command -------------------------------------------------------------------------------
 def test_bench_json_has_the_documented_schema(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
