@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .bench import rss_mib
 from .policies import options
 from .session import StreamSession
 
@@ -102,15 +103,6 @@ def take(blocks: Iterable[Sequence[int]], start: int, stop: int | None) -> Itera
             yield block[lo:hi]
         if stop is not None and seen >= stop:
             return
-
-
-def rss_mb() -> float:
-    """Resident memory of this process now (MB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @dataclass
@@ -230,7 +222,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         def end_segment() -> None:
             nonlocal seg_nll, seg_n, seg_t0, seg_cpu0
             now, cpu = time.perf_counter(), time.process_time()
-            rss = rss_mb()
+            rss = rss_mib() or float("nan")
             run.curve.append(Segment(run.tokens, float(np.exp(seg_nll / seg_n)), seg_n / (now - seg_t0),
                                      session.stats.cells_cached, rss, cpu - seg_cpu0))
             run.peak_rss_mb = max(run.peak_rss_mb, rss)
@@ -262,7 +254,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         stats = session.stats
         run.seconds = time.perf_counter() - t_start
         run.tokens_per_s = run.tokens / run.seconds if run.seconds else 0.0
-        run.peak_rss_mb = max(run.peak_rss_mb, rss_mb())
+        run.peak_rss_mb = max(run.peak_rss_mb, rss_mib() or float("nan"))
         run.evict_share = stats.evict_s / run.seconds if run.seconds else 0.0
         run.capture_share = stats.capture_s / run.seconds if run.seconds else 0.0
         if checkpoint is not None:
