@@ -11,8 +11,8 @@ CUDA_ARCH ?=
 .venv/.deps: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q scikit-build-core 'cmake>=3.21' numpy gguf pillow typer matplotlib tqdm \
-		diskcache jinja2 typing-extensions pytest
+	$(PY) -m pip install -q scikit-build-core 'cmake>=3.21' numpy gguf pillow typer matplotlib tqdm av \
+		diskcache jinja2 typing-extensions pytest scikit-video pexpect
 	touch $@
 
 setup: .venv/.deps

@@ -27,6 +27,9 @@ class CacheStats:
     capture_s: float = 0.0   # reading and aligning attention scores
     evict_s: float = 0.0     # selecting, removing cells and re-indexing positions
     decode_s: float = 0.0    # llama_decode, capture side branch included
+    image_tokens_seen: int = 0    # image embeddings decoded (they are also counted in tokens_seen)
+    image_cells_cached: int = 0
+    image_cells_evicted: int = 0
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -39,7 +42,8 @@ class CacheController:
     """Owns the stream state of one `Runtime` sequence under `policy`.
 
     `ids[i]` is the stream index (original token number) of the i-th cached cell; with
-    re-indexing its position in llama.cpp is `i`, else it is `ids[i]` itself.
+    re-indexing its position in llama.cpp is `i`, else it is `ids[i]` itself. `image[i]` says
+    whether that cell holds an image embedding rather than a text token.
     """
 
     def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32):
@@ -58,6 +62,7 @@ class CacheController:
 
     def reset_state(self) -> None:
         self.ids = np.zeros(0, dtype=np.int64)
+        self.image = np.zeros(0, dtype=bool)
         self._stats = CacheStats()
         self.memory: np.ndarray | None = None
         self.pending: np.ndarray | None = None  # attention since the last eviction [n_layer, n]
@@ -71,6 +76,7 @@ class CacheController:
     def stats(self) -> CacheStats:
         """The counters, with `cells_cached` read from the cache state (it changes on decode and evict)."""
         self._stats.cells_cached = int(self.ids.size)
+        self._stats.image_cells_cached = int(np.count_nonzero(self.image))
         return self._stats
 
     @property
@@ -85,7 +91,7 @@ class CacheController:
     def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The controller's state: JSON-able settings and counters, and arrays. llama.cpp's cells
         are saved apart (`Runtime.get_state`)."""
-        arrays = {"ids": self.ids}
+        arrays = {"ids": self.ids, "image": self.image}
         for name in ("memory", "pending"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
@@ -98,7 +104,10 @@ class CacheController:
         ids = np.asarray(arrays["ids"], dtype=np.int64)
         if self.rt.n_cached() != ids.size:
             raise ValueError(f"the saved cache holds {self.rt.n_cached()} cells, its stream state {ids.size}")
-        self.ids = ids
+        image = np.asarray(arrays["image"], dtype=bool)
+        if image.shape != ids.shape:
+            raise ValueError(f"the saved image flags ({image.size}) do not match the saved cells ({ids.size})")
+        self.ids, self.image = ids, image
         self.memory = arrays.get("memory")
         self.pending = arrays.get("pending")
         self._stats = CacheStats(**meta["stats"])
@@ -108,23 +117,29 @@ class CacheController:
     def decode(self, tokens, *, logits: str = "last", generating: bool = False) -> None:
         """Decode one chunk, then evict if the cache holds more than the budget.
 
+        `tokens`: token ids, or a float array [n, n_embd] of input embeddings (an image's), which
+        then take cells, scores and evictions like tokens and are counted as image tokens.
         While `generating` (one token at a time) the scores of successive steps add up and
         eviction waits until the cache reaches budget + generation_headroom.
         """
         n = len(tokens)
+        is_image = isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f"
         window = self.policy.capture_window(n)
         if window != self._window:
             self.rt.capture_scores(window)
             self._window = window
         start = self.ids.size if self.reindex else self._stats.tokens_seen
         t0 = time.perf_counter()
-        self.rt.decode(tokens, range(start, start + n), logits=logits)
+        decode = self.rt.decode_embeddings if is_image else self.rt.decode
+        decode(tokens, range(start, start + n), logits=logits)
         t1 = time.perf_counter()
         self._stats.decode_s += t1 - t0
 
         first = self._stats.tokens_seen
         self.ids = np.concatenate((self.ids, np.arange(first, first + n, dtype=np.int64)))
+        self.image = np.concatenate((self.image, np.full(n, is_image)))
         self._stats.tokens_seen += n
+        self._stats.image_tokens_seen += n if is_image else 0
         self._stats.peak_cells = max(self._stats.peak_cells, int(self.ids.size))
         if self.memory is not None:
             self.memory = np.concatenate((self.memory, np.zeros(n)))
@@ -170,6 +185,8 @@ class CacheController:
                     self.rt.shift(int(pos[a]), int(pos[b - 1]) + 1, -int(removed_before[a]))
         n_removed = int(np.count_nonzero(~keep))
         self.ids = self.ids[keep]
+        self._stats.image_cells_evicted += int(np.count_nonzero(self.image[~keep]))
+        self.image = self.image[keep]
         self.memory = selection.memory
         self.pending = None
         self._stats.cells_evicted += n_removed

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
@@ -14,6 +14,9 @@ from llama_cpp import llama_cpp as llama
 from .cache import CacheController, CacheStats
 from .policies import make_policy
 from .runtime import Runtime
+
+if TYPE_CHECKING:  # imported when used: text-only sessions do not load libmtmd
+    from .multimodal import ImageLike, MediaPart
 
 STATE_VERSION = 1
 
@@ -37,7 +40,8 @@ class StreamSession:
 
     Options left at None take the policy's defaults (see `infmllm_gguf.policies`; settings other than
     the common ones named here go in `policy_options`, e.g. ``layer_reduce="max"``). The llama.cpp
-    context holds `budget + max(chunk, generation_headroom)` cells and never grows.
+    context holds `budget + max(chunk, generation_headroom)` cells and never grows. `mmproj`, the
+    model's vision projector GGUF, enables `feed_image`, `feed_video` and media in `chat`.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, budget: int = 1024,
@@ -45,7 +49,7 @@ class StreamSession:
                  bias: float | None = None, sinks: int | None = None, decay: float | None = None,
                  n_keep: int | None = None, chunk: int = 256, generation_headroom: int = 32,
                  n_gpu_layers: int = -1, n_threads: int | None = None, flash_attn: bool | None = None,
-                 seed: int = 0, **policy_options):
+                 seed: int = 0, mmproj: str | os.PathLike | None = None, **policy_options):
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 token (got {chunk}): pass --chunk N")
         if window is not None and window > chunk:
@@ -58,12 +62,23 @@ class StreamSession:
         self.runtime = Runtime(model_path, n_ctx=budget + max(chunk, generation_headroom), n_batch=chunk,
                                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads)
         self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom)
+        self.projector = None
+        if mmproj is not None:
+            from .multimodal import Projector
+
+            try:
+                self.projector = Projector(mmproj, self.runtime, use_gpu=n_gpu_layers != 0, n_threads=n_threads)
+            except Exception:
+                self.runtime.close()
+                raise
         self.rng = np.random.default_rng(seed)
         self._chat_messages: list[tuple[str, str]] = []
         self._chat_fed = ""
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
+        if self.projector is not None:
+            self.projector.close()
         self.runtime.close()
 
     def __enter__(self) -> "StreamSession":
@@ -153,12 +168,14 @@ class StreamSession:
 
     @classmethod
     def restore(cls, path: str | os.PathLike, model_path: str | os.PathLike | None = None, *,
-                n_gpu_layers: int = -1, n_threads: int | None = None) -> "StreamSession":
-        """A new session continuing the stream saved at `path`, with the settings it was saved with."""
+                n_gpu_layers: int = -1, n_threads: int | None = None,
+                mmproj: str | os.PathLike | None = None) -> "StreamSession":
+        """A new session continuing the stream saved at `path`, with the settings it was saved with
+        (`mmproj` to go on feeding images; the images already in the stream need none)."""
         meta, _ = cls.read_state(path)
         settings = dict(meta["settings"])
         session = cls(model_path, policy=settings.pop("policy"), n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                      **settings)
+                      mmproj=mmproj, **settings)
         try:
             session.load(path)
         except Exception:
@@ -180,6 +197,22 @@ class StreamSession:
         for i in range(0, len(ids), self.chunk):
             self.cache.decode(ids[i:i + self.chunk], logits="last")
         return len(ids)
+
+    def feed_image(self, image: "ImageLike") -> int:
+        """Append an image (a path, its bytes or a PIL image) with the model's image markers; its
+        tokens compete with text for the budget. Returns the number of image tokens fed."""
+        from .multimodal import feed_image
+
+        return feed_image(self, image)
+
+    def feed_video(self, source: str | os.PathLike, *, fps: float = 1.0, max_frames: int | None = None,
+                   start: float | None = None, end: float | None = None, progress: bool = True) -> int:
+        """Stream a video (a file, an animated GIF or a directory of images) sampled at `fps`, a
+        timestamp such as ``[t=00:01:05]`` before each frame, evicting as it goes, so any length fits
+        the budget. Returns the number of frames fed. See `infmllm_gguf.video`."""
+        from .video import feed_video
+
+        return feed_video(self, source, fps=fps, max_frames=max_frames, start=start, end=end, progress=progress)
 
     def token_nll(self, ids: Sequence[int]) -> np.ndarray:
         """Feed `ids` and return the negative log-likelihood of each token given the stream before
@@ -272,17 +305,60 @@ class StreamSession:
             size = n
         raise RuntimeError("chat template output kept growing")
 
-    def chat(self, message: str, *, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 0.95) -> str:
-        """One round through the model's chat template; the conversation stays in the stream."""
+    def chat(self, message: str, *, media: Iterable["MediaPart"] | None = None, system: str | None = None,
+             max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95) -> str:
+        """One round through the model's chat template; the conversation stays in the stream.
+        `media`: images (paths as `Path`, bytes, PIL images) and text (`str`, e.g. timestamps),
+        shown in the user turn before `message`."""
+        return "".join(self.chat_stream(message, media=media, system=system, max_tokens=max_tokens,
+                                        temperature=temperature, top_p=top_p))
+
+    def chat_stream(self, message: str, *, media: Iterable["MediaPart"] | None = None, system: str | None = None,
+                    max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95) -> Iterator[str]:
+        """`chat`, yielding the reply in pieces as it is sampled."""
+        self._user_turn(message, media, system, add_assistant=True)
+        reply = ""
+        try:
+            for piece in self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p):
+                reply += piece
+                yield piece
+        finally:  # a reply cut short (the caller stopped reading) is still part of the conversation
+            self._chat_messages.append(("assistant", reply))
+            self._chat_fed += reply
+
+    def chat_media(self, media: Iterable["MediaPart"], *, system: str | None = None) -> int:
+        """A user turn that only shows media (an image, a video's frames), with no reply: the next
+        `chat` asks about it. Returns the number of image tokens fed."""
+        return self._user_turn("", media, system, add_assistant=False)
+
+    def _user_turn(self, message: str, media: Iterable["MediaPart"] | None, system: str | None,
+                   add_assistant: bool) -> int:
+        """Add a user message and feed what the stream has not seen of the rendered conversation;
+        the media go where the message's media marker renders."""
+        from .multimodal import MEDIA_MARKER, feed_media, peek
+
+        if MEDIA_MARKER in message:
+            raise ValueError(f"messages cannot contain {MEDIA_MARKER!r}: it marks where media go")
+        parts = peek(media) if media is not None else None  # a source with no frames fails before any change
         if system is not None and not self._chat_messages:
             self._chat_messages.append(("system", system))
-        self._chat_messages.append(("user", message))
-        full = self._format(self._chat_messages, add_assistant=True)
+        content = message if parts is None else MEDIA_MARKER + ("\n" + message if message else "")
+        self._chat_messages.append(("user", content))
+        full = self._format(self._chat_messages, add_assistant=add_assistant)
         # feed only what the stream has not seen; templates render earlier turns identically
-        common = os.path.commonprefix([full, self._chat_fed])
-        self.feed_text(full[len(common):], special=True)
-        reply = "".join(self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p))
-        self._chat_messages.append(("assistant", reply))
-        self._chat_fed = full + reply
-        return reply
+        new = full[len(os.path.commonprefix([full, self._chat_fed])):]
+        if parts is None:
+            self.feed_text(new, special=True)
+            self._chat_fed = full
+            return 0
+        # this turn's marker is the last one; any earlier one belongs to a re-rendered turn whose media are fed
+        before, marker, after = new.rpartition(MEDIA_MARKER)
+        if not marker:
+            raise ValueError("the chat template dropped the media marker from the message")
+        self.feed_text(before.replace(MEDIA_MARKER, ""), special=True)
+        # once the media start, the stream holds the turn up to its marker, even if a frame fails
+        self._chat_fed = full[:len(full) - len(after)]
+        n_image = feed_media(self, parts)
+        self.feed_text(after, special=True)
+        self._chat_fed = full
+        return n_image
