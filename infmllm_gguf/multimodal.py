@@ -37,6 +37,7 @@ ImageLike = Union[str, os.PathLike, bytes, Image.Image]
 MediaPart = Union[str, ImageLike]
 
 MEDIA_MARKER = mtmd.mtmd_default_marker().decode()
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h of this llama.cpp (llama_cpp/_logger.py still maps an older enum)
 
 
 class ProjectorError(ValueError):
@@ -56,7 +57,7 @@ class _MtmdLog:
 
     def _log(self, level: int, text: bytes, _user) -> None:
         message = text.decode("utf-8", errors="replace")
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        if level == GGML_LOG_LEVEL_ERROR:
             self.errors = (self.errors + [message.strip()])[-8:]
         if self.verbose:
             os.write(2, text)

@@ -6,6 +6,7 @@ import sys
 import time
 from dataclasses import asdict
 
+import gguf
 import numpy as np
 import pytest
 from PIL import Image
@@ -119,8 +120,18 @@ def test_errors_are_clear_and_the_session_goes_on(default_model, mmproj, tmp_pat
         session(default_model, mmproj=default_model)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(mmproj.read_bytes()[:200_000])
-    with pytest.raises(ProjectorError, match="truncated|not a readable GGUF|could not load"):
+    with pytest.raises(ProjectorError, match="truncated.gguf is not a readable GGUF file"):
         session(default_model, mmproj=truncated)
+    # metadata that passes the checks here, no tensors: libmtmd's own reason is passed on
+    writer = gguf.GGUFWriter(tmp_path / "hollow.gguf", "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ProjectorError, match="libmtmd could not load .*hollow.gguf for .*Key not found"):
+        session(default_model, mmproj=tmp_path / "hollow.gguf")
     with session(default_model, budget=128, chunk=32) as text_only:
         with pytest.raises(ValueError, match="no vision projector"):
             text_only.feed_image(picture(0))
