@@ -195,6 +195,13 @@ def feed_image(session: "StreamSession", image: ImageLike) -> int:
     if session.projector is None:
         raise ValueError("this session has no vision projector: pass mmproj=PATH (--mmproj) to use images")
     pieces = session.projector.encode(image, add_special=session.stats.tokens_seen == 0)
+    # the tokens of a non-causal image attend to each other both ways: mtmd requires them in one
+    # ubatch (checked before anything is fed)
+    too_big = [len(p.embeddings) for p in pieces if isinstance(p, ImagePiece) and p.non_causal
+               and len(p.embeddings) > min(session.chunk, session.projector.n_ubatch)]
+    if too_big:
+        raise ValueError(f"this model attends over a whole image at once: its {too_big[0]} tokens must fit in one "
+                         f"batch; raise the chunk (--chunk) to at least {too_big[0]}")
     n_image = 0
     for piece in pieces:
         if isinstance(piece, TextPiece):
@@ -205,10 +212,6 @@ def feed_image(session: "StreamSession", image: ImageLike) -> int:
             for i in range(0, n, session.chunk):
                 session.cache.decode(embd[i:i + session.chunk])
         else:
-            # the image's tokens attend to each other both ways: mtmd requires them in one ubatch
-            if n > min(session.chunk, session.projector.n_ubatch):
-                raise ValueError(f"this model attends over a whole image at once: its {n} tokens must fit in "
-                                 f"one batch; raise --chunk to at least {n}")
             llama.llama_set_causal_attn(session.runtime.ctx, False)
             try:
                 session.cache.decode(embd)

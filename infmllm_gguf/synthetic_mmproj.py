@@ -1,5 +1,5 @@
 """A tiny random-weight vision projector (mmproj) GGUF that libmtmd loads: a CLIP-style ViT
-with a LLaVA MLP projector (``clip.projector_type = "mlp"``).
+with a LLaVA MLP projector (``clip.projector_type = "mlp"``), or Gemma 3's (``"gemma3"``).
 
 The keys and tensor names are those that ``tools/mtmd/clip.cpp`` (``clip_model_loader``,
 ``load_hparams``, ``load_tensors``; names in ``clip-impl.h``) reads in the llama.cpp vendored by
@@ -7,7 +7,10 @@ llama-cpp-python 0.3.36. The graph it runs (``models/llava.cpp``): patch embeddi
 stride ``patch_size``), position embedding, ``pre_ln``, the first ``block_count - 1`` ViT
 blocks (LLaVA reads the penultimate layer), ``post_ln``, then ``mm.0`` -> GELU -> ``mm.2``.
 An image is resized to ``image_size`` squared and gives ``(image_size / patch_size) ** 2``
-tokens of ``projection_dim`` values, which must equal the text model's ``n_embd``.
+tokens of ``projection_dim`` values, which must equal the text model's ``n_embd``. The Gemma 3
+projector (``models/siglip.cpp``) runs every block, average-pools ``merge`` x ``merge`` patches,
+then RMS-norms (``mm.soft_emb_norm``) and projects (``mm.input_projection``); libmtmd wraps its
+images in ``<start_of_image>`` / ``<end_of_image>`` text and decodes them with non-causal attention.
 
 The weights carry no knowledge: the projector exists so that the mechanics of images in a
 bounded KV cache (encoding, decoding embeddings, scores, eviction, memory) can be tested on the
@@ -27,19 +30,23 @@ import numpy as np
 __all__ = ["write_mmproj", "n_image_tokens"]
 
 
-def n_image_tokens(image_size: int, patch_size: int) -> int:
-    """Tokens per image of an MLP projector (no class token, no merging)."""
-    return (image_size // patch_size) ** 2
+def n_image_tokens(image_size: int, patch_size: int, merge: int = 1) -> int:
+    """Tokens per image: one per patch (no class token), or per `merge` x `merge` patches (gemma3)."""
+    return (image_size // patch_size // merge) ** 2
 
 
-def write_mmproj(path: str | Path, n_embd: int, *, image_size: int = 32, patch_size: int = 8,
-                 vision_embd: int = 64, n_head: int = 4, n_ff: int = 128, n_layer: int = 2,
+def write_mmproj(path: str | Path, n_embd: int, *, projector: str = "mlp", image_size: int = 32, patch_size: int = 8,
+                 merge: int = 2, vision_embd: int = 64, n_head: int = 4, n_ff: int = 128, n_layer: int = 2,
                  proj_hidden: int = 128, out_std: float = 0.1, seed: int = 0) -> Path:
-    """Write the projector; its output size is `n_embd` (the text model's). Returns the path."""
+    """Write the projector ("mlp" or "gemma3", which pools `merge` x `merge` patches); its output
+    size is `n_embd` (the text model's). Returns the path."""
     import gguf
 
-    if image_size % patch_size:
-        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    if projector not in ("mlp", "gemma3"):
+        raise ValueError(f"projector must be 'mlp' or 'gemma3', not {projector!r}")
+    if image_size % patch_size or (projector == "gemma3" and (image_size // patch_size) % merge):
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})"
+                         + (f" times merge ({merge})" if projector == "gemma3" else ""))
     if vision_embd % n_head:
         raise ValueError(f"vision_embd ({vision_embd}) must be a multiple of n_head ({n_head})")
     if n_ff == vision_embd:
@@ -56,7 +63,9 @@ def write_mmproj(path: str | Path, n_embd: int, *, image_size: int = 32, patch_s
     w.add_name("synthetic-mmproj")
     w.add_file_type(0)  # all f32
     w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "mlp")
+    w.add_string("clip.projector_type", projector)
+    if projector == "gemma3":
+        w.add_uint32("clip.vision.projector.scale_factor", merge)
     w.add_bool("clip.use_gelu", True)
     w.add_uint32("clip.vision.embedding_length", vision_embd)
     w.add_uint32("clip.vision.attention.head_count", n_head)
@@ -93,9 +102,15 @@ def write_mmproj(path: str | Path, n_embd: int, *, image_size: int = 32, patch_s
         dense(b + "ffn_up", n_ff, vision_embd)
         dense(b + "ffn_down", vision_embd, n_ff)
     norm("v.post_ln", vision_embd)
-    dense("mm.0", proj_hidden, vision_embd)
-    # GELU of a unit normal has a std of about 0.6: scale so the output std is about out_std
-    dense("mm.2", n_embd, proj_hidden, std=out_std / 0.6 * proj_hidden ** -0.5)
+    if projector == "mlp":
+        dense("mm.0", proj_hidden, vision_embd)
+        # GELU of a unit normal has a std of about 0.6: scale so the output std is about out_std
+        dense("mm.2", n_embd, proj_hidden, std=out_std / 0.6 * proj_hidden ** -0.5)
+    else:
+        w.add_tensor("mm.soft_emb_norm.weight", np.ones(vision_embd, dtype=np.float32))
+        # ggml {n_embd, vision_embd}: the graph multiplies by its transpose
+        w.add_tensor("mm.input_projection.weight",
+                     rng.normal(0, out_std * vision_embd ** -0.5, (vision_embd, n_embd)).astype(np.float32))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

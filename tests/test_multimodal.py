@@ -9,10 +9,12 @@ from dataclasses import asdict
 import gguf
 import numpy as np
 import pytest
+from llama_cpp import llama_cpp as llama
 from PIL import Image
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.multimodal import ProjectorError
+from infmllm_gguf.multimodal import ProjectorError, TextPiece
+from infmllm_gguf.synthetic import write_model
 from infmllm_gguf.synthetic_mmproj import n_image_tokens, write_mmproj
 from infmllm_gguf.video import frame_parts, iter_frames
 
@@ -243,3 +245,33 @@ def test_save_then_restore_in_a_new_process_continues(default_model, mmproj, tmp
         np.testing.assert_array_equal(r.runtime.logits(), np.load(tmp_path / "next.npy"))
         r.chat("And now?", media=[picture(9)], max_tokens=4, temperature=0)  # the restored session takes images
         check_cache(r)
+
+
+def test_gemma3_image_markers_and_non_causal_attention(tmp_path):
+    """Gemma 3's projector: libmtmd wraps the image in marker text, and its tokens attend both ways."""
+    model = write_model(tmp_path / "gemma3.gguf", "tiny-gemma3-swa", dtype="f16")
+    mm = write_mmproj(tmp_path / "mm.gguf", 64, projector="gemma3", image_size=32, patch_size=4, merge=2)
+    options = dict(budget=96, chunk=32, recent=16, window=16, mmproj=mm)
+    image = picture(4)
+    with session(model, **options) as s:
+        s.feed_text("hello there")
+        begin, body, end = s.projector.encode(image)
+        assert isinstance(begin, TextPiece) and isinstance(end, TextPiece) and body.non_causal
+        assert "".join(map(s.runtime.token_piece, begin.tokens)).strip() == "<start_of_image>"
+        seen = s.stats.tokens_seen
+        assert s.feed_image(image) == n_image_tokens(32, 4, 2) == 16
+        assert s.stats.tokens_seen == seen + len(begin.tokens) + 16 + len(end.tokens)
+        assert llama.llama_get_causal_attn(s.runtime.ctx)  # back to causal for the text that follows
+        non_causal = s.runtime.logits()
+    with session(model, **options) as c:  # the same stream with the image decoded causally
+        c.feed_text("hello there")
+        c.feed_tokens(begin.tokens)
+        c.cache.decode(body.embeddings)
+        c.feed_tokens(end.tokens)
+        assert np.abs(c.runtime.logits() - non_causal).max() > 1e-3
+    with session(model, **{**options, "chunk": 8, "window": 8}) as small:
+        small.feed_text("hello")
+        seen = small.stats.tokens_seen
+        with pytest.raises(ValueError, match="its 16 tokens must fit in one batch; raise the chunk"):
+            small.feed_image(image)
+        assert small.stats.tokens_seen == seen  # not even the marker was fed
