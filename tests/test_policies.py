@@ -334,7 +334,7 @@ def test_registry():
         assert arxiv in cls.__doc__
     defaults = InfMLLM(budget=512)
     assert (defaults.window, defaults.bias, defaults.decay, defaults.recent, defaults.sinks,
-            defaults.layer_reduce) == (32, 1.0, 0.0, 64, 0, "mean")
+            defaults.layer_reduce) == (32, 0.5, 0.0, 64, 0, "mean")
     assert StreamingLLM(budget=512).sinks == 4 and ContextShift(budget=512).sinks == 4
 
 
