@@ -52,10 +52,10 @@ def perplexity(
     combination of policy, budget and setting; `full` runs while the text fits the model's context."""
     from tqdm import tqdm
 
-    from infmllm_gguf.models import ModelError, resolve_model
+    from infmllm_gguf.models import ModelError
     from infmllm_gguf.native import UnpatchedLlamaError
-    from infmllm_gguf.perplexity import (CSV_FIELDS, TextFileError, check_text_file, plot_runs, run_grid,
-                                         stream_perplexity, table)
+    from infmllm_gguf.perplexity import (TextFileError, check_text_file, plot_runs, run_grid, stream_perplexity,
+                                         table)
 
     sweeps = {"window": parse_list(window, int, "--window"), "bias": parse_list(bias, float, "--bias"),
               "recent": parse_list(recent, int, "--recent"), "sinks": parse_list(sinks, int, "--sinks")}
@@ -85,7 +85,16 @@ def perplexity(
             fail(str(exc))
         bar.close()
         runs.append(run)
+        write_outputs(runs, model, file, json_out, csv_out)  # after every run: an interrupted sweep keeps its runs
     typer.echo(table(runs))
+    if plot is not None:
+        plot_runs(runs, plot, title=f"{file.name}")
+
+
+def write_outputs(runs, model: Optional[Path], file: Path, json_out: Optional[Path], csv_out: Optional[Path]) -> None:
+    from infmllm_gguf.models import resolve_model
+    from infmllm_gguf.perplexity import CSV_FIELDS
+
     records = [{"model": str(resolve_model(model)), "file": str(file), **r.to_json()} for r in runs]
     if json_out is not None:
         json_out.write_text(json.dumps(records, indent=1))
@@ -94,5 +103,3 @@ def perplexity(
             writer = csv.DictWriter(f, fieldnames=["model", "file", *CSV_FIELDS], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(records)
-    if plot is not None:
-        plot_runs(runs, plot, title=f"{file.name}")
