@@ -1,6 +1,7 @@
 # make setup [CUDA=1 [CUDA_ARCH=90]]   virtual environment, patched llama.cpp, this package, default model
 # make data                           the long texts for perplexity runs (Shakespeare, King James Bible)
-# make demo                           the attention scores of a short text on the default model
+# make demo                           attention scores of a short text, then 2,048 tokens of Shakespeare
+#                                     streamed through a 256-cell cache by inf-mllm and streaming-llm
 # make test                           setup, then the test suite
 PY      := .venv/bin/python
 CUDA    ?= 0
@@ -26,6 +27,8 @@ data: setup
 
 demo: setup
 	.venv/bin/infmllm-gguf attention --text "The cat sat on the mat. The dog lay on the rug. Where did the cat sit?" --window 8
+	.venv/bin/infmllm-gguf perplexity --file "$$($(PY) -c 'from infmllm_gguf.data import shakespeare_path as p; print(p())')" \
+		--policy inf-mllm,streaming-llm --budget 256 --max-tokens 2048 --plot demo-perplexity.png
 
 test: setup
 	$(PY) -m pytest -q tests
