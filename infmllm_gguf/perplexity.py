@@ -241,7 +241,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
                 run.tokens += nll.size
                 seg_nll += float(nll.sum())
                 seg_n += nll.size
-                run.peak_cells = max(run.peak_cells, session.stats.peak_cells)
+                run.peak_cells = session.stats.peak_cells  # the controller keeps the peak, across resumes too
                 if seg_n >= segment:
                     end_segment()
                 run.seconds = time.perf_counter() - t_start
