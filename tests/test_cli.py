@@ -1,5 +1,6 @@
 """`infmllm-gguf attention` as a user runs it, in a subprocess."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,9 @@ import pytest
 from conftest import PROMPT
 
 
-def run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300)
+def run(*args, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -61,3 +63,28 @@ def test_truncated_and_foreign_files_are_rejected(default_model, tmp_path):
     foreign.write_text("not a model")
     proc = run("attention", str(foreign), "--text", "hi", check=False)
     assert proc.returncode == 2 and "not a GGUF file" in proc.stderr
+
+
+def test_an_unsupported_architecture_is_refused_with_llama_cpp_reason(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "nosucharch")
+    writer.add_tensor("x", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    proc = run("attention", str(path), "--text", "hi", check=False)
+    assert proc.returncode == 2
+    assert "architecture 'nosucharch'" in proc.stderr
+    assert "unknown model architecture: 'nosucharch'" in proc.stderr  # llama.cpp's own words
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.usefixtures("default_model")
+def test_llama_cpp_log_stays_quiet_unless_verbose():
+    args = ("attention", "--text", PROMPT, "--window", "2")
+    assert run(*args).stderr == ""  # no loader lines, no warnings
+    verbose = run(*args, env={**os.environ, "INFMLLM_GGUF_VERBOSE": "1"}).stderr
+    assert "llama_model_loader" in verbose
