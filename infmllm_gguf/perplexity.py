@@ -15,7 +15,7 @@ import os
 import re
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -151,9 +151,10 @@ class PerplexityRun:
 
     @classmethod
     def from_json(cls, data: dict) -> "PerplexityRun":
-        data = dict(data)
-        curve = [Segment(**s) for s in data.pop("curve")]
-        return cls(**data, curve=curve)
+        """The run from `to_json`'s record, or from a CLI record (which adds the model and file)."""
+        names = {f.name for f in fields(cls)} - {"curve"}
+        curve = [Segment(**s) for s in data["curve"]]
+        return cls(**{k: v for k, v in data.items() if k in names}, curve=curve)
 
 
 @dataclass(frozen=True)

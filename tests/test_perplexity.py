@@ -10,7 +10,7 @@ import pytest
 
 from infmllm_gguf import StreamSession
 from infmllm_gguf.data import shakespeare_path
-from infmllm_gguf.perplexity import file_tokens, stream_perplexity, text_blocks
+from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl, file_tokens, stream_perplexity, text_blocks
 
 N = 700  # tokens per run: three chunks of 256 through a budget of 256 evict twice
 
@@ -51,6 +51,9 @@ def test_json_has_one_record_per_run_with_a_curve(cli_runs):
         ends = [s["tokens"] for s in r["curve"]]
         assert ends == [511, N - 1]  # segments of at least 256 tokens, whole chunks; the last one shorter
         assert all(s["cells"] <= 256 for s in r["curve"])
+        run = PerplexityRun.from_json(r)  # a record reads back (model and file dropped)
+        assert run.to_json() == {k: v for k, v in r.items() if k not in ("model", "file")}
+        assert cumulative_ppl(run)[1][-1] == pytest.approx(r["ppl"], rel=1e-9)  # the curve adds up to the run
     assert runs[0]["ppl"] != runs[1]["ppl"]  # the bias changes what is kept
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert [float(row["ppl"]) for row in rows] == [r["ppl"] for r in runs]

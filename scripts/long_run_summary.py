@@ -1,0 +1,64 @@
+"""Figures of long `infmllm-gguf perplexity` runs for docs/RESULTS.md, read from their --json files.
+
+    python scripts/long_run_summary.py docs/results/shakespeare-1m.json [--at 205055] [--block 100000]
+
+Per run: speed over the first and the last 10% of the stream (wall clock, and tokens per CPU
+second, which a busy machine does not skew), resident memory near 10k tokens and at its peak,
+perplexity per block of tokens, and the perplexity of everything up to `--at` tokens (a
+segment end: 1,279 + 1,024 k with chunk 256 and segment 1024).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl
+
+
+def speed(segments, sizes) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second) over `segments` of `sizes` tokens."""
+    wall = sum(n / s.tokens_per_s for n, s in zip(sizes, segments))
+    return float(sizes.sum() / wall), float(sizes.sum() / sum(s.cpu_s for s in segments))
+
+
+def summary(run: PerplexityRun, at: int | None, block: int) -> str:
+    curve = run.curve
+    sizes = np.diff([0] + [s.tokens for s in curve])
+    tenth = max(1, len(curve) // 10)
+    first, last = speed(curve[:tenth], sizes[:tenth]), speed(curve[-tenth:], sizes[-tenth:])
+    near_10k = min(curve, key=lambda s: abs(s.tokens - 10_000))
+    ends, cum = cumulative_ppl(run)
+    lines = [f"{run.policy} budget {run.budget}: {run.tokens:,} tokens, ppl {run.ppl:.3f}, {run.seconds / 3600:.2f} h, "
+             f"{run.tokens_per_s:.1f} tok/s, peak cells {run.peak_cells}",
+             f"  tok/s first 10% {first[0]:.1f} (per CPU s {first[1]:.1f}), last 10% {last[0]:.1f} "
+             f"(per CPU s {last[1]:.1f}): last/first {last[0] / first[0]:.3f} wall, {last[1] / first[1]:.3f} CPU",
+             f"  RSS at {near_10k.tokens:,} tokens {near_10k.rss_mb:.1f} MiB, at the end {curve[-1].rss_mb:.1f}, "
+             f"peak {max(s.rss_mb for s in curve):.1f} ({max(s.rss_mb for s in curve) / near_10k.rss_mb - 1:+.2%})"]
+    if at is not None:
+        hit = np.flatnonzero(ends == at)
+        lines.append(f"  ppl up to {at:,} tokens: " + (f"{cum[hit[0]]:.3f}" if hit.size else "not a segment end"))
+    blocks = []
+    for lo in range(0, run.tokens, block):
+        sel = [i for i, s in enumerate(curve) if lo < s.tokens <= lo + block]
+        if sel:
+            nll = np.sum(sizes[sel] * np.log([curve[i].ppl for i in sel])) / sizes[sel].sum()
+            blocks.append(f"{lo // 1000}-{min(lo + block, run.tokens) // 1000}k {np.exp(nll):.2f}")
+    lines.append("  ppl per block: " + ", ".join(blocks))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+")
+    parser.add_argument("--at", type=int, help="also the perplexity up to this many tokens")
+    parser.add_argument("--block", type=int, default=100_000, help="tokens per block of the perplexity listing")
+    args = parser.parse_args()
+    for path in args.json:
+        for record in json.load(open(path)):
+            print(summary(PerplexityRun.from_json(record), args.at, args.block))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The long perplexity runs behind docs/RESULTS.md (issue 4): about 12 hours on a 2-core CPU.
+# Every run saves itself into ~/.cache/infmllm-gguf/runs every 20,000 tokens: stop the script
+# whenever, rerun it, and each run resumes where it stopped (a finished one reloads in seconds).
+# Results: docs/results/*.json and *.png. Needs `make data`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cli=.venv/bin/infmllm-gguf
+data=~/.cache/infmllm-gguf/data
+runs=~/.cache/infmllm-gguf/runs
+mkdir -p docs/results
+
+stream() {  # stream NAME TEXT ARGS...: one resumable perplexity command
+    local name=$1 text=$2
+    shift 2
+    $cli perplexity -f "$data/$text.txt" --segment 1024 --checkpoint-every 20000 \
+        --checkpoint-dir "$runs/$name" --json "docs/results/$name.json" --plot "docs/results/$name.png" "$@"
+}
+
+# (b) one stream of 1M tokens at budget 1024
+stream shakespeare-1m shakespeare -p inf-mllm -b 1024 -n 1000000
+
+# (a) policies x budgets on 205,056 tokens of each text (200 segments after the first). The 1M
+# run above already holds inf-mllm at 1024 on Shakespeare: its curve up to 205,055 tokens.
+n=205056
+stream kjv-205k kjv -p streaming-llm,inf-mllm,context-shift,h2o -b 1024 -n $n
+stream shakespeare-205k shakespeare -p streaming-llm,context-shift,h2o -b 1024 -n $n
+stream kjv-205k-small kjv -p streaming-llm,inf-mllm -b 256,512 -n $n
+stream shakespeare-205k-small shakespeare -p streaming-llm,inf-mllm -b 256,512 -n $n
