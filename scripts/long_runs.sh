@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The long perplexity runs behind docs/RESULTS.md (issue 4): about 12 hours on a 2-core CPU.
 # Every run saves itself into ~/.cache/infmllm-gguf/runs every 20,000 tokens: stop the script
-# whenever, rerun it, and each run resumes where it stopped (a finished one reloads in seconds).
-# Results: docs/results/*.json and *.png. Needs `make data`.
+# whenever, rerun it, and each run resumes where it stopped. Results: docs/results/NAME.json and
+# NAME.png, written when a command has finished all its runs (NAME.partial.json until then); a
+# command whose results exist is skipped. Needs `make data`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cli=.venv/bin/infmllm-gguf
@@ -11,10 +12,12 @@ runs=~/.cache/infmllm-gguf/runs
 mkdir -p docs/results
 
 stream() {  # stream NAME TEXT ARGS...: one resumable perplexity command
-    local name=$1 text=$2
+    local name=$1 text=$2 out=docs/results/$1
     shift 2
+    [ -f "$out.json" ] && return
     $cli perplexity -f "$data/$text.txt" --segment 1024 --checkpoint-every 20000 \
-        --checkpoint-dir "$runs/$name" --json "docs/results/$name.json" --plot "docs/results/$name.png" "$@"
+        --checkpoint-dir "$runs/$name" --json "$out.partial.json" --plot "$out.png" "$@"
+    mv "$out.partial.json" "$out.json"
 }
 
 # (b) one stream of 1M tokens at budget 1024
