@@ -208,23 +208,12 @@ def capture_overhead(model_path=None, *, prompt_tokens: int = 512, chunk: int = 
 
 # -- streaming ---------------------------------------------------------------------------------
 def stream_runs(policies: Sequence[str], budgets: Sequence[int]) -> list[tuple[str, int | None]]:
-    """The (policy, budget) pairs of a stream benchmark, checked before any model is loaded (ValueError
-    on an unknown policy or a budget the policy cannot keep). `full` runs once, budget None: it keeps
-    every token, up to the model's training context."""
-    from .policies import make_policy
+    """The (policy, budget) pairs of a stream benchmark, checked as `perplexity.run_grid` checks them.
+    `full` runs once, budget None: it keeps every token, up to the model's training context."""
+    from .perplexity import run_grid
 
-    if not policies or not budgets:
-        raise ValueError("name at least one policy and one budget")
-    pairs: list[tuple[str, int | None]] = []
-    for name in policies:
-        if make_policy(name, budget=max(budgets)).name == FULL:
-            pairs.append((FULL, None))
-            continue
-        for budget in budgets:
-            pairs.append((make_policy(name, budget=budget).name, budget))
-    if len(set(pairs)) != len(pairs):
-        raise ValueError("a policy or budget is named twice")
-    return pairs
+    pairs = [(s.policy, None if s.policy == FULL else s.budget) for s in run_grid(policies, budgets)]
+    return list(dict.fromkeys(pairs))
 
 
 def stream_tokens(rt: Runtime, n: int, source: str, seed: int = 0) -> np.ndarray:

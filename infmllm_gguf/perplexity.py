@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .bench import rss_mib
-from .policies import options
+from .policies import make_policy, options
 from .session import StreamSession
 
 BLOCK_BYTES = 1 << 20
@@ -169,16 +169,25 @@ class RunSpec:
         return "-".join([self.policy, f"b{self.budget}", *(f"{k}{v:g}" for k, v in self.settings)])
 
 
-def run_grid(policies: Sequence[str], budgets: Sequence[int], sweeps: dict[str, Sequence[float]]) -> list[RunSpec]:
+def run_grid(policies: Sequence[str], budgets: Sequence[int],
+             sweeps: dict[str, Sequence[float]] | None = None) -> list[RunSpec]:
     """Every policy at every budget, crossed with the swept settings that the policy takes
-    (streaming-llm takes no bias, so a bias sweep runs it once)."""
+    (streaming-llm takes no bias, so a bias sweep runs it once). Checked before any model is loaded,
+    so a long sweep does not fail hours in: ValueError on an unknown policy, a budget or setting the
+    policy cannot keep, or a run named twice."""
+    if not policies or not budgets:
+        raise ValueError("name at least one policy and one budget")
     specs = []
     for policy in policies:
-        takes = options(policy)
-        swept = {k: v for k, v in sweeps.items() if v and k in takes}
+        name = make_policy(policy, budget=max(budgets)).name  # the canonical name: 'H2O' runs as 'h2o'
+        swept = {k: v for k, v in (sweeps or {}).items() if v and k in options(name)}
         for budget in budgets:
             for values in itertools.product(*swept.values()):
-                specs.append(RunSpec(policy, budget, tuple(zip(swept, values))))
+                settings = tuple(zip(swept, values))
+                make_policy(name, budget=budget, **dict(settings))
+                specs.append(RunSpec(name, budget, settings))
+    if len(set(specs)) != len(specs):
+        raise ValueError("a policy or budget is named twice")
     return specs
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from infmllm_gguf import StreamSession
 from infmllm_gguf.data import shakespeare_path
-from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl, file_tokens, stream_perplexity, text_blocks
+from infmllm_gguf.perplexity import (PerplexityRun, cumulative_ppl, file_tokens, run_grid, stream_perplexity,
+                                     text_blocks)
 
 N = 700  # tokens per run: three chunks of 256 through a budget of 256 evict twice
 
@@ -103,6 +104,26 @@ def test_bad_files_are_refused_with_a_reason(tmp_path, content, message):
     proc = cli("--file", path, "--max-tokens", 10)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_grid_crosses_only_the_settings_a_policy_takes():
+    specs = run_grid(["H2O", "inf-mllm"], [256, 512], {"bias": [0, 1], "window": []})
+    assert [s.name for s in specs] == ["h2o-b256", "h2o-b512", "inf-mllm-b256-bias0", "inf-mllm-b256-bias1",
+                                       "inf-mllm-b512-bias0", "inf-mllm-b512-bias1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--policy", "inf-mllm,h2o", "--budget", "1024,64"), "must exceed recent"),  # h2o at 64, the last run
+    (("--policy", "inf-mllm", "--budget", "512", "--recent", "64,1024"), "must exceed recent"),
+    (("--policy", "h2o,H2O"), "named twice"),
+    (("--policy", "inf-llm"), "unknown policy"),
+])
+def test_a_bad_run_in_a_sweep_is_refused_before_the_first_run(text_file, tmp_path, args, message):
+    json_out = tmp_path / "runs.json"
+    proc = cli("--file", text_file, "--max-tokens", 10, "--json", json_out, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not json_out.exists()  # no run started
 
 
 def test_full_matches_a_numpy_log_softmax_over_plain_llama_cpp_logits(text_file, default_model):
