@@ -19,6 +19,13 @@ CUDA=${CUDA:-0}
 CUDA_ARCH=${CUDA_ARCH:-}
 
 cmake_args="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+    # No AMX kernels: on an AMX Xeon (Sapphire Rapids) -march=native turns them on, and their
+    # mul_mat segfaulted on the first batch (seen on this project's CPU machine; upstream
+    # ggml-org/llama.cpp#20824, closed without a fix). GCC keeps an explicit -mno-* over -march.
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    cmake_args+=" -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
+fi
 if [ "$CUDA" = 1 ]; then
     # --exclude-libs: with CUDA 13, libggml-cuda.so re-exported libstdc++ internals from a static
     # archive, and libllama bound to them and crashed in llama_model::print_info (seen on an H200)
@@ -26,7 +33,10 @@ if [ "$CUDA" = 1 ]; then
     [ -n "$CUDA_ARCH" ] && cmake_args+=" -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
 fi
 
-key=$({ echo "$SDIST_SHA256 $cmake_args"; cat patches/*.patch; } | sha256sum | cut -c1-16)
+# -march=native builds for this CPU: its flags are part of the key, so a cache shared between
+# machines never hands one a wheel with instructions it lacks
+cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
+key=$({ echo "$SDIST_SHA256 $cmake_args $cpu_flags"; cat patches/*.patch; } | sha256sum | cut -c1-16)
 wheel_dir="$CACHE/wheels/$key"
 
 if ! compgen -G "$wheel_dir/*.whl" > /dev/null; then

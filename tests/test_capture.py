@@ -1,4 +1,5 @@
 """The patched llama.cpp's attention-score capture on the real default model."""
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -141,3 +142,9 @@ def test_missing_symbol_raises_unpatched_error():
     with pytest.raises(native.UnpatchedLlamaError, match="make setup"):
         absent()
     assert native.is_patched()
+
+
+def test_the_build_leaves_out_the_amx_kernels_that_crash():
+    """AMX mul_mat segfaulted on the first batch on an AMX Xeon (ggml-org/llama.cpp#20824):
+    scripts/build_llama.sh compiles it out even where -march=native would turn it on."""
+    assert "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode()
