@@ -1,20 +1,24 @@
 """Figures of long `infmllm-gguf perplexity` runs for docs/RESULTS.md, read from their --json files.
 
     python scripts/long_run_summary.py docs/results/shakespeare-1m.json [--at 205055] [--block 100000]
+        [--plot OUT.png]
 
 Per run: speed over the first and the last 10% of the stream (wall clock, and tokens per CPU
 second, which a busy machine does not skew), resident memory near 10k tokens and at its peak,
 perplexity per block of tokens, and the perplexity of everything up to `--at` tokens (a
-segment end: 1,279 + 1,024 k with chunk 256 and segment 1024).
+segment end: 1,279 + 1,024 k with chunk 256 and segment 1024). `--plot` draws the runs of all
+the files in one figure, each cut at `--at` tokens: runs of separate commands side by side.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
-from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl
+from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl, plot_runs
 
 
 def speed(segments, sizes) -> tuple[float, float]:
@@ -49,15 +53,29 @@ def summary(run: PerplexityRun, at: int | None, block: int) -> str:
     return "\n".join(lines)
 
 
+def cut(run: PerplexityRun, at: int) -> PerplexityRun:
+    """The run as if it had stopped after `at` tokens (a segment end)."""
+    ends, cum = cumulative_ppl(run)
+    hit = np.flatnonzero(ends == at)
+    if not hit.size:
+        raise SystemExit(f"error: {at:,} tokens is not a segment end of {run.label()}")
+    return dataclasses.replace(run, tokens=at, ppl=float(cum[hit[0]]), curve=run.curve[:hit[0] + 1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+")
     parser.add_argument("--at", type=int, help="also the perplexity up to this many tokens")
     parser.add_argument("--block", type=int, default=100_000, help="tokens per block of the perplexity listing")
+    parser.add_argument("--plot", help="one figure of all the runs, cut at --at tokens")
     args = parser.parse_args()
-    for path in args.json:
-        for record in json.load(open(path)):
-            print(summary(PerplexityRun.from_json(record), args.at, args.block))
+    records = [record for path in args.json for record in json.load(open(path))]
+    runs = [PerplexityRun.from_json(record) for record in records]
+    for run in runs:
+        print(summary(run, args.at, args.block))
+    if args.plot:
+        texts = ", ".join(sorted({Path(r["file"]).name for r in records}))
+        plot_runs([cut(r, args.at) for r in runs] if args.at else runs, args.plot, title=texts)
 
 
 if __name__ == "__main__":
