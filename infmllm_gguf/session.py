@@ -20,6 +20,19 @@ if TYPE_CHECKING:  # imported when used: text-only sessions do not load libmtmd
 
 STATE_VERSION = 1
 
+try:  # glibc: see `return_freed_memory`
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed by a save back to the OS. glibc keeps them, and a stream's
+    resident size stepped up by 11-34 MiB at its first checkpoints (the copies of the state);
+    with this it stays flat. A no-op where the C library is not glibc."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
@@ -131,6 +144,8 @@ class StreamSession:
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), llama_state=llama_state,
                      **{f"cache_{k}": v for k, v in arrays.items()})
         os.replace(tmp, path)
+        del llama_state  # the copy goes before the trim, or its pages stay
+        return_freed_memory()
         return path
 
     @staticmethod
