@@ -33,7 +33,6 @@ def summary(run: PerplexityRun, at: int | None, block: int) -> str:
     tenth = max(1, len(curve) // 10)
     first, last = speed(curve[:tenth], sizes[:tenth]), speed(curve[-tenth:], sizes[-tenth:])
     near_10k = min(curve, key=lambda s: abs(s.tokens - 10_000))
-    ends, cum = cumulative_ppl(run)
     lines = [f"{run.policy} budget {run.budget}: {run.tokens:,} tokens, ppl {run.ppl:.3f}, {run.seconds / 3600:.2f} h, "
              f"{run.tokens_per_s:.1f} tok/s, peak cells {run.peak_cells}",
              f"  tok/s first 10% {first[0]:.1f} (per CPU s {first[1]:.1f}), last 10% {last[0]:.1f} "
@@ -41,8 +40,8 @@ def summary(run: PerplexityRun, at: int | None, block: int) -> str:
              f"  RSS at {near_10k.tokens:,} tokens {near_10k.rss_mb:.1f} MiB, at the end {curve[-1].rss_mb:.1f}, "
              f"peak {max(s.rss_mb for s in curve):.1f} ({max(s.rss_mb for s in curve) / near_10k.rss_mb - 1:+.2%})"]
     if at is not None:
-        hit = np.flatnonzero(ends == at)
-        lines.append(f"  ppl up to {at:,} tokens: " + (f"{cum[hit[0]]:.3f}" if hit.size else "not a segment end"))
+        early = cut(run, at)
+        lines.append(f"  ppl up to {at:,} tokens: " + (f"{early.ppl:.3f}" if early else "not a segment end"))
     blocks = []
     for lo in range(0, run.tokens, block):
         sel = [i for i, s in enumerate(curve) if lo < s.tokens <= lo + block]
@@ -53,12 +52,12 @@ def summary(run: PerplexityRun, at: int | None, block: int) -> str:
     return "\n".join(lines)
 
 
-def cut(run: PerplexityRun, at: int) -> PerplexityRun:
-    """The run as if it had stopped after `at` tokens (a segment end)."""
+def cut(run: PerplexityRun, at: int) -> PerplexityRun | None:
+    """The run as if it had stopped after `at` tokens; None unless that is a segment end of it."""
     ends, cum = cumulative_ppl(run)
     hit = np.flatnonzero(ends == at)
     if not hit.size:
-        raise SystemExit(f"error: {at:,} tokens is not a segment end of {run.label()}")
+        return None
     return dataclasses.replace(run, tokens=at, ppl=float(cum[hit[0]]), curve=run.curve[:hit[0] + 1])
 
 
@@ -75,7 +74,10 @@ def main() -> None:
         print(summary(run, args.at, args.block))
     if args.plot:
         texts = ", ".join(sorted({Path(r["file"]).name for r in records}))
-        plot_runs([cut(r, args.at) for r in runs] if args.at else runs, args.plot, title=texts)
+        shown = [cut(r, args.at) for r in runs] if args.at else runs
+        if None in shown:
+            raise SystemExit(f"error: {args.at:,} tokens is not a segment end of every run")
+        plot_runs(shown, args.plot, title=texts)
 
 
 if __name__ == "__main__":
