@@ -25,7 +25,7 @@ def attention(
     """Decode a text and report how much attention each token receives from the last W queries."""
     from infmllm_gguf.attention import plot_heatmap, text_attention
     from infmllm_gguf.models import ModelError
-    from infmllm_gguf.native import UnpatchedLlamaError
+    from infmllm_gguf.runtime import UnpatchedLlamaError
 
     if (text is None) == (file is None):
         fail("give exactly one of --text and --file")
@@ -35,7 +35,7 @@ def attention(
         except (OSError, UnicodeDecodeError) as exc:
             fail(f"cannot read {file} as UTF-8 text: {exc}")
     try:
-        result = text_attention(text, model_path=model, window=window, n_gpu_layers=n_gpu_layers,
+        result = text_attention(text, model=model, window=window, n_gpu_layers=n_gpu_layers,
                                 flash_attn=flash_attn)
     except (ModelError, UnpatchedLlamaError, ValueError) as exc:
         fail(str(exc))

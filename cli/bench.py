@@ -1,4 +1,4 @@
-"""`infmllm-gguf bench`: speed and memory figures, measured side by side in one process."""
+"""`infmllm-gguf bench`: speed and memory figures, measured side by side in one process, against the targets."""
 from __future__ import annotations
 
 import json
@@ -7,19 +7,43 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, app, fail
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_policy_options
 
 PARTS = ("capture", "stream")
 
+#: what the project promises (docs/PERFORMANCE.md): figure -> (comparison, limit)
+TARGETS = {
+    "capture overhead, prefill": ("<=", 0.03),
+    "capture overhead, decode": ("<=", 0.03),
+    "eviction + re-indexing share of stream time": ("<=", 0.05),
+    "tokens/s, last 10% of the stream / first 10%": (">=", 0.95),
+    "peak RSS growth after the first 10%": ("<=", 0.05),
+    "inf-mllm / h2o tokens/s": (">=", 2.0),
+}
 
-def split(value: str, kind=str) -> list:
-    try:
-        return [kind(v.strip()) for v in value.split(",") if v.strip()]
-    except ValueError:
-        fail(f"cannot read {value!r} as a comma-separated list")
+
+def against_targets(figures: list[dict]) -> list[dict]:
+    """Each measured figure with its target: adds "target" (its name), "op", "limit" and "met"."""
+    out = []
+    for f in figures:
+        op, limit = TARGETS[f["figure"]]
+        met = f["value"] <= limit if op == "<=" else f["value"] >= limit
+        out.append({"target": f["figure"], **{k: v for k, v in f.items() if k != "figure"},
+                    "op": op, "limit": limit, "met": met})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["targets (medians):"]
+    for t in rows:
+        who = f" {t['run']}" if t["run"] else ""
+        lines.append(f"  {'met ' if t['met'] else 'MISS'} {t['target']}{who}: {t['value']:.4g} "
+                     f"(target {t['op']} {t['limit']:g})")
+    return "\n".join(lines)
 
 
 @app.command()
+@with_policy_options(sweep=True, defaults={"budget": "512"})
 def bench(
     model: Optional[Path] = MODEL_ARG,
     synthetic: Optional[str] = typer.Option(
@@ -28,9 +52,9 @@ def bench(
              "written once into <cache>/synthetic; streams random token ids"),
     synthetic_dtype: str = typer.Option("q8_0", "--synthetic-dtype", help="f32, f16, q8_0 or q4_0"),
     only: str = typer.Option(",".join(PARTS), "--only", help="parts to run: capture, stream"),
-    policy: str = typer.Option("inf-mllm,h2o,streaming-llm,full", "--policy", help="stream: policies (P[,P...])"),
-    budget: str = typer.Option("512", "--budget", help="stream: cells kept (N[,N...]); full fills the model's "
-                                                        "training context instead"),
+    policy: str = typer.Option("inf-mllm,h2o,streaming-llm,full", "--policy",
+                               help=f"stream: policies, comma-separated ({POLICY_NAMES}); full fills the model's "
+                                    "training context instead of a budget"),
     tokens: int = typer.Option(20000, "--tokens", min=1, help="stream: tokens streamed per run"),
     segment: int = typer.Option(1024, "--segment", min=1, help="stream: tokens per measured segment (whole chunks)"),
     reindex: bool = typer.Option(True, "--reindex/--no-reindex",
@@ -38,25 +62,28 @@ def bench(
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="capture: prompt length"),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="capture: decode steps"),
-    window: int = typer.Option(32, "--window", "-w", min=1, help="capture: queries captured per prompt chunk"),
+    capture_queries: int = typer.Option(32, "--capture-queries", min=1,
+                                        help="capture: queries captured per prompt chunk (its last ones)"),
     repeats: int = typer.Option(3, "--repeats", min=1),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="stream: tokens/s and memory vs stream length (PNG)"),
     n_gpu_layers: int = NGL_OPT,
+    policy_options: dict = None,
 ) -> None:
     """Capture overhead (prefill and decode, capture off vs on) and streaming speed, eviction time and memory
     over stream length per policy; interleaved, medians of the repeats with [min, max]."""
     from infmllm_gguf import bench as b
     from infmllm_gguf.models import ModelError
-    from infmllm_gguf.synthetic import DTYPES
+    from infmllm_gguf.policies import policy_grid
+    from infmllm_gguf.synthetic import DTYPES, cached_model
 
-    parts = split(only)
-    if not parts or set(parts) - set(PARTS):
+    parts = split(only, str, "--only")
+    if set(parts) - set(PARTS):
         fail(f"--only takes {' and/or '.join(PARTS)}, not {only!r}")
-    if window > chunk:
-        fail(f"the window ({window}) must not exceed the chunk ({chunk})")
+    if capture_queries > chunk:
+        fail(f"--capture-queries ({capture_queries}) must not exceed the chunk ({chunk})")
     if plot_out is not None and "stream" not in parts:
         fail("--plot draws the stream part: add stream to --only")
     if synthetic is not None and model is not None:
@@ -64,25 +91,27 @@ def bench(
     if synthetic_dtype not in DTYPES:
         fail(f"--synthetic-dtype must be one of {', '.join(DTYPES)}")
     try:
-        runs = b.stream_runs(split(policy), split(budget, int)) if "stream" in parts else []
+        grid = policy_grid(split(policy, str, "--policy"), policy_options) if "stream" in parts else []
+        for p in grid:
+            p.check_chunk(chunk)
         if synthetic is not None:
-            model = b.synthetic_model(synthetic, synthetic_dtype)
+            model = cached_model(synthetic, synthetic_dtype)
         capture = stream = None
         if "capture" in parts:
             capture = b.capture_overhead(model, prompt_tokens=prompt_tokens, chunk=chunk, decode_tokens=decode_tokens,
-                                         window=window, repeats=repeats, n_gpu_layers=n_gpu_layers,
+                                         capture_queries=capture_queries, repeats=repeats, n_gpu_layers=n_gpu_layers,
                                          flash_attn=flash_attn, n_threads=threads)
             typer.echo(capture.table())
         if "stream" in parts:
-            stream = b.stream_bench(model, runs=runs, tokens=tokens, chunk=chunk, segment=segment, repeats=repeats,
-                                    source="random" if synthetic else "shakespeare", reindex=reindex,
+            stream = b.stream_bench(model, policies=grid, tokens=tokens, chunk=chunk, segment=segment,
+                                    repeats=repeats, source="random" if synthetic else "shakespeare", reindex=reindex,
                                     n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=threads,
                                     progress=True)
             typer.echo(stream.table())
     except (ModelError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    goals = b.targets(capture, stream)
-    typer.echo(b.targets_table(goals))
+    goals = against_targets(b.figures(capture, stream))
+    typer.echo(targets_table(goals))
     if plot_out is not None:
         b.plot(stream, plot_out)
     if json_out is not None:

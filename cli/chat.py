@@ -11,7 +11,7 @@ from typing import Callable, Optional, TextIO
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, app, fail
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_policy_options
 
 HELP = """\
 /image PATH                 show the model an image (a user turn of its own)
@@ -138,10 +138,8 @@ class Repl:
                   f"[image {path.name}: {n} tokens; cache {f['cells_cached']}/{f['budget']} cells]")
 
     def video(self, a: argparse.Namespace) -> None:
-        from infmllm_gguf.video import VideoParts
-
-        parts = VideoParts(a.path, self.session, fps=a.fps, max_frames=a.max_frames, start=a.start, end=a.end,
-                           progress=self.progress)
+        parts = self.session.video_parts(a.path, fps=a.fps, max_frames=a.max_frames, start=a.start, end=a.end,
+                                   progress=self.progress)
         n = self.session.chat_media(parts, system=self.system)
         f = cache_figures(self.session)
         self.emit({"command": "video", "path": a.path, "frames": parts.frames, "image_tokens": n, "cache": f},
@@ -177,17 +175,12 @@ def read_lines(interactive: bool):
 
 
 @app.command()
+@with_policy_options(sweep=False)
 def chat(
     model: Optional[Path] = MODEL_ARG,
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="vision projector GGUF (mmproj) for /image and /video"),
-    budget: int = typer.Option(1024, "--budget", min=1, help="cells the cache keeps"),
-    policy: str = typer.Option("inf-mllm", "--policy", help="inf-mllm, h2o, streaming-llm, window, context-shift, full"),
+    policy: str = typer.Option("inf-mllm", "--policy", help=POLICY_NAMES),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
-    recent: Optional[int] = typer.Option(None, "--recent", help="most recent tokens always kept"),
-    window: Optional[int] = typer.Option(None, "--window", "-w", help="retrieval window (queries scored)"),
-    bias: Optional[float] = typer.Option(None, "--bias", help="inf-mllm attention bias toward newer tokens"),
-    sinks: Optional[int] = typer.Option(None, "--sinks", help="first tokens always kept"),
-    decay: Optional[float] = typer.Option(None, "--decay", help="score memory across evictions (0..1)"),
     system: Optional[str] = typer.Option(None, "--system", help="system message"),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="longest reply"),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0: greedy"),
@@ -197,19 +190,19 @@ def chat(
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="default: llama.cpp's choice"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)"),
     n_gpu_layers: int = NGL_OPT,
+    policy_options: dict = None,
 ) -> None:
     """Chat with a model whose KV cache never exceeds --budget cells. On a terminal: a prompt, replies streamed
     as sampled; otherwise each stdin line is one user turn and each reply is printed. /help lists commands."""
     from infmllm_gguf.models import ModelError
     from infmllm_gguf.multimodal import ProjectorError
-    from infmllm_gguf.native import UnpatchedLlamaError
+    from infmllm_gguf.runtime import UnpatchedLlamaError
     from infmllm_gguf.session import StreamSession
 
     hardware = dict(n_gpu_layers=n_gpu_layers, n_threads=threads)
     try:
-        session = StreamSession(model, mmproj=mmproj, budget=budget, policy=policy, chunk=chunk, recent=recent,
-                                window=window, bias=bias, sinks=sinks, decay=decay, flash_attn=flash_attn, seed=seed,
-                                **hardware)
+        session = StreamSession(model, policy, mmproj=mmproj, chunk=chunk, flash_attn=flash_attn, seed=seed,
+                                **hardware, **policy_options)
         session.chat_template()  # a model without one cannot chat: say so before the first turn
     except (ModelError, ProjectorError, UnpatchedLlamaError, ValueError) as exc:
         fail(str(exc))
@@ -218,7 +211,8 @@ def chat(
                 system=system, sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p),
                 as_json=as_json, out=sys.stdout, progress=sys.stderr.isatty())
     if interactive and not as_json:
-        typer.echo(f"{session.runtime.model_path.name}, cache of {budget} cells ({policy}); /help lists commands")
+        typer.echo(f"{session.model.name}, cache of {session.policy.budget} cells ({session.policy.name}); "
+                   "/help lists commands")
     try:
         for line in read_lines(interactive):
             if not repl.handle(line):

@@ -1,15 +1,73 @@
-"""What every `infmllm-gguf` command shares: the Typer app, common options, error exit."""
+"""What every `infmllm-gguf` command shares: the Typer app, common options, the policy flags, error exit."""
 from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from infmllm_gguf.policies import POLICIES, declared_options
+
+# no markup: help texts are plain (rich would eat "[min, max]" as a tag)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Streaming inference of GGUF models in a KV cache of fixed size (Inf-MLLM).")
 
 MODEL_ARG = typer.Argument(None, help="GGUF model file (default: SmolLM2-135M-Instruct, installed by `make setup`)")
 NGL_OPT = typer.Option(-1, "--n-gpu-layers", "-ngl", help="layers to offload to the GPU (-1: all)")
+POLICY_NAMES = ", ".join(POLICIES)
 
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def split(text: str, kind: type, flag: str) -> list:
+    """The values of a comma-separated flag."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag} takes a comma-separated list of {kind.__name__}s, not {text!r}")
+    if not values:
+        fail(f"{flag} is empty")
+    return values
+
+
+def with_policy_options(*, sweep: bool, defaults: dict[str, str] | None = None) -> Callable:
+    """Give a command one flag per policy option, as the policies declare them (type, help, each
+    policy's default), so that a new option needs no edit here. The command receives them as
+    `policy_options`: {name: value} with `sweep` False, {name: [values]} (comma-separated on the
+    command line) with `sweep` True; only the flags given, and those in `defaults` (the command's
+    own defaults, as they would be typed)."""
+    declared = declared_options()
+    defaults = defaults or {}
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        params = [p for name, p in signature.parameters.items() if name != "policy_options"]
+        for d in declared.values():
+            flag = "--" + d.name.replace("_", "-")
+            help_text = d.describe() + ("; comma-separated values sweep it" if sweep else "")
+            if d.name in defaults:
+                help_text += f"; here {defaults[d.name]} by default"
+            params.append(inspect.Parameter(
+                d.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str] if sweep else Optional[d.type],
+                default=typer.Option(None, flag, help=help_text, show_default=False)))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in declared}
+            options = {}
+            for name, value in given.items():
+                value = defaults.get(name) if value is None else value
+                if value is None:
+                    continue
+                kind = declared[name].type
+                flag = "--" + name.replace("_", "-")
+                options[name] = split(value, kind, flag) if sweep else value
+            return command(**kwargs, policy_options=options)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        return wrapper
+    return decorate

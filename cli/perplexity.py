@@ -8,34 +8,17 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, app, fail
-
-
-def parse_list(text: Optional[str], kind: type, option: str) -> list:
-    if text is None:
-        return []
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{option} takes a comma-separated list of {kind.__name__}s, not {text!r}")
-    if not values:
-        fail(f"{option} is empty")
-    return values
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_policy_options
 
 
 @app.command()
+@with_policy_options(sweep=True)
 def perplexity(
     model: Optional[Path] = MODEL_ARG,
     file: Path = typer.Option(..., "--file", "-f", help="text to stream: UTF-8 .txt, or .gz of one"),
     policy: str = typer.Option("inf-mllm,streaming-llm,h2o,context-shift", "--policy", "-p",
-                               help="policies, comma-separated (inf-mllm, h2o, streaming-llm, window, "
-                                    "context-shift, full)"),
-    budget: str = typer.Option("1024", "--budget", "-b", help="cache budgets in cells, comma-separated"),
+                               help=f"policies, comma-separated ({POLICY_NAMES})"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens decoded per step"),
-    window: Optional[str] = typer.Option(None, "--window", "-w", help="retrieval windows (inf-mllm), comma-separated"),
-    bias: Optional[str] = typer.Option(None, "--bias", help="attention biases (inf-mllm), comma-separated"),
-    recent: Optional[str] = typer.Option(None, "--recent", help="recent tokens always kept, comma-separated"),
-    sinks: Optional[str] = typer.Option(None, "--sinks", help="first tokens always kept, comma-separated"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", min=2, help="stop after N tokens"),
     segment: int = typer.Option(1024, "--segment", min=1, help="tokens per point of the curve"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs (with curves) as a JSON list"),
@@ -47,28 +30,29 @@ def perplexity(
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn"),
     n_gpu_layers: int = NGL_OPT,
+    policy_options: dict = None,
 ) -> None:
     """Stream a text chunk by chunk and score every token given the bounded cache, for each
-    combination of policy, budget and setting; `full` runs while the text fits the model's context."""
+    combination of policy and option values; `full` runs while the text fits its budget and the
+    model's context."""
     from tqdm import tqdm
 
     from infmllm_gguf.models import ModelError
-    from infmllm_gguf.native import UnpatchedLlamaError
-    from infmllm_gguf.perplexity import (TextFileError, check_text_file, plot_runs, run_grid, stream_perplexity,
-                                         table)
+    from infmllm_gguf.perplexity import TextFileError, check_text_file, plot_runs, stream_perplexity, table
+    from infmllm_gguf.policies import policy_grid
+    from infmllm_gguf.runtime import UnpatchedLlamaError
 
-    sweeps = {"window": parse_list(window, int, "--window"), "bias": parse_list(bias, float, "--bias"),
-              "recent": parse_list(recent, int, "--recent"), "sinks": parse_list(sinks, int, "--sinks")}
     try:
         check_text_file(file)
-        specs = run_grid(parse_list(policy, str, "--policy"), parse_list(budget, int, "--budget"), sweeps)
+        grid = policy_grid(split(policy, str, "--policy"), policy_options)
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for spec in specs:
-        bar = tqdm(total=max_tokens, unit="tok", desc=spec.name, dynamic_ncols=True, leave=True)
+    for p in grid:
+        name = "-".join(part.replace(" ", "") for part in p.label().split(", "))  # the checkpoint's
+        bar = tqdm(total=max_tokens, unit="tok", desc=p.label(), dynamic_ncols=True, leave=True)
 
         def progress(run, done, bar=bar):
             bar.update(done - bar.n)
@@ -76,14 +60,16 @@ def perplexity(
 
         try:
             run = stream_perplexity(
-                file, model_path=model, policy=spec.policy, budget=spec.budget, chunk=chunk, max_tokens=max_tokens,
-                segment=segment, progress=progress, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                flash_attn=flash_attn, checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{spec.name}.npz",
-                checkpoint_every=checkpoint_every, **dict(spec.settings))
+                file, model=model, policy=p, chunk=chunk, max_tokens=max_tokens, segment=segment, progress=progress,
+                n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{name}.npz",
+                checkpoint_every=checkpoint_every)
         except (ModelError, UnpatchedLlamaError, TextFileError, ValueError, FileNotFoundError) as exc:
             bar.close()
             fail(str(exc))
         bar.close()
+        if run.stop_note():
+            typer.echo(run.stop_note(), err=True)
         runs.append(run)
         write_outputs(runs, model, file, json_out, csv_out)  # after every run: an interrupted sweep keeps its runs
     typer.echo(table(runs))
@@ -93,13 +79,13 @@ def perplexity(
 
 def write_outputs(runs, model: Optional[Path], file: Path, json_out: Optional[Path], csv_out: Optional[Path]) -> None:
     from infmllm_gguf.models import resolve_model
-    from infmllm_gguf.perplexity import CSV_FIELDS
+    from infmllm_gguf.perplexity import csv_fields, csv_row
 
-    records = [{"model": str(resolve_model(model)), "file": str(file), **r.to_json()} for r in runs]
+    where = {"model": str(resolve_model(model)), "file": str(file)}
     if json_out is not None:
-        json_out.write_text(json.dumps(records, indent=1))
+        json_out.write_text(json.dumps([{**where, **r.to_json()} for r in runs], indent=1))
     if csv_out is not None:
         with open(csv_out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["model", "file", *CSV_FIELDS], extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=["model", "file", *csv_fields()], extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(records)
+            writer.writerows({**where, **csv_row(r)} for r in runs)

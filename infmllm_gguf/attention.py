@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import AttentionScores, Runtime
+from .runtime import AttentionScores, Model, Runtime
 
 
 @dataclass(frozen=True)
@@ -46,23 +46,23 @@ class TextAttention:
         return "\n".join(lines)
 
 
-def text_attention(text: str, *, model_path=None, window: int = 32, n_gpu_layers: int = -1,
+def text_attention(text: str, *, model=None, window: int = 32, n_gpu_layers: int = -1,
                    flash_attn: bool | None = None) -> TextAttention:
-    """Decode `text` in one batch and capture the attention of its last `window` tokens."""
+    """Decode `text` in one batch and capture the attention of its last `window` tokens. The text
+    is checked against the model's training context before any cache is allocated."""
     if not text.strip():
         raise ValueError("the text is empty")
-    # a token holds at least one byte, so the byte count (plus BOS) bounds the context needed
-    n_ctx = -(-(len(text.encode("utf-8")) + 8) // 256) * 256
-    with Runtime(model_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn) as rt:
-        tokens = rt.tokenize(text)
-        if len(tokens) > rt.n_ctx_train:
-            raise ValueError(f"the text has {len(tokens)} tokens, more than the model's context of {rt.n_ctx_train}")
+    with Model(model, n_gpu_layers=n_gpu_layers) as m:
+        tokens = m.tokenize(text)
+        if len(tokens) > m.n_ctx_train:
+            raise ValueError(f"the text has {len(tokens)} tokens, more than the model's context of {m.n_ctx_train}")
         if window > len(tokens):
             raise ValueError(f"the window ({window}) is larger than the text ({len(tokens)} tokens)")
-        rt.capture_scores(window)
-        rt.decode(tokens, range(len(tokens)))
-        return TextAttention(rt.model_path.name, rt.n_head, window, tokens,
-                             [rt.token_piece(t) for t in tokens], rt.read_scores())
+        with Runtime(m, n_ctx=-(-len(tokens) // 256) * 256, flash_attn=flash_attn) as rt:
+            rt.capture_scores(window)
+            rt.decode(tokens, range(len(tokens)))
+            pieces = [m.token_bytes(t).decode("utf-8", errors="backslashreplace") for t in tokens]  # a token may hold part of a character
+            return TextAttention(m.name, m.n_head, window, tokens, pieces, rt.read_scores())
 
 
 def plot_heatmap(result: TextAttention, path: str | Path) -> Path:

@@ -1,19 +1,20 @@
 """The cache controller: a llama.cpp sequence kept to a fixed number of cells by an eviction policy.
 
-It decodes chunks of tokens, reads attention scores only when the policy needs them, removes the
-cells the policy drops (`llama_memory_seq_rm`, one call per run of dropped cells) and re-indexes
-the survivors to contiguous positions 0..n-1 (`llama_memory_seq_add`, one call per run of kept
-cells), as StreamingLLM does, so a model trained on a 4k or 8k window can read an endless stream.
+It decodes chunks of tokens (or image embeddings), reads attention scores only when the policy
+reads them, removes the cells the policy drops (`llama_memory_seq_rm`, one call per run of dropped
+cells) and re-indexes the survivors to contiguous positions 0..n-1 (`llama_memory_seq_add`, one
+call per run of kept cells), as StreamingLLM does, so a model trained on a 4k or 8k window can
+read an endless stream.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .policies import Policy
+from .policies import Observation, Policy
 from .runtime import Runtime
 
 
@@ -38,157 +39,203 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
+def queries_seen(n_old: int, chunk: int, n_queries: int, causal: bool) -> np.ndarray:
+    """How many of a chunk's `n_queries` captured queries (its last ones) can attend to each cell:
+    the `n_old` cells cached before the chunk, then the chunk's `chunk` cells (float64). A causal
+    query sees the cells up to itself; a non-causal chunk (an image read both ways) sees all."""
+    new = np.full(chunk, n_queries, dtype=np.float64)
+    if causal:
+        new = np.minimum(n_queries, chunk - np.arange(chunk)).astype(np.float64)
+    return np.concatenate((np.full(n_old, n_queries, dtype=np.float64), new))
+
+
 class CacheController:
     """Owns the stream state of one `Runtime` sequence under `policy`.
 
-    `ids[i]` is the stream index (original token number) of the i-th cached cell; with
-    re-indexing its position in llama.cpp is `i`, else it is `ids[i]` itself. `image[i]` says
-    whether that cell holds an image embedding rather than a text token.
+    `stream_indices[i]` is the stream index (token number in the stream) of the i-th cached cell;
+    with re-indexing its llama.cpp position is `i`, else the stream index itself. `is_image[i]`
+    says whether that cell holds an image embedding rather than a text token. Since the last
+    eviction, `attention` and `visibility` hold what the captured queries gave each cell and how
+    many of them could see it; `carried` is the score the policy carried from that eviction.
     """
 
     def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32):
-        self.rt = runtime
+        self.runtime = runtime
         self.policy = policy
         self.generation_headroom = generation_headroom
         self.reindex = runtime.can_shift()
         if not self.reindex:
-            warnings.warn(f"{runtime.model_path.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
+            warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
                           "similar); cached tokens keep their original positions, which grow with the stream",
                           stacklevel=3)
-        # H2O (and a decaying Inf-MLLM) sum the attention of every decode between two evictions;
-        # Inf-MLLM with decay 0 uses only the last chunk's retrieval window
-        self.accumulates = getattr(policy, "decay", 1.0) > 0
         self.reset_state()
 
     def reset_state(self) -> None:
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.image = np.zeros(0, dtype=bool)
+        self.stream_indices = np.zeros(0, dtype=np.int64)
+        self.is_image = np.zeros(0, dtype=bool)
         self._stats = CacheStats()
-        self.memory: np.ndarray | None = None
-        self.pending: np.ndarray | None = None  # attention since the last eviction [n_layer, n]
-        self._window = -1
+        self.attention: np.ndarray | None = None   # float64 [n_layer, n]
+        self.visibility: np.ndarray | None = None  # float64 [n]
+        self.carried: np.ndarray | None = None     # float64 [n]
+        self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
 
     def reset(self) -> None:
-        self.rt.clear()
+        self.runtime.clear()
         self.reset_state()
 
     @property
     def stats(self) -> CacheStats:
-        """The counters, with `cells_cached` read from the cache state (it changes on decode and evict)."""
-        self._stats.cells_cached = int(self.ids.size)
-        self._stats.image_cells_cached = int(np.count_nonzero(self.image))
+        """The counters, with the cached cells counted from the cache state (it changes on decode and evict)."""
+        self._stats.cells_cached = int(self.stream_indices.size)
+        self._stats.image_cells_cached = int(np.count_nonzero(self.is_image))
         return self._stats
 
     @property
     def n_cached(self) -> int:
-        return int(self.ids.size)
+        return int(self.stream_indices.size)
 
     def positions(self) -> np.ndarray:
         """The llama.cpp positions of the cached cells, in stream order."""
-        return np.arange(self.ids.size) if self.reindex else self.ids.copy()
+        return np.arange(self.stream_indices.size) if self.reindex else self.stream_indices.copy()
 
-    # -- saving -----------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """The controller's state: JSON-able settings and counters, and arrays. llama.cpp's cells
-        are saved apart (`Runtime.get_state`)."""
-        arrays = {"ids": self.ids, "image": self.image}
-        for name in ("memory", "pending"):
-            if getattr(self, name) is not None:
-                arrays[name] = getattr(self, name)
+    # -- state ------------------------------------------------------------------------------
+    _ARRAYS = ("stream_indices", "is_image", "attention", "visibility", "carried")
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The controller's state for a save: counters and arrays. llama.cpp's cells are the
+        runtime's (`Runtime.state`)."""
+        arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
         return {"stats": asdict(self._stats), "reindex": self.reindex}, arrays
 
-    def load_state_dict(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Take over a state from `state_dict`, once llama.cpp's cells are loaded."""
-        if meta["reindex"] != self.reindex:
+    def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Raise ValueError unless `state()`'s output fits this controller: every array's shape
+        and type, the counters' names."""
+        if meta.get("reindex") != self.reindex:
             raise ValueError("the saved stream was re-indexed and this model cannot be (or the reverse)")
-        ids = np.asarray(arrays["ids"], dtype=np.int64)
-        if self.rt.n_cached() != ids.size:
-            raise ValueError(f"the saved cache holds {self.rt.n_cached()} cells, its stream state {ids.size}")
-        image = np.asarray(arrays["image"], dtype=bool)
-        if image.shape != ids.shape:
-            raise ValueError(f"the saved image flags ({image.size}) do not match the saved cells ({ids.size})")
-        self.ids, self.image = ids, image
-        self.memory = arrays.get("memory")
-        self.pending = arrays.get("pending")
+        names = {f.name for f in fields(CacheStats)}
+        if set(meta.get("stats", {})) != names:
+            raise ValueError(f"the saved counters are {sorted(meta.get('stats', {}))}, expected {sorted(names)}")
+        indices = arrays.get("stream_indices")
+        if indices is None or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError("the saved stream indices are missing or not a 1-D integer array")
+        n = indices.size
+        if n > self.runtime.n_ctx or (n and (indices[0] < 0 or np.any(np.diff(indices) <= 0))):
+            raise ValueError(f"the saved stream indices ({n}) are not increasing stream indices within the context")
+        n_layer = self.runtime.model.n_layer
+        for name, shape in (("is_image", (n,)), ("attention", (n_layer, n)), ("visibility", (n,)), ("carried", (n,))):
+            value = arrays.get(name)
+            if name == "is_image" and value is None:
+                raise ValueError("the saved image flags are missing")
+            if value is not None and value.shape != shape:
+                raise ValueError(f"the saved {name} has shape {value.shape}, the saved cells need {shape}")
+        if (arrays.get("attention") is None) != (arrays.get("visibility") is None):
+            raise ValueError("the saved attention and visibility come together or not at all")
+
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Take over a state that `check_state` accepted, once llama.cpp's cells are loaded."""
+        self.stream_indices = arrays["stream_indices"].astype(np.int64)
+        self.is_image = arrays["is_image"].astype(bool)
+        for name in ("attention", "visibility", "carried"):
+            value = arrays.get(name)
+            setattr(self, name, None if value is None else value.astype(np.float64))
         self._stats = CacheStats(**meta["stats"])
-        self._window = -1  # the capture setting is not part of llama.cpp's state: set it again
+        self._captured_queries = -1  # the capture setting is not part of llama.cpp's state: set it again
 
     # -- decoding ---------------------------------------------------------------------------
-    def decode(self, tokens, *, logits: str = "last", generating: bool = False) -> None:
+    def feed(self, tokens, chunk: int, *, logits: str = "last") -> None:
+        """Decode token ids (a list) or image embeddings (a float array [n, n_embd]) in chunks of
+        `chunk`, evicting after each as needed."""
+        for i in range(0, len(tokens), chunk):
+            self.decode(tokens[i:i + chunk], logits=logits)
+
+    def decode(self, tokens, *, logits: str = "last", generating: bool = False, causal: bool = True) -> None:
         """Decode one chunk, then evict if the cache holds more than the budget.
 
         `tokens`: token ids, or a float array [n, n_embd] of input embeddings (an image's), which
         then take cells, scores and evictions like tokens and are counted as image tokens.
+        `causal=False` decodes the chunk with full attention inside it (Gemma 3's images).
         While `generating` (one token at a time) the scores of successive steps add up and
         eviction waits until the cache reaches budget + generation_headroom.
         """
         n = len(tokens)
         is_image = isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f"
-        window = self.policy.capture_window(n)
-        if window != self._window:
-            self.rt.capture_scores(window)
-            self._window = window
-        start = self.ids.size if self.reindex else self._stats.tokens_seen
+        n_queries = self.policy.capture_queries(n)
+        if n_queries != self._captured_queries:
+            self.runtime.capture_scores(n_queries)
+            self._captured_queries = n_queries
+        start = self.stream_indices.size if self.reindex else self._stats.tokens_seen
+        decode = self.runtime.decode_embeddings if is_image else self.runtime.decode
         t0 = time.perf_counter()
-        decode = self.rt.decode_embeddings if is_image else self.rt.decode
-        decode(tokens, range(start, start + n), logits=logits)
+        if not causal:
+            self.runtime.set_causal_attention(False)
+        try:
+            decode(tokens, range(start, start + n), logits=logits)
+        finally:
+            if not causal:
+                self.runtime.set_causal_attention(True)
         t1 = time.perf_counter()
         self._stats.decode_s += t1 - t0
 
-        first = self._stats.tokens_seen
-        self.ids = np.concatenate((self.ids, np.arange(first, first + n, dtype=np.int64)))
-        self.image = np.concatenate((self.image, np.full(n, is_image)))
+        n_old, first = self.stream_indices.size, self._stats.tokens_seen
+        self.stream_indices = np.concatenate((self.stream_indices, np.arange(first, first + n, dtype=np.int64)))
+        self.is_image = np.concatenate((self.is_image, np.full(n, is_image)))
         self._stats.tokens_seen += n
         self._stats.image_tokens_seen += n if is_image else 0
-        self._stats.peak_cells = max(self._stats.peak_cells, int(self.ids.size))
-        if self.memory is not None:
-            self.memory = np.concatenate((self.memory, np.zeros(n)))
-        if window:
-            self._add_attention(accumulate=self.accumulates or generating)
+        self._stats.peak_cells = max(self._stats.peak_cells, int(self.stream_indices.size))
+        if self.carried is not None:
+            self.carried = np.concatenate((self.carried, np.zeros(n)))
+        if n_queries:
+            self._observe(queries_seen(n_old, n, n_queries, causal),
+                          accumulate=self.policy.accumulates_attention or generating)
             self._stats.capture_s += time.perf_counter() - t1
 
         limit = self.policy.budget + (self.generation_headroom if generating else 0)
-        if self.ids.size > limit or (generating and self.ids.size >= limit):
+        if self.stream_indices.size > limit or (generating and self.stream_indices.size >= limit):
             self.evict()
 
-    def _add_attention(self, *, accumulate: bool) -> None:
-        captured = self.rt.read_scores()
-        if captured.positions.size != self.ids.size or not np.array_equal(captured.positions, self.positions()):
+    def _observe(self, visibility: np.ndarray, *, accumulate: bool) -> None:
+        """Read the scores of the last decode; add them (and their visibility) to those since the
+        last eviction, or replace those."""
+        captured = self.runtime.read_scores()
+        if captured.positions.size != self.stream_indices.size or \
+                not np.array_equal(captured.positions, self.positions()):
             raise RuntimeError(f"llama.cpp holds {captured.positions.size} cells for the sequence, the controller "
-                               f"{self.ids.size}: the cache was edited behind the controller's back")
+                               f"{self.stream_indices.size}: the cache was edited behind the controller's back")
         attention = captured.scores.astype(np.float64)
-        if accumulate and self.pending is not None:
-            grown = np.zeros_like(attention)
-            grown[:, :self.pending.shape[1]] = self.pending
-            attention += grown
-        self.pending = attention
+        if accumulate and self.attention is not None:
+            n_before = self.attention.shape[1]
+            attention[:, :n_before] += self.attention
+            visibility[:n_before] += self.visibility
+        self.attention, self.visibility = attention, visibility
 
     # -- eviction ---------------------------------------------------------------------------
     def evict(self) -> int:
         """Apply the policy once; returns the number of cells removed."""
-        if self.ids.size <= self.policy.budget:
+        if self.stream_indices.size <= self.policy.budget:
             return 0
         t0 = time.perf_counter()
-        attention = self.pending if self.policy.needs_attention else None
-        if attention is not None and attention.shape[1] != self.ids.size:
-            raise RuntimeError("no attention scores cover the newest cells; decode a chunk before evicting")
-        memory = self.memory if self.memory is not None and self.policy.needs_attention else None
-        selection = self.policy.select(self.ids, attention, memory)
+        if self.policy.reads_attention:
+            if self.attention is None or self.attention.shape[1] != self.stream_indices.size:
+                raise RuntimeError("no attention scores cover the newest cells; decode a chunk before evicting")
+            observation = Observation(self.stream_indices, self.attention, self.visibility, self.carried)
+        else:
+            observation = Observation(self.stream_indices)
+        selection = self.policy.select(observation)
         keep = selection.keep
         pos = self.positions()
         for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid
-            self.rt.remove(int(pos[a]), int(pos[b - 1]) + 1)
+            self.runtime.remove(int(pos[a]), int(pos[b - 1]) + 1)
         if self.reindex:
             removed_before = np.cumsum(~keep) - (~keep)
             for a, b in runs(keep):
                 if removed_before[a]:
-                    self.rt.shift(int(pos[a]), int(pos[b - 1]) + 1, -int(removed_before[a]))
+                    self.runtime.shift(int(pos[a]), int(pos[b - 1]) + 1, -int(removed_before[a]))
         n_removed = int(np.count_nonzero(~keep))
-        self.ids = self.ids[keep]
-        self._stats.image_cells_evicted += int(np.count_nonzero(self.image[~keep]))
-        self.image = self.image[keep]
-        self.memory = selection.memory
-        self.pending = None
+        self.stream_indices = self.stream_indices[keep]
+        self._stats.image_cells_evicted += int(np.count_nonzero(self.is_image[~keep]))
+        self.is_image = self.is_image[keep]
+        self.carried = selection.carried
+        self.attention = self.visibility = None
         self._stats.cells_evicted += n_removed
         self._stats.evictions += 1
         self._stats.evict_s += time.perf_counter() - t0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import itertools
+import math
 import os
 import re
 import time
@@ -21,8 +21,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .bench import rss_mib
-from .policies import make_policy, options
+from .policies import DEFAULT_POLICY, Full, Policy, declared_options, from_config
+from .probes import rss_mib
+from .runtime import Model
+from .segments import Segment, SegmentClock
 from .session import StreamSession
 
 BLOCK_BYTES = 1 << 20
@@ -84,13 +86,13 @@ def text_blocks(path: str | os.PathLike, block_bytes: int = BLOCK_BYTES) -> Iter
         yield carry
 
 
-def file_tokens(session: StreamSession, path: str | os.PathLike) -> Iterator[list[int]]:
+def file_tokens(model: Model, path: str | os.PathLike) -> Iterator[list[int]]:
     """Token ids of the file, block by block (BOS before the first)."""
     for i, block in enumerate(text_blocks(path)):
-        yield session.runtime.tokenize(block, add_special=i == 0)
+        yield model.tokenize(block, add_special=i == 0)
 
 
-def take(blocks: Iterable[Sequence[int]], start: int, stop: int | None) -> Iterator[Sequence[int]]:
+def slice_tokens(blocks: Iterable[Sequence[int]], start: int, stop: int | None) -> Iterator[Sequence[int]]:
     """The tokens [start, stop) of a stream given in blocks, still in blocks."""
     seen = 0
     for block in blocks:
@@ -106,43 +108,38 @@ def take(blocks: Iterable[Sequence[int]], start: int, stop: int | None) -> Itera
 
 
 @dataclass
-class Segment:
-    """One stretch of the stream (`tokens` is where it ends): its own perplexity and speed.
-
-    `cpu_s` is this process's CPU time over the stretch: on a shared machine, tokens per CPU second
-    show whether the work per token grows with the stream, whatever else the machine runs."""
-    tokens: int
-    ppl: float
-    tokens_per_s: float
-    cells: int
-    rss_mb: float
-    cpu_s: float = float("nan")
-
-
-@dataclass
 class PerplexityRun:
-    policy: str
-    budget: int
+    policy: dict               # Policy.config(): the name and every option
     chunk: int
-    window: int | None
-    bias: float | None
-    recent: int | None
-    sinks: int | None = None
-    tokens: int = 0          # tokens scored (the first of the stream has no prediction)
+    tokens: int = 0            # tokens scored (the first of the stream has no prediction)
     ppl: float = float("nan")
     tokens_per_s: float = 0.0
     peak_cells: int = 0
-    peak_rss_mb: float = 0.0
+    peak_rss_mib: float = 0.0
     seconds: float = 0.0
     evict_share: float = 0.0    # of stream time: selecting, removing and re-indexing
     capture_share: float = 0.0  # of stream time: reading and aligning scores
+    stopped_at: int | None = None  # full: the stream was cut here, where its cache was full
     nll_sum: float = 0.0
     curve: list[Segment] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        return self.policy["name"]
+
+    @property
+    def budget(self) -> int:
+        return self.policy["budget"]
+
     def label(self) -> str:
-        parts = [self.policy, f"budget {self.budget}"]
-        parts += [f"{k} {v:g}" for k in ("bias", "window", "recent", "sinks") if (v := getattr(self, k)) is not None]
-        return ", ".join(parts)
+        return from_config(self.policy).label()
+
+    def stop_note(self) -> str | None:
+        """Why the stream was cut short, if it was."""
+        if self.stopped_at is None:
+            return None
+        why = f"its budget of {self.budget} cells" if self.stopped_at == self.budget else "the model's training context"
+        return f"{self.name} stopped at {self.stopped_at} tokens: {why} is full"
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -157,93 +154,60 @@ class PerplexityRun:
         return cls(**{k: v for k, v in data.items() if k in names}, curve=curve)
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of a comparison: a policy at a budget with its settings (None: the default)."""
-    policy: str
-    budget: int
-    settings: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def name(self) -> str:
-        return "-".join([self.policy, f"b{self.budget}", *(f"{k}{v:g}" for k, v in self.settings)])
-
-
-def run_grid(policies: Sequence[str], budgets: Sequence[int],
-             sweeps: dict[str, Sequence[float]] | None = None) -> list[RunSpec]:
-    """Every policy at every budget, crossed with the swept settings that the policy takes
-    (streaming-llm takes no bias, so a bias sweep runs it once). Checked before any model is loaded,
-    so a long sweep does not fail hours in: ValueError on an unknown policy, a budget or setting the
-    policy cannot keep, or a run named twice."""
-    if not policies or not budgets:
-        raise ValueError("name at least one policy and one budget")
-    specs = []
-    for policy in policies:
-        name = make_policy(policy, budget=max(budgets)).name  # the canonical name: 'H2O' runs as 'h2o'
-        swept = {k: v for k, v in (sweeps or {}).items() if v and k in options(name)}
-        for budget in budgets:
-            for values in itertools.product(*swept.values()):
-                settings = tuple(zip(swept, values))
-                make_policy(name, budget=budget, **dict(settings))
-                specs.append(RunSpec(name, budget, settings))
-    if len(set(specs)) != len(specs):
-        raise ValueError("a policy or budget is named twice")
-    return specs
-
-
-def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Sequence[int]], *, model_path=None,
-                      policy: str = "inf-mllm", budget: int = 512, chunk: int = 256, max_tokens: int | None = None,
-                      segment: int = 1024, checkpoint: str | os.PathLike | None = None,
-                      checkpoint_every: int = 50_000, progress: Callable[[PerplexityRun, int], None] | None = None,
-                      n_gpu_layers: int = -1, n_threads: int | None = None, flash_attn: bool | None = None,
-                      **settings) -> PerplexityRun:
+def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Sequence[int]], *,
+                      model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY,
+                      chunk: int = 256, max_tokens: int | None = None, segment: int = 1024,
+                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
+                      progress: Callable[[PerplexityRun, int], None] | None = None, n_gpu_layers: int = -1,
+                      n_threads: int | None = None, flash_attn: bool | None = None, **policy_options) -> PerplexityRun:
     """Stream `source` (a text file, a list of token ids, or an iterable of blocks of them) chunk by
     chunk, scoring each token's NLL given the bounded cache; return the run with its per-`segment`
-    curve.
+    curve. `policy`: a `Policy`, or a name with its options as keywords.
 
-    `full` holds at most the model's training context: its stream stops there. With `checkpoint`,
-    the session and the run are saved there every `checkpoint_every` tokens and at the end; an
-    existing checkpoint of the same run is resumed. `progress(run, tokens_done)` is called after
-    every chunk.
+    `full` holds at most its budget and the model's training context: its stream stops there
+    (`stopped_at`). With `checkpoint`, the session and the run are saved there every
+    `checkpoint_every` tokens and at the end; an existing checkpoint of the same run is resumed.
+    `progress(run, tokens_done)` is called after every chunk.
     """
     if isinstance(source, (str, os.PathLike)):
         check_text_file(source)
     elif isinstance(source, np.ndarray) or (isinstance(source, Sequence) and
                                             (len(source) == 0 or isinstance(source[0], (int, np.integer)))):
         source = [source]  # one block
-    session = StreamSession(model_path, policy=policy, budget=budget, chunk=chunk, n_gpu_layers=n_gpu_layers,
-                            n_threads=n_threads, flash_attn=flash_attn, **settings)
-    with session:
-        cfg = session.policy.config()
-        run = PerplexityRun(policy=session.policy.name, budget=budget, chunk=chunk, window=cfg.get("window"),
-                            bias=cfg.get("bias"), recent=cfg.get("recent"), sinks=cfg.get("sinks"))
+    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                       flash_attn=flash_attn, **policy_options) as session:
+        run = PerplexityRun(policy=session.policy.config(), chunk=chunk)
+        clock = SegmentClock(lambda: session.stats)
+        seg_nll, seg_n = 0.0, 0
         if checkpoint is not None and Path(checkpoint).exists():
             saved = session.load(checkpoint)  # refuses a checkpoint of other settings
             run = PerplexityRun.from_json({**saved["run"], "nll_sum": saved["nll_sum"]})
+            seg_nll, seg_n, elapsed = saved["segment"]
+            clock.restart(elapsed)
         done = session.stats.tokens_seen  # tokens fed, the unscored first one included
-        seg_nll, seg_n, seg_s, seg_cpu = saved["segment"] if session.stats.tokens_seen else (0.0, 0, 0.0, 0.0)
-        if run.policy == "full":
-            limit = session.runtime.n_ctx_train
-            max_tokens = limit if max_tokens is None else min(max_tokens, limit)
-        seg_t0, seg_cpu0 = time.perf_counter() - seg_s, time.process_time() - seg_cpu
+        full_limit = None
+        if isinstance(session.policy, Full):
+            full_limit = min(session.policy.budget, session.model.n_ctx_train)
+        limit = full_limit if max_tokens is None else min(max_tokens, full_limit or max_tokens)
         t_start = time.perf_counter() - run.seconds
         last_save = done
 
         def end_segment() -> None:
-            nonlocal seg_nll, seg_n, seg_t0, seg_cpu0
-            now, cpu = time.perf_counter(), time.process_time()
-            rss = rss_mib() or float("nan")
-            run.curve.append(Segment(run.tokens, float(np.exp(seg_nll / seg_n)), seg_n / (now - seg_t0),
-                                     session.stats.cells_cached, rss, cpu - seg_cpu0))
-            run.peak_rss_mb = max(run.peak_rss_mb, rss)
-            seg_nll, seg_n, seg_t0, seg_cpu0 = 0.0, 0, now, cpu
+            nonlocal seg_nll, seg_n
+            run.curve.append(clock.end(run.tokens, ppl=float(np.exp(seg_nll / seg_n))))
+            run.peak_rss_mib = max(run.peak_rss_mib, run.curve[-1].rss_mib or math.nan)
+            seg_nll, seg_n = 0.0, 0
 
         def save() -> None:
-            segment_so_far = (seg_nll, seg_n, time.perf_counter() - seg_t0, time.process_time() - seg_cpu0)
-            session.save(checkpoint, extra={"run": run.to_json(), "nll_sum": run.nll_sum, "segment": segment_so_far})
+            session.save(checkpoint, extra={"run": run.to_json(), "nll_sum": run.nll_sum,
+                                            "segment": (seg_nll, seg_n, clock.elapsed())})
 
-        blocks = file_tokens(session, source) if isinstance(source, (str, os.PathLike)) else source
-        for block in take(blocks, done, max_tokens):
+        blocks = file_tokens(session.model, source) if isinstance(source, (str, os.PathLike)) else source
+        # one token past the limit says whether the stream was cut there
+        for block in slice_tokens(blocks, done, None if limit is None else limit + 1):
+            if limit is not None and done + len(block) > limit:
+                block = block[:limit - done]
+                run.stopped_at = limit if limit == full_limit else None
             for i in range(0, len(block), chunk):
                 nll = session.token_nll(block[i:i + chunk])
                 done += len(block[i:i + chunk])
@@ -264,7 +228,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         stats = session.stats
         run.seconds = time.perf_counter() - t_start
         run.tokens_per_s = run.tokens / run.seconds if run.seconds else 0.0
-        run.peak_rss_mb = max(run.peak_rss_mb, rss_mib() or float("nan"))
+        run.peak_rss_mib = max(run.peak_rss_mib, rss_mib() or math.nan)
         run.evict_share = stats.evict_s / run.seconds if run.seconds else 0.0
         run.capture_share = stats.capture_s / run.seconds if run.seconds else 0.0
         if checkpoint is not None:
@@ -274,19 +238,27 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         return run
 
 
-CSV_FIELDS = ("policy", "budget", "chunk", "window", "bias", "recent", "sinks", "tokens", "ppl", "tokens_per_s",
-              "peak_cells", "peak_rss_mb", "seconds", "evict_share", "capture_share")
+def csv_fields() -> tuple[str, ...]:
+    """The columns of a run's CSV row: the policy's name, every option of any policy, the figures."""
+    return ("policy", *declared_options(), "chunk", "tokens", "ppl", "tokens_per_s", "peak_cells", "peak_rss_mib",
+            "seconds", "evict_share", "capture_share", "stopped_at")
+
+
+def csv_row(run: PerplexityRun) -> dict:
+    record = run.to_json()
+    return {**record["policy"], **record, "policy": run.name}
 
 
 def table(runs: Sequence[PerplexityRun]) -> str:
     """The runs as an aligned text table, best perplexity first within each budget."""
-    head = f"{'policy':14s} {'budget':>6s} {'bias':>5s} {'window':>6s} {'recent':>6s} {'sinks':>5s} {'tokens':>9s} " \
-           f"{'ppl':>8s} {'tok/s':>7s} {'peak cells':>10s} {'peak RSS MB':>11s}"
+    width = max([len("policy")] + [len(r.label()) for r in runs])
+    head = f"{'policy':{width}s} {'tokens':>9s} {'ppl':>8s} {'tok/s':>7s} {'peak cells':>10s} {'peak RSS MiB':>12s}"
     lines = [head, "-" * len(head)]
-    fmt = lambda v, width: f"{'-' if v is None else format(v, 'g'):>{width}}"  # noqa: E731
     for r in sorted(runs, key=lambda r: (r.budget, r.ppl)):
-        lines.append(f"{r.policy:14s} {r.budget:6d} {fmt(r.bias, 5)} {fmt(r.window, 6)} {fmt(r.recent, 6)} {fmt(r.sinks, 5)} "
-                     f"{r.tokens:9d} {r.ppl:8.3f} {r.tokens_per_s:7.1f} {r.peak_cells:10d} {r.peak_rss_mb:11.1f}")
+        lines.append(f"{r.label():{width}s} {r.tokens:9d} {r.ppl:8.3f} {r.tokens_per_s:7.1f} {r.peak_cells:10d} "
+                     f"{r.peak_rss_mib:12.1f}")
+        if r.stop_note():
+            lines.append(f"{'':{width}s} {r.stop_note()}")
     return "\n".join(lines)
 
 
@@ -310,12 +282,12 @@ def plot_runs(runs: Sequence[PerplexityRun], path: str | os.PathLike, title: str
             continue
         x, y = cumulative_ppl(r)
         line, = top.plot(x, y, label=f"{r.label()}: {r.ppl:.2f}")
-        bottom.plot(x, [s.rss_mb for s in r.curve], color=line.get_color())
+        bottom.plot(x, [s.rss_mib for s in r.curve], color=line.get_color())
     top.set_ylabel("perplexity so far")
     top.set_title(title or "streaming perplexity")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
-    bottom.set_ylabel("resident memory (MB)")
+    bottom.set_ylabel("resident memory (MiB)")
     bottom.set_xlabel("tokens streamed")
     bottom.grid(alpha=0.3)
     fig.tight_layout()

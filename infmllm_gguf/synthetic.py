@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import string
 import sys
 import time
@@ -52,7 +53,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-__all__ = ["ModelShape", "SHAPES", "DTYPES", "write_model", "tokenizer_vocab", "main"]
+__all__ = ["ModelShape", "SHAPES", "DTYPES", "cached_model", "write_model", "tokenizer_vocab", "main"]
 
 #: dtypes accepted by :func:`write_model` (1-D tensors are always f32).
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -435,6 +436,22 @@ def write_model(
         w.flush()
     finally:
         w.close()
+    return path
+
+
+def cached_model(shape: str, dtype: str = "q8_0", directory: Union[str, os.PathLike, None] = None) -> Path:
+    """A random-weight model of a named shape, written once into `directory` (default
+    `<cache>/synthetic`) and reused: the same shape and dtype give the same bytes."""
+    from .models import cache_dir
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown synthetic shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    directory = Path(directory) if directory is not None else cache_dir() / "synthetic"
+    path = directory / f"{shape}-{dtype}.gguf"
+    if not path.exists():
+        part = path.with_suffix(f".part{os.getpid()}")  # an interrupted write never looks complete
+        write_model(part, shape, dtype=dtype)
+        part.replace(path)
     return path
 
 

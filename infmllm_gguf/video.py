@@ -10,14 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from .multimodal import feed_media, load_image, peek
-
-if TYPE_CHECKING:
-    from .session import StreamSession
+from .multimodal import load_image
 
 T = TypeVar("T")
 
@@ -143,13 +140,13 @@ def iter_frames(source: str | os.PathLike, *, fps: float = 1.0, max_frames: int 
 
 class VideoParts:
     """What a video source streams: for each sampled frame a timestamp text, then the image; with a
-    progress bar of frames done and, given the session, cache occupancy. `frames` counts the
-    frames given so far. Iterating decodes lazily, one frame at a time."""
+    progress bar of frames done, its postfix from `status()` (say, the cache's occupancy). `frames`
+    counts the frames given so far. Iterating decodes lazily, one frame at a time."""
 
-    def __init__(self, source: str | os.PathLike, session: "StreamSession | None" = None, *, fps: float = 1.0,
-                 max_frames: int | None = None, start: float | None = None, end: float | None = None,
-                 progress: bool = True):
-        self.source, self.session, self.progress = source, session, progress
+    def __init__(self, source: str | os.PathLike, *, fps: float = 1.0, max_frames: int | None = None,
+                 start: float | None = None, end: float | None = None, progress: bool = True,
+                 status: Callable[[], str] | None = None):
+        self.source, self.progress, self.status = source, progress, status
         self.sampling = dict(fps=fps, max_frames=max_frames, start=start, end=end)
         self.frames = 0
 
@@ -163,10 +160,8 @@ class VideoParts:
                 yield from frame_parts(frame)
                 self.frames += 1  # runs when the next part is asked for: the frame has been fed
                 bar.update(1)
-                if self.session is not None:
-                    st = self.session.stats
-                    bar.set_postfix_str(f"cache {st.cells_cached}/{self.session.policy.budget} cells, "
-                                        f"{st.tokens_seen} tokens seen", refresh=False)
+                if self.status is not None:
+                    bar.set_postfix_str(self.status(), refresh=False)
 
 
 def expected_frames(source: str | os.PathLike, *, fps: float = 1.0, max_frames: int | None = None,
@@ -190,13 +185,3 @@ def expected_frames(source: str | os.PathLike, *, fps: float = 1.0, max_frames: 
     span = min(duration, end if end is not None else duration) - (start or 0.0)
     n = max(0, int(-(-span * fps // 1)))  # ceil
     return n if max_frames is None else min(n, max_frames)
-
-
-def feed_video(session: "StreamSession", source: str | os.PathLike, *, fps: float = 1.0,
-               max_frames: int | None = None, start: float | None = None, end: float | None = None,
-               progress: bool = True) -> int:
-    """Stream the sampled frames of `source` into the session, a timestamp before each, evicting
-    as it goes; returns the number of frames fed."""
-    parts = VideoParts(source, session, fps=fps, max_frames=max_frames, start=start, end=end, progress=progress)
-    feed_media(session, peek(parts))
-    return parts.frames

@@ -23,7 +23,7 @@ TOP = 50
 
 def fingerprint() -> dict:
     with Runtime(default_model_path(), n_ctx=512, flash_attn=False, n_gpu_layers=0) as rt:
-        tokens = rt.tokenize(PROMPT)
+        tokens = rt.model.tokenize(PROMPT)
         rt.decode(tokens, range(len(tokens)), logits="all")
         rows = {i: rt.logits(i) for i in (0, len(tokens) // 2, len(tokens) - 1)}
     out = {"library": Path(llama._lib._name).name, "n_tokens": len(tokens), "rows": {}}

@@ -23,8 +23,7 @@ from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl, plot_runs
 
 def speed(segments, sizes) -> tuple[float, float]:
     """(tokens per wall second, tokens per CPU second) over `segments` of `sizes` tokens."""
-    wall = sum(n / s.tokens_per_s for n, s in zip(sizes, segments))
-    return float(sizes.sum() / wall), float(sizes.sum() / sum(s.cpu_s for s in segments))
+    return float(sizes.sum() / sum(s.seconds for s in segments)), float(sizes.sum() / sum(s.cpu_s for s in segments))
 
 
 def summary(run: PerplexityRun, at: int | None, block: int) -> str:
@@ -33,12 +32,12 @@ def summary(run: PerplexityRun, at: int | None, block: int) -> str:
     tenth = max(1, len(curve) // 10)
     first, last = speed(curve[:tenth], sizes[:tenth]), speed(curve[-tenth:], sizes[-tenth:])
     near_10k = min(curve, key=lambda s: abs(s.tokens - 10_000))
-    lines = [f"{run.policy} budget {run.budget}: {run.tokens:,} tokens, ppl {run.ppl:.3f}, {run.seconds / 3600:.2f} h, "
+    lines = [f"{run.label()}: {run.tokens:,} tokens, ppl {run.ppl:.3f}, {run.seconds / 3600:.2f} h, "
              f"{run.tokens_per_s:.1f} tok/s, peak cells {run.peak_cells}",
              f"  tok/s first 10% {first[0]:.1f} (per CPU s {first[1]:.1f}), last 10% {last[0]:.1f} "
              f"(per CPU s {last[1]:.1f}): last/first {last[0] / first[0]:.3f} wall, {last[1] / first[1]:.3f} CPU",
-             f"  RSS at {near_10k.tokens:,} tokens {near_10k.rss_mb:.1f} MiB, at the end {curve[-1].rss_mb:.1f}, "
-             f"peak {max(s.rss_mb for s in curve):.1f} ({max(s.rss_mb for s in curve) / near_10k.rss_mb - 1:+.2%})"]
+             f"  RSS at {near_10k.tokens:,} tokens {near_10k.rss_mib:.1f} MiB, at the end {curve[-1].rss_mib:.1f}, "
+             f"peak {max(s.rss_mib for s in curve):.1f} ({max(s.rss_mib for s in curve) / near_10k.rss_mib - 1:+.2%})"]
     if at is not None:
         early = cut(run, at)
         lines.append(f"  ppl up to {at:,} tokens: " + (f"{early.ppl:.3f}" if early else "not a segment end"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long perplexity runs behind docs/RESULTS.md (issue 4): about 12 hours on a 2-core CPU.
+# The long perplexity runs behind docs/RESULTS.md: about 12 hours on a 2-core CPU.
 # Every run saves itself into ~/.cache/infmllm-gguf/runs every 20,000 tokens: stop the script
 # whenever, rerun it, and each run resumes where it stopped. Results: docs/results/NAME.json and
 # NAME.png, written when a command has finished all its runs (NAME.partial.json until then); a

@@ -22,13 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infmllm_gguf import StreamSession  # noqa: E402
 from infmllm_gguf.models import resolve_model  # noqa: E402
+from infmllm_gguf.probes import rss_mib  # noqa: E402
 from infmllm_gguf.synthetic_mmproj import write_mmproj  # noqa: E402
 from infmllm_gguf.video import frame_parts, iter_frames  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def model_n_embd(model: str | None) -> int:
@@ -73,7 +69,7 @@ def main() -> int:
     rss_full = rss_last = None  # resident memory once the cache first filled, and at the end
     cells_max, replies = 0, []
     with tempfile.TemporaryDirectory() as tmp:
-        with StreamSession(a.model, budget=a.budget, policy=a.policy, n_threads=a.threads, flash_attn=a.flash_attn,
+        with StreamSession(a.model, a.policy, budget=a.budget, n_threads=a.threads, flash_attn=a.flash_attn,
                            mmproj=a.mmproj or write_mmproj(Path(tmp) / "mmproj.gguf", model_n_embd(a.model))) as s:
             frames = looped_frames(a.video, a.fps, a.frames, timer)
             done = 0
@@ -89,7 +85,7 @@ def main() -> int:
                 timer["questions_s"] += t2 - t1
                 done += len(block)
                 cells_max = max(cells_max, s.runtime.n_cached())
-                rss_last = rss_mb()
+                rss_last = rss_mib()
                 if rss_full is None and s.stats.evictions:
                     rss_full = rss_last
             wall = time.perf_counter() - t_start
@@ -104,8 +100,8 @@ def main() -> int:
         "cells_after_each_turn_max": cells_max, "peak_cells": st.peak_cells,
         "cells_evicted": st.cells_evicted, "image_cells_evicted": st.image_cells_evicted,
         "image_cells_cached": st.image_cells_cached,
-        "rss_mb_when_cache_first_full": rss_full, "rss_mb_at_end": rss_last,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib_when_cache_first_full": rss_full, "rss_mib_at_end": rss_last,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "empty_replies": sum(not r.strip() for r in replies),
     }
     width = max(map(len, figures))

@@ -1,11 +1,13 @@
 """`infmllm-gguf chat` as a user runs it: piped (one turn per line), and on a real terminal (pexpect)."""
 import json
-import subprocess
+import re
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import run_cli
 
 from infmllm_gguf.synthetic_mmproj import write_mmproj
 
@@ -24,12 +26,7 @@ def media(tmp_path_factory):
 
 
 def chat(*args, lines, check=True):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "chat", *args], input="\n".join(lines) + "\n",
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return proc
+    return run_cli("chat", *args, input="\n".join(lines) + "\n", check=check)
 
 
 @pytest.mark.usefixtures("default_model")
@@ -68,6 +65,21 @@ def test_piped_text_prints_replies_and_errors_go_to_stderr(media):
     assert proc.stdout.strip() and "error" not in proc.stdout  # the replies; errors go to stderr
     assert "error: unknown command /bogus" in proc.stderr
     assert "/image needs a vision projector: start chat with --mmproj PATH" in proc.stderr
+
+
+@pytest.mark.usefixtures("default_model")
+def test_replies_in_any_language_come_out_as_text():
+    """Japanese characters take three bytes, which the tokenizer splits across tokens: the reply
+    must print them, not U+FFFD for every piece."""
+    proc = chat("--temperature", "0", "--max-tokens", "40", lines=['Translate "thank you" into Japanese and Russian.'])
+    assert "\ufffd" not in proc.stdout
+    assert re.search("[\u3040-\u30ff]", proc.stdout), proc.stdout  # kana
+
+
+@pytest.mark.usefixtures("default_model")
+def test_a_policy_option_the_policy_does_not_take_is_refused():
+    proc = chat("--policy", "streaming-llm", "--bias", "0.3", lines=["Hello"], check=False)
+    assert proc.returncode == 2 and "policy 'streaming-llm' does not take option 'bias'" in proc.stderr
 
 
 @pytest.mark.usefixtures("default_model")

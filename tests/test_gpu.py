@@ -8,12 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from infmllm_gguf.bench import gpu_offload_supported
-from infmllm_gguf.runtime import Runtime
+from infmllm_gguf.runtime import Model, Runtime, supports_gpu_offload
 
 # INFMLLM_GPU_DRY_RUN=1 runs them on a CPU build, to check the script before spending device time
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (gpu_offload_supported() or os.environ.get("INFMLLM_GPU_DRY_RUN")),
+              pytest.mark.skipif(not (supports_gpu_offload() or os.environ.get("INFMLLM_GPU_DRY_RUN")),
                                  reason="llama.cpp was built without GPU offload")]
 
 W = 32
@@ -31,15 +30,15 @@ def llama_1b(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(llama_1b):
-    with Runtime(llama_1b, n_ctx=256, n_gpu_layers=0) as rt:
-        return np.random.default_rng(0).integers(3, rt.n_vocab, N_TOKENS).tolist()
+    with Model(llama_1b, n_gpu_layers=0) as m:
+        return np.random.default_rng(0).integers(3, m.n_vocab, N_TOKENS).tolist()
 
 
 def scores(model, tokens, *, ngl, flash_attn, n_ubatch=None):
     with Runtime(model, n_ctx=512, n_ubatch=n_ubatch, n_gpu_layers=ngl, flash_attn=flash_attn) as rt:
         rt.capture_scores(W)
         rt.decode(tokens, range(len(tokens)))
-        return rt.read_scores().scores, rt.logits(), rt.n_head
+        return rt.read_scores().scores, rt.logits(), rt.model.n_head
 
 
 def agreement(a, b):

@@ -13,7 +13,8 @@ from llama_cpp import llama_cpp as llama
 from PIL import Image
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.multimodal import ProjectorError, TextPiece
+from infmllm_gguf.cache import queries_seen
+from infmllm_gguf.multimodal import ProjectorError, TextChunk
 from infmllm_gguf.synthetic import write_model
 from infmllm_gguf.synthetic_mmproj import n_image_tokens, write_mmproj
 from infmllm_gguf.video import frame_parts, iter_frames
@@ -51,16 +52,11 @@ def picture(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def check_cache(s: StreamSession) -> None:
     """llama.cpp, the controller and the counters agree, within the budget."""
     n, st = s.runtime.n_cached(), s.stats
-    assert n == s.cached_positions().size == st.cells_cached <= s.policy.budget
-    assert s.cache.image.size == n and st.image_cells_cached == int(s.cache.image.sum())
+    assert n == s.cached_stream_indices().size == st.cells_cached <= s.policy.budget
+    assert s.cache.is_image.size == n and st.image_cells_cached == int(s.cache.is_image.sum())
     assert st.image_cells_cached + st.image_cells_evicted == st.image_tokens_seen
 
 
@@ -77,7 +73,7 @@ def test_feed_image_puts_exactly_the_image_tokens_into_the_stream(default_model,
         assert s.feed_image(png) == N_IMAGE
         # a LLaVA projector adds no marker tokens: the stream grew by the image tokens exactly
         assert s.stats.tokens_seen == before + N_IMAGE and s.stats.image_tokens_seen == N_IMAGE
-        np.testing.assert_array_equal(s.cached_positions()[s.cache.image], np.arange(before, before + N_IMAGE))
+        np.testing.assert_array_equal(s.cached_stream_indices()[s.cache.is_image], np.arange(before, before + N_IMAGE))
         check_cache(s)
         after_png = s.runtime.logits()
         s.feed_image(picture(1))
@@ -99,8 +95,8 @@ def test_image_tokens_get_scores_and_are_evicted_like_text(default_model, mmproj
         s.feed_text("Here is a picture of a cat sitting on a red mat:")
         s.feed_image(picture(2))
         s.feed_text(" The cat is")
-        image_cols = s.cache.image
-        attention = s.cache.pending  # what the last window gave each cached cell, per layer
+        image_cols = s.cache.is_image
+        attention = s.cache.attention  # what the last window gave each cached cell, per layer
         assert attention.shape[1] == image_cols.size and image_cols.sum() == N_IMAGE
         assert np.all(attention[:, image_cols].sum(axis=0) > 0)
         rng = np.random.default_rng(3)
@@ -152,7 +148,7 @@ def test_errors_are_clear_and_the_session_goes_on(default_model, mmproj, tmp_pat
             s.feed_video(mmproj)
         with pytest.raises(ValueError, match="gave no frames"):
             s.chat_media(iter_frames(empty))
-        assert s.stats.tokens_seen == seen and s._chat_messages == []  # nothing was fed
+        assert s.stats.tokens_seen == seen and s.transcript.messages() == []  # nothing was fed
         assert s.feed_image(picture(0)) == N_IMAGE
 
 
@@ -185,10 +181,10 @@ def test_video_sampling_of_a_real_file(bbb):
         list(iter_frames(bbb, start=100))
 
 
-def test_300_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, bbb):
+def test_300_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, bbb, rss):
     """Big Buck Bunny's 132 frames, looped to 300, at budget 1024, a question every 10 frames."""
     frames = itertools.islice(itertools.chain.from_iterable(iter_frames(bbb, fps=25) for _ in range(3)), 300)
-    replies, rss = [], {}
+    replies, memory = [], {}
     t0 = time.perf_counter()
     # flash attention off: llama.cpp's CPU kernel took 25 ms per token at 1024 cells here, 15 ms without
     with session(default_model, budget=1024, mmproj=mmproj_4, flash_attn=False) as s:
@@ -197,14 +193,14 @@ def test_300_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, b
             replies.append(s.chat("What happens in the video now?", media=media, max_tokens=6, temperature=0))
             check_cache(s)
             if block + 1 in (10, 30):
-                rss[block + 1] = rss_mb()
+                memory[block + 1] = rss()
         st = s.stats
         assert st.image_tokens_seen == 300 * 4 and st.peak_cells <= s.runtime.n_ctx
         assert st.cells_evicted > 0 and st.image_cells_evicted > 0
-    print(f"\n300 frames: {st.tokens_seen} tokens, peak {st.peak_cells} cells, RSS {rss[10]:.0f} -> {rss[30]:.0f} MB, "
+    print(f"\n300 frames: {st.tokens_seen} tokens, peak {st.peak_cells} cells, RSS {memory[10]:.0f} -> {memory[30]:.0f} MiB, "
           f"{(time.perf_counter() - t0) / 300:.2f} s per frame with its share of the questions")
     assert all(r.strip() for r in replies)
-    assert rss[30] < rss[10] * 1.03 + 5
+    assert memory[30] < memory[10] * 1.03 + 5
 
 
 SAVER = """
@@ -221,8 +217,8 @@ with StreamSession(model, budget=96, chunk=32, recent=16, window=16, mmproj=mmpr
                dtype=np.uint8))], max_tokens=6, temperature=0)
     s.save(out + "/s.npz")
     np.save(out + "/logits.npy", s.runtime.logits())
-    np.save(out + "/ids.npy", s.cached_positions())
-    np.save(out + "/image.npy", s.cache.image)
+    np.save(out + "/ids.npy", s.cached_stream_indices())
+    np.save(out + "/image.npy", s.cache.is_image)
     json.dump(asdict(s.stats), open(out + "/stats.json", "w"))
     s.feed_text(" And then")
     np.save(out + "/next.npy", s.runtime.logits())
@@ -238,8 +234,8 @@ def test_save_then_restore_in_a_new_process_continues(default_model, mmproj, tmp
     with StreamSession.restore(tmp_path / "s.npz", default_model, mmproj=mmproj, n_threads=1) as r:
         assert asdict(r.stats) == json.loads((tmp_path / "stats.json").read_text())
         assert r.stats.image_tokens_seen == 4 * N_IMAGE and r.stats.image_cells_evicted > 0
-        np.testing.assert_array_equal(r.cached_positions(), np.load(tmp_path / "ids.npy"))
-        np.testing.assert_array_equal(r.cache.image, np.load(tmp_path / "image.npy"))
+        np.testing.assert_array_equal(r.cached_stream_indices(), np.load(tmp_path / "ids.npy"))
+        np.testing.assert_array_equal(r.cache.is_image, np.load(tmp_path / "image.npy"))
         np.testing.assert_array_equal(r.runtime.logits(), np.load(tmp_path / "logits.npy"))  # exactly
         r.feed_text(" And then")
         np.testing.assert_array_equal(r.runtime.logits(), np.load(tmp_path / "next.npy"))
@@ -256,8 +252,8 @@ def test_gemma3_image_markers_and_non_causal_attention(tmp_path):
     with session(model, **options) as s:
         s.feed_text("hello there")
         begin, body, end = s.projector.encode(image)
-        assert isinstance(begin, TextPiece) and isinstance(end, TextPiece) and body.non_causal
-        assert "".join(map(s.runtime.token_piece, begin.tokens)).strip() == "<start_of_image>"
+        assert isinstance(begin, TextChunk) and isinstance(end, TextChunk) and body.non_causal
+        assert b"".join(map(s.model.token_bytes, begin.tokens)).decode().strip() == "<start_of_image>"
         seen = s.stats.tokens_seen
         assert s.feed_image(image) == n_image_tokens(32, 4, 2) == 16
         assert s.stats.tokens_seen == seen + len(begin.tokens) + 16 + len(end.tokens)
@@ -269,6 +265,16 @@ def test_gemma3_image_markers_and_non_causal_attention(tmp_path):
         c.cache.decode(body.embeddings)
         c.feed_tokens(end.tokens)
         assert np.abs(c.runtime.logits() - non_causal).max() > 1e-3
+    with session(model, **options) as v:  # what the policy is told the image's 16 captured queries saw
+        v.feed_text("hello there")
+        n_old = v.stats.cells_cached
+        v.cache.decode(body.embeddings, causal=False)
+        np.testing.assert_array_equal(v.cache.visibility, np.full(n_old + 16, 16.0))  # read both ways: all
+        np.testing.assert_allclose(v.cache.attention.sum(axis=1), 16 * v.model.n_head, rtol=1e-3)
+    with session(model, **options) as v:
+        v.feed_text("hello there")
+        v.cache.decode(body.embeddings)  # causally: an image query sees only the cells up to itself
+        np.testing.assert_array_equal(v.cache.visibility, queries_seen(n_old, 16, 16, causal=True))
     with session(model, **{**options, "chunk": 8, "window": 8}) as small:
         small.feed_text("hello")
         seen = small.stats.tokens_seen

@@ -1,33 +1,22 @@
-"""The eviction engine on real llama.cpp caches: bounds, stream order, re-indexing, long streams."""
-import resource
-
+"""The eviction engine on real llama.cpp caches: bounds, stream order, re-indexing, visibility, long streams."""
 import numpy as np
 import pytest
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.runtime import Runtime
-from infmllm_gguf.synthetic import write_model
+from infmllm_gguf.cache import queries_seen
+from infmllm_gguf.policies import InfMLLM
+from infmllm_gguf.runtime import Model, Runtime
 
-BOUNDED = ["inf-mllm", "h2o", "streaming-llm", "window", "context-shift"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("m") / "tiny-llama.gguf", "tiny-llama", dtype="f16")
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("m") / "tiny-gemma3.gguf", "tiny-gemma3-swa", dtype="f16")
+BOUNDED = ["inf-mllm", "h2o", "streaming-llm", "recent-only", "context-shift"]
 
 
 def check_cache(s: StreamSession):
     """What llama.cpp itself holds agrees with the controller, within the budget."""
-    rt, ids, policy = s.runtime, s.cached_positions(), s.policy
+    rt, ids, policy = s.runtime, s.cached_stream_indices(), s.policy
     n = rt.n_cached()
     assert n == ids.size <= policy.budget
     # re-indexed to contiguous positions (an iSWA model's pos_min is its window cache's)
-    assert rt.pos_max() == n - 1 and (rt.pos_min() == 0 or rt.n_swa > 0)
+    assert rt.pos_max() == n - 1 and (rt.pos_min() == 0 or s.model.sliding_window > 0)
     assert np.all(np.diff(ids) > 0)                      # survivors in stream order
     seen = s.stats.tokens_seen
     recent = min(policy.recent, n)
@@ -40,7 +29,7 @@ def check_cache(s: StreamSession):
 def test_every_policy_keeps_the_cache_bounded(tiny_llama, policy):
     rng = np.random.default_rng(0)
     options = {"recent": 16} if policy in ("inf-mllm", "h2o") else {}
-    with StreamSession(tiny_llama, budget=96, policy=policy, chunk=40, **options) as s:
+    with StreamSession(tiny_llama, policy, budget=96, chunk=40, **options) as s:
         for _ in range(30):
             s.feed_tokens(rng.integers(3, 500, int(rng.integers(1, 40))).tolist())
             check_cache(s)
@@ -49,7 +38,7 @@ def test_every_policy_keeps_the_cache_bounded(tiny_llama, policy):
 
 
 def test_full_policy_says_when_the_stream_outgrows_it(tiny_llama):
-    with StreamSession(tiny_llama, budget=64, policy="full", chunk=32) as s:
+    with StreamSession(tiny_llama, "full", budget=64, chunk=32) as s:
         s.feed_tokens(list(range(10, 74)))
         with pytest.raises(RuntimeError, match="outgrew"):
             s.feed_tokens(list(range(10, 20)))
@@ -57,7 +46,7 @@ def test_full_policy_says_when_the_stream_outgrows_it(tiny_llama):
 
 def test_sliding_window_model_streams(tiny_gemma3):
     rng = np.random.default_rng(1)
-    with StreamSession(tiny_gemma3, budget=80, policy="inf-mllm", chunk=32, recent=16, window=16) as s:
+    with StreamSession(tiny_gemma3, "inf-mllm", budget=80, chunk=32, recent=16, window=16) as s:
         for _ in range(25):
             s.feed_tokens(rng.integers(3, 500, 32).tolist())
             check_cache(s)
@@ -65,16 +54,69 @@ def test_sliding_window_model_streams(tiny_gemma3):
         assert scores.scores.shape == (8, 80) and scores.scores.sum() > 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(budget=64, recent=64), "must exceed recent"),
-    (dict(budget=64, window=128, chunk=64), "must not exceed chunk"),
-    (dict(policy="lru"), "unknown policy"),
-    (dict(bias=-1.0), "bias"),
-    (dict(policy="window", bias=1.0), "does not take option 'bias'"),
+@pytest.mark.parametrize("policy, kwargs, message", [
+    ("inf-mllm", dict(budget=64, recent=64), "must exceed recent"),
+    ("inf-mllm", dict(budget=128, window=128, chunk=64), "must not exceed chunk"),
+    ("lru", {}, "unknown policy"),
+    ("inf-mllm", dict(bias=-1.0), "bias"),
+    ("recent-only", dict(bias=1.0), "does not take option 'bias'"),
+    (InfMLLM(), dict(bias=1.0), "go with a policy name"),
 ])
-def test_invalid_configurations_name_the_fix(tiny_llama, kwargs, message):
+def test_invalid_configurations_name_the_fix(tiny_llama, policy, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        StreamSession(tiny_llama, **kwargs)
+        StreamSession(tiny_llama, policy, **kwargs)
+
+
+def test_a_policy_object_and_its_name_with_options_are_the_same_session(tiny_llama):
+    tokens = np.random.default_rng(5).integers(3, 500, 300).tolist()
+    with StreamSession(tiny_llama, InfMLLM(budget=96, recent=8, bias=2.0), chunk=40) as a, \
+            StreamSession(tiny_llama, "inf-mllm", budget=96, recent=8, bias=2.0, chunk=40) as b:
+        a.feed_tokens(tokens)
+        b.feed_tokens(tokens)
+        np.testing.assert_array_equal(a.cached_stream_indices(), b.cached_stream_indices())
+        np.testing.assert_array_equal(a.runtime.logits(), b.runtime.logits())
+
+
+def test_sessions_can_share_one_model(tiny_llama):
+    tokens = np.random.default_rng(6).integers(3, 500, 200).tolist()
+    with Model(tiny_llama) as model:
+        with StreamSession(model, "streaming-llm", budget=64, chunk=32) as a, \
+                StreamSession(model, "streaming-llm", budget=64, chunk=32) as b:
+            for i in range(0, 200, 32):  # interleaved: each context keeps its own cells
+                a.feed_tokens(tokens[i:i + 32])
+                b.feed_tokens(tokens[i:i + 32])
+            np.testing.assert_array_equal(a.runtime.logits(), b.runtime.logits())
+            logits = a.runtime.logits()
+        assert model.ptr  # closing the sessions leaves a shared model loaded
+        with StreamSession(model, "streaming-llm", budget=64, chunk=32) as c:
+            c.feed_tokens(tokens)
+            np.testing.assert_array_equal(c.runtime.logits(), logits)
+
+
+def test_queries_seen_by_hand():
+    # 3 old cells, a chunk of 5 whose last 3 queries are captured (offsets 2, 3, 4 of the chunk):
+    # the old cells are seen by all 3; chunk cell i by the captured queries at offsets >= i
+    np.testing.assert_array_equal(queries_seen(3, 5, 3, causal=True), [3, 3, 3, 3, 3, 3, 2, 1])
+    # a chunk shorter than the window: 2 queries captured of 2
+    np.testing.assert_array_equal(queries_seen(4, 2, 2, causal=True), [2, 2, 2, 2, 2, 1])
+    # an image read both ways: every captured query sees every cell
+    np.testing.assert_array_equal(queries_seen(2, 4, 3, causal=False), [3, 3, 3, 3, 3, 3])
+
+
+def test_the_controller_hands_the_policy_what_its_queries_saw(tiny_llama):
+    """A short trailing chunk: 8 tokens after a chunk of 40, window 16. The policy divides by 8
+    (the captured queries), and each layer's attention sums to 8 queries x 4 heads."""
+    with StreamSession(tiny_llama, "inf-mllm", budget=96, recent=8, window=16, chunk=40) as s:
+        s.feed_tokens(list(range(3, 43)))
+        s.feed_tokens(list(range(50, 58)))
+        np.testing.assert_array_equal(s.cache.visibility, queries_seen(40, 8, 8, causal=True))
+        np.testing.assert_allclose(s.cache.attention.sum(axis=1), 8 * s.model.n_head, rtol=1e-3)
+    with StreamSession(tiny_llama, "h2o", budget=96, recent=8, chunk=40) as s:  # H2O adds the chunks up
+        s.feed_tokens(list(range(3, 43)))
+        s.feed_tokens(list(range(50, 58)))
+        np.testing.assert_array_equal(s.cache.visibility, queries_seen(40, 8, 8, True) +
+                                      np.concatenate([queries_seen(0, 40, 40, True), np.zeros(8)]))
+        np.testing.assert_allclose(s.cache.attention.sum(axis=1), 48 * s.model.n_head, rtol=1e-3)
 
 
 def kl(p_logits, q_logits):
@@ -99,10 +141,10 @@ def test_shifting_every_position_keeps_the_logits(default_model):
 
 
 def test_evict_and_reindex_is_close_to_recomputing(default_model):
-    with Runtime(default_model, n_ctx=512) as rt:
+    with Model(default_model) as m:
         text = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. "
                 "Ships passed in the night and sailors were grateful for the steady beam. ") * 3
-        toks = rt.tokenize(text)[:200]
+        toks = m.tokenize(text)[:200]
     kept = toks[:50] + toks[120:]
     with Runtime(default_model, n_ctx=512) as a, Runtime(default_model, n_ctx=512) as b:
         a.decode(toks, range(len(toks)))
@@ -116,22 +158,17 @@ def test_evict_and_reindex_is_close_to_recomputing(default_model):
     assert 0 < div < 0.5
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def test_long_stream_stays_bounded_in_cells_and_memory(tiny_llama):
+def test_long_stream_stays_bounded_in_cells_and_memory(tiny_llama, rss):
     rng = np.random.default_rng(2)
-    with StreamSession(tiny_llama, budget=256, policy="inf-mllm", chunk=256, recent=32) as s:
-        rss = {}
+    with StreamSession(tiny_llama, "inf-mllm", budget=256, chunk=256, recent=32) as s:
+        seen = {}
         while s.stats.tokens_seen < 50_000:
             s.feed_tokens(rng.integers(3, 500, 256).tolist())
             assert s.runtime.n_cached() <= 256
             if s.stats.tokens_seen in (10_240, 49_920):
-                rss[s.stats.tokens_seen] = rss_mb()
-        print(f"\nRSS at 10k tokens {rss[10_240]:.1f} MB, at 50k {rss[49_920]:.1f} MB")
-        assert rss[49_920] < rss[10_240] * 1.03 + 2
+                seen[s.stats.tokens_seen] = rss()
+        print(f"\nRSS at 10k tokens {seen[10_240]:.1f} MiB, at 50k {seen[49_920]:.1f} MiB")
+        assert seen[49_920] < seen[10_240] * 1.03 + 2
         assert s.stats.tokens_seen == 50_176 and s.runtime.n_cached() == 256
 
 

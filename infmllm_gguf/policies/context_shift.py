@@ -1,12 +1,12 @@
 """Context shift: llama.cpp's own answer to a full context."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from .base import Policy, Selection, check_inputs, check_int
+from .base import Observation, Policy, Selection, checked, fixed, option
 
 
 @dataclass
@@ -22,8 +22,9 @@ class ContextShift(Policy):
         n_past -= n_discard;
 
     i.e. keep the first ``n_keep`` tokens, drop the oldest half (rounded down) of the rest, shift
-    the others back. Here: the cells with ids < ``n_keep`` stay (they are the first cells, since
-    this policy never evicts them; llama.cpp adds the BOS token to ``n_keep``, so count it in),
+    the others back. Here: the cells with stream indices < ``n_keep`` stay (they are the first
+    cells, since this policy never evicts them; llama.cpp adds the BOS token to ``n_keep``, so
+    count it in),
     ``n_left`` is the number of other cells, and ``n_left -= n_left // 2`` is applied once, or
     again as long as ``n_keep + n_left`` still exceeds the budget (as llama.cpp would shift again
     each time the context refilled, when a chunk longer than half the budget arrives); the
@@ -36,30 +37,26 @@ class ContextShift(Policy):
     ``sinks`` is ``n_keep`` (not an option of its own) and ``recent`` is 0: the newest half of the
     rest is kept anyway. Reads no attention.
     """
-    recent: int = field(default=0, init=False)
-    sinks: int = field(default=0, init=False)
-    n_keep: int = 4
+    recent: int = fixed(0)
+    sinks: int = fixed(0)
+    n_keep: int = option(4, "the first tokens kept by llama.cpp's context shift (BOS included)", minimum=0)
 
     name: ClassVar[str] = "context-shift"
     exact_budget: ClassVar[bool] = False
 
-    def validate(self) -> None:
-        check_int(self, "n_keep")
-        self.sinks = self.n_keep
-        check_int(self, "budget")
+    def check(self) -> None:
         if self.budget <= self.n_keep:
             raise ValueError(f"budget ({self.budget}) must exceed n_keep ({self.n_keep}): "
                              f"raise --budget or lower --n-keep")
-        super().validate()
+        self.sinks = self.n_keep
 
-    def select(self, ids: np.ndarray, attention: np.ndarray | None,
-               memory: np.ndarray | None) -> Selection:
-        ids, _, _ = check_inputs(self, ids, None, None, need_attention=False)
-        keep = ids < self.n_keep
+    def select(self, observation: Observation) -> Selection:
+        indices = checked(self, observation).stream_indices
+        keep = indices < self.n_keep
         n_head = int(np.count_nonzero(keep))
-        n_left = ids.size - n_head
+        n_left = indices.size - n_head
         n_left -= n_left // 2
         while n_head + n_left > self.budget:   # terminates: budget > n_keep >= n_head, so n_left >= 2
             n_left -= n_left // 2
-        keep[ids.size - n_left:] = True
-        return Selection(keep=keep, memory=None)
+        keep[indices.size - n_left:] = True
+        return Selection(keep, None)

@@ -1,26 +1,23 @@
 """Full: no eviction, the unbounded reference."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from .base import Policy, Selection
+from .base import Observation, Policy, Selection, fixed
 
 
 @dataclass
 class Full(Policy):
-    """No eviction: every token stays, so the stream must fit the model's context (``budget`` is
-    that context). The quality reference of the other policies. Reads no attention. ``select``
-    is never legitimately called: it raises RuntimeError.
+    """No eviction: every token stays, so the stream must fit the budget (and the model's
+    training context). The quality reference of the other policies. Reads no attention;
+    ``select`` is never legitimately called: it raises RuntimeError.
     """
-    recent: int = field(default=0, init=False)
-    sinks: int = field(default=0, init=False)
+    recent: int = fixed(0)
+    sinks: int = fixed(0)
 
     name: ClassVar[str] = "full"
 
-    def select(self, ids: np.ndarray, attention: np.ndarray | None,
-               memory: np.ndarray | None) -> Selection:
-        raise RuntimeError(f"the stream ({len(ids)} tokens) outgrew the context with policy 'full'; "
-                           f"use a bounded policy")
+    def select(self, observation: Observation) -> Selection:
+        raise RuntimeError(f"the stream ({len(observation.stream_indices)} tokens) outgrew the budget of "
+                           f"{self.budget} cells with policy 'full'; raise --budget or use a bounded policy")

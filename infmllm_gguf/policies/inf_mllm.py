@@ -6,68 +6,57 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import (LAYER_REDUCTIONS, Policy, Selection, _check_chunk, age_rank, check_float,
-                   check_inputs, check_int, keep_top, protected)
+from .base import Observation, ScoredPolicy, age_rank, option
+
+LAYER_REDUCTIONS = ("mean", "max")
 
 
 @dataclass
-class InfMLLM(Policy):
+class InfMLLM(ScoredPolicy):
     """Inf-MLLM eviction (Ning, Zhao, Jin, Ding, Guo, "Inf-MLLM: Efficient Streaming Inference of
-    Multimodal Large Language Models on a Single GPU", 2024, arXiv:2409.09086).
+    Multimodal Large Language Models on a Single GPU", 2024, arXiv:2409.09086), as this project
+    reconstructs it (docs/METHOD.md, "The rule"). Per cell ``j``, after a decoded chunk:
 
-    The project's reconstruction (docs METHOD.md, "ours, precisely"), after each decoded chunk:
+    1. ``attention[l, j]``: what the retrieval window (the chunk's last ``window`` queries) gave
+       cell ``j`` in layer ``l``, summed over heads and queries;
+    2. visibility average: ``a_l[j] = attention[l, j] / visibility[j]``, the queries that could see
+       the cell (a key inside a causal window is seen only by the queries at or after it);
+    3. layers combined by ``layer_reduce`` (mean or max);
+    4. carried score: ``S = decay * carried + a`` (decay 0: the paper's local window; 1: H2O's sum);
+    5. attention bias: ``score = S / mean(S) + bias * rank`` over the candidates (the cells not
+       protected), ``rank`` their age rank scaled to [0, 1] (0 oldest, 1 newest); if the
+       candidates' S are all 0, S stays unnormalised and the bias and the tie rule decide;
+    6. the base keeps the ``recent`` newest, the sinks present and the best-scored candidates.
 
-    1. ``attention[l, j]``: the attention the retrieval window (the last ``window`` queries, which
-       are the last ``window`` ids, contiguous) gave to cell ``j`` in layer ``l``, summed over heads
-       and queries (as the capture patch reports it);
-    2. visibility average: ``a_l[j] /= n_visible(j)``, ``n_visible(j) = min(window, ids[-1] - ids[j] + 1)``
-       (a key inside the window is seen only by the queries at or after it);
-    3. layers combined by ``layer_reduce``: "mean" (METHOD's default) or "max";
-    4. memory: ``S = decay * memory + a`` (decay 0: the paper's local window; 1: H2O's sum);
-    5. attention bias: ``score = S / mean(S) + bias * rank``, over the candidates (the cells not
-       protected below): ``mean`` is taken over the candidates, ``rank`` is the age rank among them
-       scaled to [0, 1] (0 oldest, 1 newest);
-    6. keep the ``recent`` highest ids, the sinks present (ids < ``sinks``) and the best
-       ``budget - recent - sinks present`` candidates by score (equal scores: the newer wins).
-
-    ``Selection.memory`` is ``S`` of the kept cells. If the candidates' scores are all 0 (mean 0),
-    step 5 uses ``S`` unnormalised (all 0), so only the bias and the tie rule decide.
+    ``Selection.carried`` is ``S`` of the kept cells.
     """
-    recent: int = 64
-    sinks: int = 0
-    window: int = 32
-    bias: float = 0.5  # the sweep in docs/RESULTS.md (SmolLM2, 8k tokens of Shakespeare): best at budgets 512 and 1024
-    decay: float = 0.0
-    layer_reduce: str = "mean"
+    window: int = option(32, "retrieval window: the last W queries of each chunk are scored", minimum=1)
+    # the sweep in docs/RESULTS.md (SmolLM2, 8k tokens of Shakespeare): best at budgets 512 and 1024
+    bias: float = option(0.5, "attention bias toward newer tokens", minimum=0.0)
+    decay: float = option(0.0, "share of the carried score kept across evictions (0: none, 1: all)",
+                          minimum=0.0, maximum=1.0)
+    layer_reduce: str = option("mean", "how the layers' scores combine", choices=LAYER_REDUCTIONS)
 
     name: ClassVar[str] = "inf-mllm"
+    reads_attention: ClassVar[bool] = True
 
-    def validate(self) -> None:
-        check_int(self, "window", minimum=1)
-        check_float(self, "bias", 0.0)
-        check_float(self, "decay", 0.0, 1.0)
-        if self.layer_reduce not in LAYER_REDUCTIONS:
-            raise ValueError(f"unknown layer reduction {self.layer_reduce!r}: pass --layer-reduce "
-                             f"{' or '.join(LAYER_REDUCTIONS)}")
-        super().validate()
+    def check_chunk(self, chunk: int) -> None:
+        if self.window > chunk:
+            raise ValueError(f"window ({self.window}) must not exceed chunk ({chunk}): lower --window or raise --chunk")
 
-    def capture_window(self, chunk: int) -> int:
-        _check_chunk(chunk)
-        return min(self.window, int(chunk))
+    def capture_queries(self, chunk: int) -> int:
+        return min(self.window, chunk)
 
-    def select(self, ids: np.ndarray, attention: np.ndarray | None,
-               memory: np.ndarray | None) -> Selection:
-        ids, attention, memory = check_inputs(self, ids, attention, memory, need_attention=True)
-        n_visible = np.minimum(self.window, ids[-1] - ids + 1).astype(np.float64)
-        per_layer = attention / n_visible                                   # steps 1-2
+    @property
+    def accumulates_attention(self) -> bool:
+        return self.decay > 0
+
+    def score(self, obs: Observation, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per_layer = obs.attention / obs.visibility                                  # steps 1-2
         a = per_layer.mean(axis=0) if self.layer_reduce == "mean" else per_layer.max(axis=0)
-        s = a if memory is None or self.decay == 0.0 else self.decay * memory + a   # step 4
-
-        keep = protected(ids, self.recent, self.sinks)
-        candidates = ~keep
+        s = a if obs.carried is None or self.decay == 0.0 else self.decay * obs.carried + a  # step 4
         s_c = s[candidates]
         mean = s_c.mean()
         score = np.zeros_like(s)
         score[candidates] = (s_c / mean if mean > 0 else s_c) + self.bias * age_rank(s_c.size)  # step 5
-        keep = keep_top(keep, score, self.budget)                           # step 6
-        return Selection(keep=keep, memory=s[keep])
+        return score, s

@@ -1,27 +1,24 @@
-"""One llama.cpp model and context, through llama-cpp-python's low-level ctypes API.
+"""One llama.cpp context decoding one sequence over a `Model`, through llama-cpp-python's ctypes API.
 
-`Runtime` is the small surface the rest of the package needs: tokenize, decode a batch of one
-sequence at given positions, read logits, edit the KV cache (remove and shift positions), and
-capture attention scores through the patch (`capture_scores` / `read_scores`).
+`Runtime` is the small surface the rest of the package needs: decode a batch of tokens or input
+embeddings at given positions, read logits, edit the KV cache (remove and shift positions), capture
+attention scores through the patch (`capture_scores` / `read_scores`), and save or load its state.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import native
-from .models import diagnose_gguf, resolve_model
-from .native_log import LOG
+from .log import LOG
+from .model import Model
 
 SEQ = 0  # the one sequence a Runtime decodes
-
-llama.llama_backend_init()
 
 
 class CaptureError(RuntimeError):
@@ -30,10 +27,11 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class AttentionScores:
-    """Attention that the last decode's window of queries gave to each cached token.
+    """Attention that the last decode's captured queries gave to each cached cell.
 
     `scores[i, j]` is the attention probability that layer `layers[i]` gave to the cell at
-    `positions[j]`, summed over heads and over the `n_queries` window queries.
+    llama.cpp position `positions[j]`, summed over heads and over the `n_queries` captured queries
+    (the last ones of the batch).
     """
 
     positions: np.ndarray  # int32 [n]
@@ -43,20 +41,14 @@ class AttentionScores:
 
 
 class Runtime:
-    """A llama.cpp model with one context of `n_ctx` cells decoding one sequence."""
+    """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
+    path to load one from, which the runtime then owns and frees)."""
 
-    def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 2048,
+    def __init__(self, model: Model | str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_batch: int | None = None, n_ubatch: int | None = None, n_gpu_layers: int = -1,
                  flash_attn: bool | None = None, n_threads: int | None = None):
-        self.model_path: Path = resolve_model(model_path)
-        mparams = llama.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        LOG.take()
-        self.model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not self.model:
-            diagnose_gguf(self.model_path, LOG.take())
-        self.vocab = llama.llama_model_get_vocab(self.model)
-
+        self._owns_model = not isinstance(model, Model)
+        self.model = Model(model, n_gpu_layers=n_gpu_layers) if self._owns_model else model
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch or n_ctx
@@ -65,28 +57,22 @@ class Runtime:
         cparams.flash_attn_type = {None: llama.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                    False: llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         # with no layer on the GPU, keep every op on the CPU (llama.cpp would offload large batches)
-        cparams.offload_kqv = cparams.op_offload = n_gpu_layers != 0
+        cparams.offload_kqv = cparams.op_offload = self.model.n_gpu_layers != 0
         threads = n_threads or max(1, os.cpu_count() or 1)
         cparams.n_threads = cparams.n_threads_batch = threads
-        self.ctx = llama.llama_init_from_model(self.model, cparams)
+        self.ctx = llama.llama_init_from_model(self.model.ptr, cparams)
         if not self.ctx:
-            llama.llama_model_free(self.model)
-            self.model = None
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {self.model_path}: "
-                               f"{LOG.take() or 'no reason given'}")
-        self.memory = llama.llama_get_memory(self.ctx)
+            reason = LOG.pop_errors() or "no reason given"
+            self._close_model()
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {self.model.path}: "
+                               f"{reason}")
+        self.kv = llama.llama_get_memory(self.ctx)  # llama.cpp's memory handle: the KV cache
         self.n_ctx = llama.llama_n_ctx(self.ctx)
         self.n_batch = llama.llama_n_batch(self.ctx)
-        self.n_layer = llama.llama_model_n_layer(self.model)
-        self.n_head = llama.llama_model_n_head(self.model)
-        self.n_embd = llama.llama_model_n_embd(self.model)
-        self.n_embd_inp = llama.llama_model_n_embd_inp(self.model)  # what an input embedding holds
-        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
-        self.n_swa = llama.llama_model_n_swa(self.model)  # sliding window (0: none)
+        self.n_ubatch = llama.llama_n_ubatch(self.ctx)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._embd_batch = None  # a batch of embeddings (images), made on first use
-        self._capture_window = 0
+        self._captured_queries = 0
         self._capture_layers: tuple[int, ...] = ()
         self._has_logits = False
         self._restored_logits: np.ndarray | None = None  # llama.cpp's state does not carry logits
@@ -99,8 +85,11 @@ class Runtime:
                 llama.llama_batch_free(self._embd_batch)
             llama.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None):
-            llama.llama_model_free(self.model)
+        self._close_model()
+
+    def _close_model(self) -> None:
+        if getattr(self, "_owns_model", False) and getattr(self, "model", None) is not None:
+            self.model.close()
             self.model = None
 
     def __enter__(self) -> "Runtime":
@@ -112,32 +101,11 @@ class Runtime:
     def __del__(self) -> None:
         self.close()
 
-    # -- text -------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama.llama_token * cap)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            buf = (llama.llama_token * -n)()
-            n = llama.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
-        return list(buf[:n])
-
-    def token_piece(self, token: int) -> str:
-        buf = ctypes.create_string_buffer(64)
-        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:n].decode("utf-8", errors="replace")
-
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int], positions: Sequence[int] | None = None, *,
                logits: str = "last") -> None:
-        """Decode `tokens` (one batch) at `positions` (default: after the sequence's last position).
-
-        logits: "last" (only the last token's), "all", or "none".
-        """
+        """Decode token ids `tokens` (one batch) at `positions` (default: after the sequence's last
+        position). logits: "last" (only the last token's), "all", or "none"."""
         n = self._check_batch(len(tokens))
         for i, tok in enumerate(tokens):
             self._batch.token[i] = tok
@@ -148,25 +116,30 @@ class Runtime:
         """Decode input embeddings (float32 [n, n_embd_inp], e.g. an image's from libmtmd) as one
         batch, like `decode` does tokens."""
         embd = np.ascontiguousarray(embd, dtype=np.float32)
-        if embd.ndim != 2 or embd.shape[1] != self.n_embd_inp:
-            raise ValueError(f"embeddings must be [n, {self.n_embd_inp}] for this model (got shape {embd.shape})")
+        n_embd = self.model.n_embd_inp
+        if embd.ndim != 2 or embd.shape[1] != n_embd:
+            raise ValueError(f"embeddings must be [n, {n_embd}] for this model (got shape {embd.shape})")
         if not np.all(np.isfinite(embd)):
             raise ValueError("embeddings have non-finite values")
         n = self._check_batch(embd.shape[0])
         if self._embd_batch is None:
             # llama_batch_init with embd > 0 allocates `embd` instead of `token`
-            self._embd_batch = llama.llama_batch_init(self.n_batch, self.n_embd_inp, 1)
+            self._embd_batch = llama.llama_batch_init(self.n_batch, n_embd, 1)
         ctypes.memmove(self._embd_batch.embd, embd.ctypes.data, embd.nbytes)
         self._submit(self._embd_batch, n, positions, logits)
+
+    def set_causal_attention(self, causal: bool) -> None:
+        """Causal (the default) or full attention inside the next batches (Gemma 3's images)."""
+        llama.llama_set_causal_attn(self.ctx, causal)
 
     def _check_batch(self, n: int) -> int:
         if n == 0:
             raise ValueError("decode needs at least one token")
         if n > self.n_batch:
             raise ValueError(f"a batch of {n} tokens exceeds this context's n_batch={self.n_batch}")
-        if 0 < self._capture_window and n < self._capture_window:
-            raise ValueError(f"the capture window ({self._capture_window} queries) is larger than the batch "
-                             f"({n} tokens); decode at least {self._capture_window} tokens or use a smaller window")
+        if 0 < self._captured_queries and n < self._captured_queries:
+            raise ValueError(f"the capture takes the last {self._captured_queries} queries, more than the batch "
+                             f"({n} tokens); decode at least {self._captured_queries} tokens or capture fewer")
         return n
 
     def _submit(self, b, n: int, positions: Sequence[int] | None, logits: str) -> None:
@@ -196,7 +169,7 @@ class Runtime:
         ptr = llama.llama_get_logits_ith(self.ctx, i)
         if not ptr:
             raise RuntimeError(f"no logits for output {i} of the last decode")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     def all_logits(self, n_outputs: int) -> np.ndarray:
         """A copy of the logits of the last decode's `n_outputs` outputs, in batch order
@@ -204,55 +177,82 @@ class Runtime:
         ptr = llama.llama_get_logits_ith(self.ctx, n_outputs - 1)  # validates n_outputs
         if not ptr:
             raise RuntimeError(f"the last decode has fewer than {n_outputs} outputs")
-        return np.ctypeslib.as_array(llama.llama_get_logits(self.ctx), shape=(n_outputs, self.n_vocab)).copy()
+        return np.ctypeslib.as_array(llama.llama_get_logits(self.ctx), shape=(n_outputs, self.model.n_vocab)).copy()
 
-    # -- saving -----------------------------------------------------------------------------
-    def get_state(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """llama.cpp's context state (the cells) as bytes (uint8 [n]), and the last output's logits
-        (None before any decode with logits), which llama.cpp's state does not include."""
-        self.settle()
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The context's state for a save: llama.cpp's cells as bytes, and the last output's logits,
+        which llama.cpp's state does not include."""
+        self.apply_pending_shifts()
         size = llama.llama_state_get_size(self.ctx)
         buf = np.empty(size, dtype=np.uint8)
         written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
         if written != size:
             raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
-        return buf, (self.logits() if self._has_logits else None)
+        arrays = {"cells": buf}
+        if self._has_logits:
+            arrays["last_logits"] = self.logits()
+        return {"n_cells": self.n_cached()}, arrays
 
-    def settle(self) -> None:
-        """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
-        the next decode, and its saved state would lose the pending shift: decode one throwaway token
-        after the sequence and remove it. The last logits survive."""
-        last = self.logits() if self._has_logits else None
-        window, layers = self._capture_window, self._capture_layers
-        if window:
-            self.capture_scores(0)
-        pos = self.pos_max() + 1
-        self.decode([0], [pos], logits="none")
-        self.remove(pos, pos + 1)
-        if window:
-            self.capture_scores(window, None if len(layers) == self.n_layer else layers)
-        self._restored_logits, self._has_logits = last, last is not None
+    def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Raise ValueError unless `state()`'s output could be loaded here (the bytes themselves are
+        only checked by llama.cpp, in `load_state`)."""
+        cells = arrays.get("cells")
+        if cells is None or cells.dtype != np.uint8 or cells.ndim != 1:
+            raise ValueError("the saved llama.cpp cells are missing or not a byte array")
+        if not isinstance(meta.get("n_cells"), int) or not 0 <= meta["n_cells"] <= self.n_ctx:
+            raise ValueError(f"the saved state holds {meta.get('n_cells')!r} cells; this context has {self.n_ctx}")
+        logits = arrays.get("last_logits")
+        if logits is not None and logits.shape != (self.model.n_vocab,):
+            raise ValueError(f"saved logits have shape {logits.shape}, this model's vocabulary {self.model.n_vocab}")
 
-    def set_state(self, data: np.ndarray, last_logits: np.ndarray | None) -> None:
-        """Load a state from `get_state` of a context of the same model and size."""
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Load a checked state of a context of the same model and size. If llama.cpp refuses the
+        bytes, or they hold another number of cells, the previous cells are put back and
+        ValueError says why."""
+        _, backup = self.state()
+        reason = self._set_cells(arrays["cells"])
+        if reason is None and self.n_cached() != meta["n_cells"]:
+            reason = f"they hold {self.n_cached()} cells, the saved state says {meta['n_cells']}"
+        if reason is not None:
+            self._set_cells(backup["cells"])
+            raise ValueError(f"llama.cpp could not load the saved cells ({reason}): they were saved from another "
+                             "model or context size")
+        logits = arrays.get("last_logits")
+        self._restored_logits = None if logits is None else logits.astype(np.float32)
+        self._has_logits = logits is not None
+
+    def _set_cells(self, data: np.ndarray) -> str | None:
+        """Replace the cells with `data`; None, or why llama.cpp refused them."""
         data = np.ascontiguousarray(data, dtype=np.uint8)
         read = llama.llama_state_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size)
         if read != data.size:
             self.clear()
-            raise ValueError(f"llama.cpp could not load the saved cache ({read} of {data.size} bytes read): "
-                             "it was saved from another model or context size")
-        if last_logits is not None and last_logits.shape != (self.n_vocab,):
-            raise ValueError(f"saved logits have shape {last_logits.shape}, this model's vocabulary {self.n_vocab}")
-        self._restored_logits = None if last_logits is None else last_logits.astype(np.float32)
-        self._has_logits = last_logits is not None
+            return f"{read} of {data.size} bytes read"
+        return None
+
+    def apply_pending_shifts(self) -> None:
+        """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
+        the next decode, and its saved state would lose the pending shift: decode one throwaway token
+        after the sequence and remove it. The last logits survive."""
+        last = self.logits() if self._has_logits else None
+        queries, layers = self._captured_queries, self._capture_layers
+        if queries:
+            self.capture_scores(0)
+        pos = self.pos_max() + 1
+        self.decode([0], [pos], logits="none")
+        self.remove(pos, pos + 1)
+        if queries:
+            self.capture_scores(queries, None if len(layers) == self.model.n_layer else layers)
+        self._restored_logits, self._has_logits = last, last is not None
 
     # -- KV cache ---------------------------------------------------------------------------
     def pos_min(self) -> int:
         """Smallest position of the sequence (of the sliding-window cache, for iSWA models)."""
-        return llama.llama_memory_seq_pos_min(self.memory, SEQ)
+        return llama.llama_memory_seq_pos_min(self.kv, SEQ)
 
     def pos_max(self) -> int:
-        return llama.llama_memory_seq_pos_max(self.memory, SEQ)
+        return llama.llama_memory_seq_pos_max(self.kv, SEQ)
 
     def n_cached(self) -> int:
         """Cells that the sequence occupies, as llama.cpp counts them."""
@@ -263,47 +263,47 @@ class Runtime:
 
     def remove(self, p0: int, p1: int) -> None:
         """Remove the cells at positions [p0, p1)."""
-        if not llama.llama_memory_seq_rm(self.memory, SEQ, p0, p1):
+        if not llama.llama_memory_seq_rm(self.kv, SEQ, p0, p1):
             raise RuntimeError(f"llama.cpp refused to remove positions [{p0}, {p1})")
 
     def shift(self, p0: int, p1: int, delta: int) -> None:
         """Add `delta` to the positions in [p0, p1); the keys are re-rotated at the next decode."""
-        llama.llama_memory_seq_add(self.memory, SEQ, p0, p1, delta)
+        llama.llama_memory_seq_add(self.kv, SEQ, p0, p1, delta)
 
     def can_shift(self) -> bool:
-        return bool(llama.llama_memory_can_shift(self.memory))
+        return bool(llama.llama_memory_can_shift(self.kv))
 
     def clear(self) -> None:
-        llama.llama_memory_clear(self.memory, True)
+        llama.llama_memory_clear(self.kv, True)
 
     # -- attention capture ------------------------------------------------------------------
-    def capture_scores(self, window: int, layers: Sequence[int] | None = None) -> None:
-        """Capture, at every following decode, the attention of its last `window` queries (0: off)."""
-        if window < 0:
-            raise ValueError(f"the capture window must be >= 0, not {window}")
+    def capture_scores(self, n_queries: int, layers: Sequence[int] | None = None) -> None:
+        """Capture, at every following decode, the attention of its last `n_queries` queries (0: off)."""
+        if n_queries < 0:
+            raise ValueError(f"the number of captured queries must be >= 0, not {n_queries}")
         if layers is None:
-            rc = native.llama_attn_capture_set(self.ctx, window, None, 0)
+            rc = native.llama_attn_capture_set(self.ctx, n_queries, None, 0)
         else:
             if not layers:
                 raise ValueError("layers must name at least one layer (or be None for all)")
             arr = (ctypes.c_int32 * len(layers))(*layers)
-            rc = native.llama_attn_capture_set(self.ctx, window, arr, len(layers))
+            rc = native.llama_attn_capture_set(self.ctx, n_queries, arr, len(layers))
         if rc != 0:
-            raise ValueError(f"invalid capture layers {list(layers or [])} for a model of {self.n_layer} layers")
-        self._capture_window = window
-        self._capture_layers = tuple(range(self.n_layer)) if layers is None else tuple(sorted(set(layers)))
+            raise ValueError(f"invalid capture layers {list(layers or [])} for a model of {self.model.n_layer} layers")
+        self._captured_queries = n_queries
+        self._capture_layers = tuple(range(self.model.n_layer)) if layers is None else tuple(sorted(set(layers)))
 
     def read_scores(self) -> AttentionScores:
         """The scores captured by the last decode, for the cells the sequence occupies now."""
         n = native.llama_attn_capture_get(self.ctx, SEQ, None, None, 0)
         if native.llama_attn_capture_n_queries(self.ctx) < 0:
-            raise CaptureError("no attention scores were captured: call capture_scores(window) before decoding")
+            raise CaptureError("no attention scores were captured: call capture_scores(n_queries) before decoding")
         if n == -3:
             raise CaptureError("attention capture needs a KV cache; recurrent and hybrid models have none")
         if n < 0:
             raise CaptureError(f"llama_attn_capture_get failed with code {n}")
         positions = np.zeros(n, dtype=np.int32)
-        scores = np.zeros((self.n_layer, n), dtype=np.float32)
+        scores = np.zeros((self.model.n_layer, n), dtype=np.float32)
         rc = native.llama_attn_capture_get(
             self.ctx, SEQ, positions.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
             scores.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)

@@ -3,7 +3,8 @@
 llama.cpp logs every tensor it loads, and llama-cpp-python's own callback maps an older ggml
 level enum, so its "errors only" lets warnings through. The callback here keeps the last error
 lines, so that exceptions can say why a library failed, and writes the whole log to stderr only
-with INFMLLM_GGUF_VERBOSE set.
+with INFMLLM_GGUF_VERBOSE set. It is installed when the first model loads (`install`), and into
+libmtmd when the first projector loads (`install_mtmd`), never at import.
 """
 from __future__ import annotations
 
@@ -36,11 +37,18 @@ class NativeLog:
         if self.verbose:
             os.write(2, text)
 
-    def take(self) -> str:
+    def install(self) -> None:
+        llama.llama_log_set(self.callback, None)
+
+    def install_mtmd(self, mtmd) -> None:
+        """Also for libmtmd (`mtmd`: llama-cpp-python's mtmd_cpp module)."""
+        mtmd.mtmd_log_set(self.callback, None)
+        mtmd.mtmd_helper_log_set(self.callback, None)
+
+    def pop_errors(self) -> str:
         """The error lines logged since the last call, joined; empty if none."""
         out, self.errors = " ".join(self.errors), []
         return out
 
 
 LOG = NativeLog()
-llama.llama_log_set(LOG.callback, None)

@@ -1,0 +1,94 @@
+"""Generation in layers, as mlx-lm's `generate_step` and `stream_generate`: `generate_tokens`
+samples token ids through the cache controller with any sampler callable; `StreamingDetokenizer`
+turns token ids into text, holding back a character whose bytes are split across tokens;
+`text_pieces` adds stop strings on top."""
+from __future__ import annotations
+
+import codecs
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .cache import CacheController
+
+#: a sampler takes the next-token logits (float32 [n_vocab]) and returns a token id
+Sampler = Callable[[np.ndarray], int]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def make_sampler(temperature: float, top_p: float, rng: np.random.Generator) -> Sampler:
+    """Greedy at temperature 0; else nucleus sampling (the smallest set of tokens whose
+    probability reaches `top_p`) at `temperature`, drawn from `rng`."""
+    if temperature < 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and top_p in [0, 1] (got {temperature}, {top_p})")
+    if temperature == 0:
+        return lambda logits: int(np.argmax(logits))
+
+    def sample(logits: np.ndarray) -> int:
+        p = np.exp(log_softmax(logits / temperature))
+        order = np.argsort(-p)
+        cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+        top = order[:cut]
+        return int(rng.choice(top, p=p[top] / p[top].sum()))
+    return sample
+
+
+def generate_tokens(cache: CacheController, sampler: Sampler, *, max_tokens: int,
+                    is_end: Callable[[int], bool]) -> Iterator[int]:
+    """Sample up to `max_tokens` token ids after what the cache holds, each decoded into the cache
+    (evicting as it goes) before it is yielded, so that a caller who stops reading leaves a
+    consistent stream. Stops before a token that `is_end`."""
+    if cache.n_cached == 0:
+        raise ValueError("nothing to continue: feed text or pass a prompt first")
+    logits = cache.runtime.logits()
+    for _ in range(max_tokens):
+        token = sampler(logits)
+        if is_end(token):
+            return
+        cache.decode([token], generating=True)
+        yield token
+        logits = cache.runtime.logits()
+
+
+class StreamingDetokenizer:
+    """Token ids to text, one token at a time: the bytes of a character split across tokens are
+    held back until it is complete (decoding each token alone would give U+FFFD). A character left
+    incomplete when generation stops is never emitted, as llama-cpp-python drops it; bytes that
+    cannot be UTF-8 at all become U+FFFD."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]):
+        self.token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        """The text completed by `token` (possibly empty)."""
+        return self._decoder.decode(self.token_bytes(token))
+
+
+def text_pieces(tokens: Iterable[int], detokenizer: StreamingDetokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
+    """The text of `tokens` in pieces, ending before the first `stop` string (not yielded). Text
+    that could still become a stop string is held back until it cannot."""
+    hold = max((len(s) - 1 for s in stop), default=0)
+    text, emitted = "", 0
+
+    def stop_at(searched_from: int) -> int:
+        return min((i for i in (text.find(s, searched_from) for s in stop) if i >= 0), default=-1)
+
+    for token in tokens:
+        before = len(text)
+        text += detokenizer.add(token)
+        hit = stop_at(max(0, before - hold))
+        if hit >= 0:
+            if hit > emitted:
+                yield text[emitted:hit]
+            return
+        if len(text) - hold > emitted:
+            yield text[emitted:len(text) - hold]
+            emitted = len(text) - hold
+    if len(text) > emitted:
+        yield text[emitted:]

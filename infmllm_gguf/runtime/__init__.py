@@ -1,0 +1,13 @@
+"""The one door to llama.cpp: every call into llama-cpp-python's bindings goes through here.
+
+`Model` holds a GGUF's weights and vocabulary; `Runtime` is one context decoding one sequence
+over a model, with the attention-score capture of `patches/` (`native`, its ctypes mirror);
+`mtmd.VisionEncoder` is libmtmd's image encoder. Nothing here changes process-wide state at
+import: llama.cpp's backends and log callback are set up when the first model loads.
+"""
+from .context import SEQ, AttentionScores, CaptureError, Runtime
+from .model import Model, supports_gpu_offload, system_info
+from .native import UnpatchedLlamaError
+
+__all__ = ["SEQ", "AttentionScores", "CaptureError", "Model", "Runtime", "UnpatchedLlamaError",
+           "supports_gpu_offload", "system_info"]

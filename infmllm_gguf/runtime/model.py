@@ -1,0 +1,126 @@
+"""A GGUF model loaded by llama.cpp: weights, vocabulary, chat template. Contexts share it."""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+from llama_cpp import llama_cpp as llama
+
+from ..models import diagnose_gguf, resolve_model
+from .log import LOG
+
+_process_ready = False
+
+
+def init_process() -> None:
+    """Initialise llama.cpp's backends and route its log through `LOG`, once per process. Called
+    when the first model loads, never at import: importing the package changes nothing."""
+    global _process_ready
+    if not _process_ready:
+        llama.llama_backend_init()
+        LOG.install()
+        _process_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU."""
+    return bool(llama.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    """llama.cpp's build and CPU feature summary."""
+    return llama.llama_print_system_info().decode()
+
+
+class Model:
+    """The weights and vocabulary of one GGUF file, in memory once; any number of `Runtime`
+    contexts decode with it. `n_gpu_layers`: layers offloaded to the GPU (-1: all)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, n_gpu_layers: int = -1):
+        self.path: Path = resolve_model(path)
+        self.n_gpu_layers = n_gpu_layers
+        init_process()
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        LOG.pop_errors()
+        self.ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            diagnose_gguf(self.path, LOG.pop_errors())
+        self.vocab = llama.llama_model_get_vocab(self.ptr)
+        self.n_layer = llama.llama_model_n_layer(self.ptr)
+        self.n_head = llama.llama_model_n_head(self.ptr)
+        self.n_embd = llama.llama_model_n_embd(self.ptr)
+        self.n_embd_inp = llama.llama_model_n_embd_inp(self.ptr)  # what an input embedding holds
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self.ptr)
+        self.sliding_window = llama.llama_model_n_swa(self.ptr)  # 0: none
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special` adds BOS (where the model has one)."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            buf = (llama.llama_token * -n)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token `token` stands for (special tokens as their text). A character of
+        several bytes may be split across tokens: decode a sequence with `StreamingDetokenizer`."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    # -- chat -------------------------------------------------------------------------------
+    def chat_template(self) -> str | None:
+        """The model's own chat template (GGUF metadata), None if it has none."""
+        template = llama.llama_model_chat_template(self.ptr, None)
+        return template.decode("utf-8") if template else None
+
+    def render_chat(self, messages: Sequence[tuple[str, str]], add_assistant: bool) -> str:
+        """`messages` ((role, content) pairs) through the model's chat template, as llama.cpp
+        renders it; `add_assistant` opens the assistant's turn at the end."""
+        template = self.chat_template()
+        if template is None:
+            raise ValueError(f"{self.name} has no chat template; use generate() instead")
+        encoded = [(role.encode(), content.encode()) for role, content in messages]
+        arr = (llama.llama_chat_message * len(encoded))(*[llama.llama_chat_message(r, c) for r, c in encoded])
+        size = 2 * sum(len(r) + len(c) for r, c in encoded) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(template.encode(), arr, len(encoded), add_assistant, buf, size)
+            if n < 0:
+                raise ValueError("llama.cpp does not support this model's chat template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise RuntimeError("chat template output kept growing")

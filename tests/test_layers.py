@@ -1,0 +1,60 @@
+"""The package's shape, read from its source: llama.cpp behind one door, and no import cycles,
+lazy imports inside functions included (they once hid two)."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "infmllm_gguf"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in it (absolute names)."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import native`
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_only_the_runtime_calls_llama_cpp():
+    callers = {module_name(p) for p in PACKAGE.rglob("*.py") if any(m.split(".")[0] == "llama_cpp" for m in imports(p))}
+    assert callers and all(name.startswith("infmllm_gguf.runtime") for name in callers), sorted(callers)
+
+
+def test_no_import_cycles():
+    edges = graph()
+    # a package imports its own modules in __init__: follow modules, not the package's re-exports
+    for name in list(edges):
+        edges[name] = {m for m in edges[name] if not name.startswith(m + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+    assert "infmllm_gguf.session" in edges and "infmllm_gguf.cache" in edges["infmllm_gguf.session"]
