@@ -13,10 +13,20 @@ CUDA_ARCH ?=
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q scikit-build-core 'cmake>=3.21' numpy gguf pillow typer matplotlib tqdm av \
-		diskcache jinja2 typing-extensions pytest scikit-video pexpect
+		diskcache jinja2 typing-extensions fastapi uvicorn pytest scikit-video pexpect openai selenium
 	touch $@
 
-setup: .venv/.deps
+# the server's page is tested in a real browser: Debian's chromium and its driver, where apt-get can
+.browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+		echo "note: apt-get could not install chromium: the browser test will be skipped"; \
+	else echo "note: no chromium here and no root apt-get: the browser test will be skipped"; fi
+	touch $@
+
+setup: .venv/.deps .browser
 	CUDA=$(CUDA) CUDA_ARCH=$(CUDA_ARCH) PYTHON=$(PY) scripts/build_llama.sh
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m infmllm_gguf.models fetch
@@ -34,4 +44,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .browser build *.egg-info

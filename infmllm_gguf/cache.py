@@ -8,6 +8,7 @@ read an endless stream.
 """
 from __future__ import annotations
 
+import collections
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -43,10 +44,8 @@ def queries_seen(n_old: int, chunk: int, n_queries: int, causal: bool) -> np.nda
     """How many of a chunk's `n_queries` captured queries (its last ones) can attend to each cell:
     the `n_old` cells cached before the chunk, then the chunk's `chunk` cells (float64). A causal
     query sees the cells up to itself; a non-causal chunk (an image read both ways) sees all."""
-    new = np.full(chunk, n_queries, dtype=np.float64)
-    if causal:
-        new = np.minimum(n_queries, chunk - np.arange(chunk)).astype(np.float64)
-    return np.concatenate((np.full(n_old, n_queries, dtype=np.float64), new))
+    new = np.minimum(n_queries, chunk - np.arange(chunk)) if causal else np.full(chunk, n_queries)
+    return np.concatenate((np.full(n_old, n_queries), new)).astype(np.float64)
 
 
 class CacheController:
@@ -57,12 +56,15 @@ class CacheController:
     says whether that cell holds an image embedding rather than a text token. Since the last
     eviction, `attention` and `visibility` hold what the captured queries gave each cell and how
     many of them could see it; `carried` is the score the policy carried from that eviction.
+    With `history` > 0, `recent_tokens` keeps the token ids of the last `history` tokens of the
+    stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
 
-    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32):
+    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, history: int = 0):
         self.runtime = runtime
         self.policy = policy
         self.generation_headroom = generation_headroom
+        self.history = history
         self.reindex = runtime.can_shift()
         if not self.reindex:
             warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
@@ -77,6 +79,7 @@ class CacheController:
         self.attention: np.ndarray | None = None   # float64 [n_layer, n]
         self.visibility: np.ndarray | None = None  # float64 [n]
         self.carried: np.ndarray | None = None     # float64 [n]
+        self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.history)
         self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
 
     def reset(self) -> None:
@@ -105,6 +108,7 @@ class CacheController:
         """The controller's state for a save: counters and arrays. llama.cpp's cells are the
         runtime's (`Runtime.state`)."""
         arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
+        arrays["recent_tokens"] = np.array(self.recent_tokens, dtype=np.int64)
         return {"stats": asdict(self._stats), "reindex": self.reindex}, arrays
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -130,6 +134,9 @@ class CacheController:
                 raise ValueError(f"the saved {name} has shape {value.shape}, the saved cells need {shape}")
         if (arrays.get("attention") is None) != (arrays.get("visibility") is None):
             raise ValueError("the saved attention and visibility come together or not at all")
+        recent = arrays.get("recent_tokens")
+        if recent is not None and (recent.ndim != 1 or not np.issubdtype(recent.dtype, np.integer)):
+            raise ValueError("the saved recent tokens are not a 1-D integer array")
 
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Take over a state that `check_state` accepted, once llama.cpp's cells are loaded."""
@@ -139,6 +146,8 @@ class CacheController:
             value = arrays.get(name)
             setattr(self, name, None if value is None else value.astype(np.float64))
         self._stats = CacheStats(**meta["stats"])
+        self.recent_tokens = collections.deque(arrays.get("recent_tokens", np.zeros(0, np.int64)).tolist(),
+                                               maxlen=self.history)
         self._captured_queries = -1  # the capture setting is not part of llama.cpp's state: set it again
 
     # -- decoding ---------------------------------------------------------------------------
@@ -179,6 +188,8 @@ class CacheController:
         n_old, first = self.stream_indices.size, self._stats.tokens_seen
         self.stream_indices = np.concatenate((self.stream_indices, np.arange(first, first + n, dtype=np.int64)))
         self.is_image = np.concatenate((self.is_image, np.full(n, is_image)))
+        if self.history:
+            self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n
         self._stats.image_tokens_seen += n if is_image else 0
         self._stats.peak_cells = max(self._stats.peak_cells, int(self.stream_indices.size))

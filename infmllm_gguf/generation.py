@@ -5,6 +5,7 @@ turns token ids into text, holding back a character whose bytes are split across
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -38,21 +39,34 @@ def make_sampler(temperature: float, top_p: float, rng: np.random.Generator) -> 
     return sample
 
 
+@dataclass
+class Reply:
+    """How a generation went: the tokens sampled (an end-of-generation token not counted, nor
+    decoded) and why it ended: "stop" (an end-of-generation token or a stop string) or "length"
+    (`max_tokens`), as OpenAI's API names them."""
+    n_tokens: int = 0
+    finish_reason: str = "stop"
+
+
 def generate_tokens(cache: CacheController, sampler: Sampler, *, max_tokens: int,
-                    is_end: Callable[[int], bool]) -> Iterator[int]:
+                    is_end: Callable[[int], bool], reply: Reply | None = None) -> Iterator[int]:
     """Sample up to `max_tokens` token ids after what the cache holds, each decoded into the cache
     (evicting as it goes) before it is yielded, so that a caller who stops reading leaves a
-    consistent stream. Stops before a token that `is_end`."""
+    consistent stream. Stops before a token that `is_end`. `reply` counts the tokens and says why
+    the generation ended (left at "stop" if the caller stops reading first, at a stop string)."""
     if cache.n_cached == 0:
         raise ValueError("nothing to continue: feed text or pass a prompt first")
+    reply = reply if reply is not None else Reply()
     logits = cache.runtime.logits()
     for _ in range(max_tokens):
         token = sampler(logits)
         if is_end(token):
             return
         cache.decode([token], generating=True)
+        reply.n_tokens += 1
         yield token
         logits = cache.runtime.logits()
+    reply.finish_reason = "length"
 
 
 class StreamingDetokenizer:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cache import CacheController, CacheStats
 from .chat import ChatTranscript
-from .generation import Sampler, StreamingDetokenizer, generate_tokens, make_sampler, text_pieces
+from .generation import Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler, text_pieces
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
 from .runtime import Model, Runtime
@@ -31,9 +31,9 @@ except (OSError, AttributeError):
 
 
 def return_freed_memory() -> None:
-    """Hand the heap pages freed by a save back to the OS. glibc keeps them, and a stream's
-    resident size stepped up by 11-34 MiB at its first checkpoints (the copies of the state);
-    with this it stays flat. A no-op where the C library is not glibc."""
+    """Hand the heap pages freed by a save or a load back to the OS. glibc keeps them, and a
+    stream's resident size stepped up by 11-34 MiB at its first checkpoints (the copies of the
+    state); with this it stays flat. A no-op where the C library is not glibc."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -63,13 +63,14 @@ class StreamSession:
     `policy`: a `Policy`, or a policy name with that policy's options as keywords
     (``StreamSession(m, "inf-mllm", budget=512, bias=1.0)``). The llama.cpp context holds
     `budget + max(chunk, generation_headroom)` cells and never grows. `mmproj`, the model's vision
-    projector GGUF, enables `feed_image`, `feed_video` and media in `chat`.
+    projector GGUF, enables `feed_image`, `feed_video` and media in `chat`. `history` keeps the
+    token ids of the stream's last `history` tokens for display (`recent_view`).
     """
 
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
                  chunk: int = 256, generation_headroom: int = 32, n_gpu_layers: int = -1,
                  n_threads: int | None = None, flash_attn: bool | None = None, seed: int = 0,
-                 mmproj: str | os.PathLike | None = None, **policy_options):
+                 mmproj: str | os.PathLike | None = None, history: int = 0, **policy_options):
         if isinstance(policy, Policy):
             if policy_options:
                 raise ValueError(f"options {', '.join(policy_options)} go with a policy name; a Policy object "
@@ -89,7 +90,8 @@ class StreamSession:
         try:
             self.runtime = Runtime(self.model, n_ctx=self.policy.budget + max(chunk, generation_headroom),
                                    n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads)
-            self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom)
+            self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom,
+                                         history=history)
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
                                            n_threads=n_threads)
@@ -98,6 +100,7 @@ class StreamSession:
             raise
         self.rng = np.random.default_rng(seed)
         self.transcript = ChatTranscript(self.model.render_chat)
+        self.last_reply: Reply | None = None  # how the last generation ended
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -127,6 +130,17 @@ class StreamSession:
     def cached_stream_indices(self) -> np.ndarray:
         """The stream indices (token numbers in the stream) of the cells cached now, ascending."""
         return self.cache.stream_indices.copy()
+
+    def recent_view(self) -> list[tuple[int, str, bool]]:
+        """The last `history` tokens of the stream as (stream index, text, still cached): text in
+        whole characters (a character split across tokens shows on its last token; an image
+        token as "[image]")."""
+        tokens = list(self.cache.recent_tokens)
+        first = self.stats.tokens_seen - len(tokens)
+        cached = np.isin(np.arange(first, first + len(tokens)), self.cache.stream_indices)
+        detokenizer = StreamingDetokenizer(self.model.token_bytes)
+        return [(first + i, "[image]" if t < 0 else detokenizer.add(t), bool(c))
+                for i, (t, c) in enumerate(zip(tokens, cached))]
 
     # -- saving -----------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -180,12 +194,14 @@ class StreamSession:
         self.cache.load_state(*cache)
         self.transcript.load_state(chat)
         self.rng.bit_generator.state = sampler["rng"]
+        del components, runtime, cache  # the file's copies go before the trim, or their pages stay
+        return_freed_memory()
         return header.get("extra", {})
 
     @classmethod
     def restore(cls, path: str | os.PathLike, model: Model | str | os.PathLike | None = None, *,
                 n_gpu_layers: int = -1, n_threads: int | None = None,
-                mmproj: str | os.PathLike | None = None) -> "StreamSession":
+                mmproj: str | os.PathLike | None = None, history: int = 0) -> "StreamSession":
         """A new session continuing the stream saved at `path`, with the settings it was saved with
         (`mmproj` to go on feeding images; the images already in the stream need none)."""
         header, _ = read_state(path)
@@ -194,7 +210,8 @@ class StreamSession:
             policy = from_config(settings.pop("policy"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
-        session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, **settings)
+        session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, history=history,
+                      **settings)
         try:
             session.load(path)
         except Exception:
@@ -296,14 +313,16 @@ class StreamSession:
         """Feed `prompt` (if any), then sample up to `max_tokens` tokens, yielding text pieces.
 
         `sampler` (logits -> token id) replaces the temperature and top-p sampler. Stops at an
-        end-of-generation token or when a `stop` string appears (not yielded). While generating,
-        the cache may hold up to budget + generation_headroom cells; at the end it is brought back
-        to the budget.
+        end-of-generation token or when a `stop` string appears (not yielded); `last_reply` then
+        says how many tokens were sampled and why it stopped. While generating, the cache may hold
+        up to budget + generation_headroom cells; at the end it is brought back to the budget.
         """
         if prompt:
             self.feed_text(prompt, special=special)
         sampler = sampler or make_sampler(temperature, top_p, self.rng)
-        tokens = generate_tokens(self.cache, sampler, max_tokens=max_tokens, is_end=self.model.is_end_of_generation)
+        self.last_reply = Reply()
+        tokens = generate_tokens(self.cache, sampler, max_tokens=max_tokens, is_end=self.model.is_end_of_generation,
+                                 reply=self.last_reply)
         try:
             yield from text_pieces(tokens, StreamingDetokenizer(self.model.token_bytes), stop)
         finally:
@@ -328,12 +347,14 @@ class StreamSession:
                                         temperature=temperature, top_p=top_p))
 
     def chat_stream(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
-                    max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95) -> Iterator[str]:
-        """`chat`, yielding the reply in pieces as it is sampled."""
-        self._user_turn(message, media, system, add_assistant=True)
+                    max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, stop: Sequence[str] = (),
+                    sampler: Sampler | None = None) -> Iterator[str]:
+        """`chat`, yielding the reply in pieces as it is sampled (`stop` and `sampler` as in `generate`)."""
+        self.user_turn(message, media=media, system=system)
         reply = ""
         try:
-            for piece in self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p):
+            for piece in self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                       sampler=sampler):
                 reply += piece
                 yield piece
         finally:  # a reply cut short (the caller stopped reading) is still part of the conversation
@@ -342,12 +363,20 @@ class StreamSession:
     def chat_media(self, media: Iterable[MediaPart], *, system: str | None = None) -> int:
         """A user turn that only shows media (an image, a video's frames), with no reply: the next
         `chat` asks about it. Returns the number of image tokens fed."""
-        return self._user_turn("", media, system, add_assistant=False)
+        return self.user_turn("", media=media, system=system, add_assistant=False)
 
-    def _user_turn(self, message: str, media: Iterable[MediaPart] | None, system: str | None,
-                   add_assistant: bool) -> int:
-        """Add a user message and feed the new part of the rendered conversation; the media go
-        where the message's media marker renders."""
+    def assistant_turn(self, text: str) -> int:
+        """Feed an assistant message that was not generated here (a conversation's history, replayed)
+        as the reply to the last user turn; returns the number of tokens fed."""
+        n = self.feed_text(text)
+        self.transcript.reply(text)
+        return n
+
+    def user_turn(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
+                  add_assistant: bool = True) -> int:
+        """Add a user message (`system` too, at the start of a conversation) and feed the new part
+        of the rendered conversation, up to the assistant's turn when `add_assistant`; `media` go
+        where the message's media marker renders. Returns the number of image tokens fed."""
         self.chat_template()
         if media is None:
             new = self.transcript.user_turn(message, system=system, add_assistant=add_assistant)

@@ -1,0 +1,189 @@
+"""The OpenAI-compatible request bodies, their checks, and the error body OpenAI clients read.
+
+Everything a request says is checked here, before any conversation is touched: message roles and
+order, sampling values, and every image (a base64 `data:` URL that must decode as an image; the
+server never reads a path or fetches a URL on a client's behalf).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..multimodal import load_image
+
+#: parameters of OpenAI's API that this server does not implement: refused when set, never ignored
+UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "tools": None,
+               "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
+               "audio": None, "modalities": None, "prediction": None, "best_of": 1, "echo": False, "suffix": None}
+DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=?[\w.+-]*)*),(?P<data>.*)$", re.S)
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """What both routes take."""
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields (user, metadata, store) do not matter here
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
+        return stops
+
+    def refuse_unsupported(self) -> None:
+        for name, default in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name, default)
+            if value not in (default, None, [], {}):
+                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported")
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message, checked: its role, its text, and its images decoded (PIL), in order."""
+    role: str
+    text: str
+    images: tuple = ()
+    image_digests: tuple[str, ...] = ()
+
+    def digest_part(self) -> bytes:
+        """What identifies the message in a conversation's digest (whitespace at the ends aside:
+        clients trim what they send back)."""
+        return b"\0".join([self.role.encode(), self.text.strip().encode(), *(d.encode() for d in self.image_digests)])
+
+
+def decode_image(url: str, where: str):
+    """The PIL image of a base64 `data:` URL; ApiError (400) for anything else."""
+    match = DATA_URL.match(url)
+    if match is None:
+        raise ApiError(400, f"{where}: only base64 data: URLs are accepted (the server never reads a path or "
+                            "fetches a URL)", param=where, code="invalid_image_url")
+    if ";base64" not in match["params"]:
+        raise ApiError(400, f"{where}: the data: URL is not base64", param=where, code="invalid_image_url")
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, f"{where}: undecodable base64 ({exc})", param=where, code="invalid_image") from None
+    try:
+        image = load_image(data)
+    except ValueError as exc:
+        raise ApiError(400, f"{where}: {exc}", param=where, code="invalid_image") from None
+    return image, hashlib.sha256(data).hexdigest()
+
+
+def checked_turns(messages: list[Message], *, images_allowed: bool) -> list[Turn]:
+    """The request's messages as turns: images decoded, roles in an order a chat template renders
+    (system first, an assistant message after a user message, the last one from the user)."""
+    turns = []
+    for i, m in enumerate(messages):
+        role = "system" if m.role == "developer" else m.role
+        where = f"messages[{i}]"
+        if isinstance(m.content, str) or m.content is None:
+            if m.content is None:
+                raise ApiError(400, f"{where}: content is missing", param=where)
+            turns.append(Turn(role, m.content))
+            continue
+        texts, images, digests = [], [], []
+        for j, part in enumerate(m.content):
+            if part.type == "text":
+                texts.append(part.text or "")
+                continue
+            if role != "user":
+                raise ApiError(400, f"{where}: only user messages carry images", param=where)
+            if not images_allowed:
+                raise ApiError(400, f"{where}: this server has no vision projector: start it with --mmproj to "
+                                    "send images", param=f"{where}.content[{j}]", code="images_unsupported")
+            if part.image_url is None:
+                raise ApiError(400, f"{where}.content[{j}]: image_url is missing", param=where)
+            image, digest = decode_image(part.image_url.url, f"{where}.content[{j}]")
+            images.append(image)
+            digests.append(digest)
+        turns.append(Turn(role, "\n".join(texts), tuple(images), tuple(digests)))
+    for i, t in enumerate(turns):
+        if t.role == "system" and i > 0:
+            raise ApiError(400, f"messages[{i}]: a system message goes first", param=f"messages[{i}]")
+        if t.role == "assistant" and (i == 0 or turns[i - 1].role != "user"):
+            raise ApiError(400, f"messages[{i}]: an assistant message answers a user message",
+                           param=f"messages[{i}]")
+    if turns[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's", param=f"messages[{len(turns) - 1}]")
+    return turns
+
+
+ROOT = hashlib.sha256(b"infmllm-gguf chat").hexdigest()  # the digest of an empty conversation
+
+
+def chain(turns: list[Turn], start: str = ROOT) -> list[str]:
+    """The digest of the conversation after each number of turns (0 .. len(turns)), starting
+    from the digest `start` of what came before: a chain, so that a conversation is found from
+    the digest of the messages a request repeats, and continued from its own."""
+    out = [start]
+    for t in turns:
+        out.append(hashlib.sha256(out[-1].encode() + b"\1" + t.digest_part()).hexdigest())
+    return out
+
+
+def error_from_validation(errors: list[dict[str, Any]]) -> ApiError:
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return ApiError(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None,
+                    code="invalid_value")
