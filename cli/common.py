@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 MODEL_ARG = typer.Argument(None, help="GGUF model file (default: SmolLM2-135M-Instruct, installed by `make setup`)")
 NGL_OPT = typer.Option(-1, "--n-gpu-layers", "-ngl", help="layers to offload to the GPU (-1: all)")
 POLICY_NAMES = ", ".join(POLICIES)
+SHORT_FLAGS = {"budget": "-b", "window": "-w"}  # as the commands always had them
 
 
 def fail(message: str) -> None:
@@ -53,7 +54,8 @@ def with_policy_options(*, sweep: bool, defaults: dict[str, str] | None = None) 
                 help_text += f"; here {defaults[d.name]} by default"
             params.append(inspect.Parameter(
                 d.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str] if sweep else Optional[d.type],
-                default=typer.Option(None, flag, help=help_text, show_default=False)))
+                default=typer.Option(None, flag, *([SHORT_FLAGS[d.name]] if d.name in SHORT_FLAGS else []),
+                                     help=help_text, show_default=False)))
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:

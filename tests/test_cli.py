@@ -115,6 +115,7 @@ def test_policy_flags_come_from_the_policies_declarations():
         shown = words(run(command, "--help").stdout)
         for d in declared_options().values():
             assert "--" + d.name.replace("_", "-") in shown and words(d.help) in shown, (command, d.name)
+        assert "-b, --budget" in shown and "-w, --window" in shown  # the short flags docs/RESULTS.md uses
 
 
 def test_importing_the_package_leaves_llama_cpp_alone(default_model):
