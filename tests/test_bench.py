@@ -188,8 +188,8 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     assert st["gpu_memory_scope"] is None  # CPU
     runs = st["runs"]
     # every record carries its policy's whole configuration; interleaved: the second repeat starts one run later
-    assert runs[0]["policy"] == {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 0, "window": 32,
-                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean"}
+    assert runs[0]["policy"] == {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32,
+                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0}
     assert [(r["policy"]["name"], r["repeat"]) for r in runs] == \
         [("inf-mllm", 0), ("h2o", 0), ("full", 0), ("h2o", 1), ("full", 1), ("inf-mllm", 1)]
     for r in runs:

@@ -44,8 +44,8 @@ def random_case(rng: np.random.Generator, window: int = 32):
                 obs=Observation(indices, attention, visibility, carried))
 
 
-def reference_inf_mllm(obs: Observation, *, budget, recent, sinks, bias, decay, layer_reduce):
-    """docs/METHOD.md's rule, steps 1-6, in plain Python loops."""
+def reference_inf_mllm(obs: Observation, *, budget, recent, sinks, bias, decay, layer_reduce, max_age):
+    """docs/METHOD.md's rule, steps 1-7, in plain Python loops."""
     ids = [int(i) for i in obs.stream_indices]
     n, n_layer = len(ids), len(obs.attention)
     s = []
@@ -72,6 +72,8 @@ def reference_inf_mllm(obs: Observation, *, budget, recent, sinks, bias, decay, 
     for r, j in enumerate(candidates):
         rank = r / (len(candidates) - 1) if len(candidates) > 1 else 0.0
         score[j] = (s[j] / mean if mean > 0 else s[j]) + bias * rank
+        if max_age and ids[-1] - ids[j] > max_age * budget:
+            score[j] = -float("inf")
     chosen = set(sorted(candidates, key=lambda j: (score[j], ids[j]), reverse=True)[:budget - sum(protected)])
     keep = [protected[j] or j in chosen for j in range(n)]
     return np.array(keep), np.array([s[j] for j in range(n) if keep[j]])
@@ -166,26 +168,25 @@ def test_stream_simulation(key):
 # ---------------------------------------------------------------------------------------------
 # Inf-MLLM: the loop reference and hand-computed cases
 
-SETTINGS = [  # (bias, decay, window, layer_reduce)
-    (0.0, 0.0, 32, "mean"),
-    (0.5, 0.0, 32, "mean"),
-    (0.0, 1.0, 8, "mean"),
-    (2.0, 0.3, 4, "max"),
-    (0.1, 0.9, 1, "max"),
-    (0.0, 0.5, 200, "mean"),
+SETTINGS = [  # (bias, decay, window, layer_reduce, max_age)
+    (0.0, 0.0, 32, "mean", 0.0),
+    (0.5, 0.0, 32, "mean", 2.0),
+    (0.0, 1.0, 8, "mean", 1.0),
+    (2.0, 0.3, 4, "max", 0.5),
+    (0.1, 0.9, 1, "max", 0.0),
+    (0.0, 0.5, 200, "mean", 1.5),
 ]
 
 
-@pytest.mark.parametrize("bias,decay,window,layer_reduce", SETTINGS)
-def test_inf_mllm_matches_the_loop_reference(bias, decay, window, layer_reduce):
+@pytest.mark.parametrize("bias,decay,window,layer_reduce,max_age", SETTINGS)
+def test_inf_mllm_matches_the_loop_reference(bias, decay, window, layer_reduce, max_age):
     rng = np.random.default_rng(int(bias * 100 + decay * 10 + window))
     for _ in range(15):
         case = random_case(rng, window)
-        policy = InfMLLM(budget=case["budget"], recent=case["recent"], sinks=case["sinks"], window=window,
-                         bias=bias, decay=decay, layer_reduce=layer_reduce)
-        sel = policy.select(case["obs"])
-        keep, carried = reference_inf_mllm(case["obs"], budget=case["budget"], recent=case["recent"],
-                                           sinks=case["sinks"], bias=bias, decay=decay, layer_reduce=layer_reduce)
+        config = dict(budget=case["budget"], recent=case["recent"], sinks=case["sinks"], bias=bias, decay=decay,
+                      layer_reduce=layer_reduce, max_age=max_age)
+        sel = InfMLLM(window=window, **config).select(case["obs"])
+        keep, carried = reference_inf_mllm(case["obs"], **config)
         np.testing.assert_array_equal(sel.keep, keep)
         np.testing.assert_allclose(sel.carried, carried, rtol=1e-12, atol=1e-15)
 
@@ -201,19 +202,35 @@ def test_inf_mllm_by_hand():
         score = (1.556, 0.522, 1.489, 2.233): with a budget of 3, cells 3 and 0 join cell 4."""
     obs = Observation(np.array([0, 3, 7, 8, 9]), np.array([[4, 1, 0, 3, 1], [2, 1, 8, 3, 1]], dtype=np.float32),
                       np.array([4, 4, 4, 2, 1.0]), np.array([2.0, 0, 0, 0, 0]))
-    sel = InfMLLM(budget=3, recent=1, window=4, bias=0.9, decay=0.5).select(obs)
+    no_age = dict(budget=3, recent=1, sinks=0, max_age=0.0, decay=0.5)
+    sel = InfMLLM(window=4, bias=0.9, **no_age).select(obs)
     np.testing.assert_array_equal(sel.keep, [True, False, False, True, True])
     np.testing.assert_allclose(sel.carried, [1.75, 1.5, 1.0])  # cell 4: (1 + 1) / 1 / 2
     # without the bias, cell 2 (S 1.0) beats nobody either; with bias 3, the newest candidates win
-    assert InfMLLM(budget=3, recent=1, bias=0.0, decay=0.5).select(obs).keep.tolist() == [True, False, False, True, True]
-    assert InfMLLM(budget=3, recent=1, bias=3.0, decay=0.5).select(obs).keep.tolist() == [False, False, True, True, True]
+    assert InfMLLM(bias=0.0, **no_age).select(obs).keep.tolist() == [True, False, False, True, True]
+    assert InfMLLM(bias=3.0, **no_age).select(obs).keep.tolist() == [False, False, True, True, True]
+
+
+def test_inf_mllm_age_limit_by_hand():
+    """Stream indices 0, 5, 20, 21, 22, 23 with the newest at 23; budget 4, recent 1, one sink.
+    Cell 0 is the sink; candidates 5, 20, 21, 22 with attention 9, 1, 2, 3 (bias 0): without an
+    age limit cells 5 and 22 join the sink and cell 23. max_age 4 (x budget 4 = 16 tokens):
+    cell 5 is 18 tokens old, it goes; cells 22 and 21 stay instead. The sink, 23 tokens old,
+    stays: it is protected."""
+    obs = Observation(np.array([0, 5, 20, 21, 22, 23]), np.array([[5, 9, 1, 2, 3, 1]], dtype=np.float32),
+                      np.ones(6))
+    common = dict(budget=4, recent=1, sinks=1, bias=0.0)
+    assert InfMLLM(max_age=0.0, **common).select(obs).keep.tolist() == [True, True, False, False, True, True]
+    assert InfMLLM(max_age=4.0, **common).select(obs).keep.tolist() == [True, False, False, True, True, True]
+    # 18 tokens is within 5 budgets (20 tokens): cell 5 stays
+    assert InfMLLM(max_age=5.0, **common).select(obs).keep.tolist() == [True, True, False, False, True, True]
 
 
 def test_inf_mllm_divides_by_visibility_not_by_its_window():
     """Visibility is what the controller says the captured queries could see; a short last chunk
     (3 queries for a window of 32) divides by 3, not 32."""
     obs = Observation(np.arange(6), np.ones((2, 6)), np.array([3, 3, 3, 3, 2, 1.0]))
-    sel = InfMLLM(budget=5, recent=1, window=32, bias=0.0).select(obs)
+    sel = InfMLLM(budget=5, recent=1, sinks=0, window=32, bias=0.0).select(obs)
     np.testing.assert_allclose(sel.carried, [1 / 3, 1 / 3, 1 / 3, 1 / 2, 1.0])
 
 
@@ -239,7 +256,11 @@ def test_attention_saddle_is_kept():
     saddle = 20                                          # an old token, far out of the window
     attention[:, saddle] = 1.0                           # high attention in every layer
     obs = Observation(indices, attention, np.full(indices.size, 32.0))
-    assert InfMLLM(budget=50, recent=16, bias=0.0).select(obs).keep[saddle]
+    assert InfMLLM(budget=50, recent=16, bias=0.0, max_age=0.0).select(obs).keep[saddle]
+    # the age limit (2 budgets: 100 tokens) lets it go at 179 tokens old, and keeps a younger one
+    assert not InfMLLM(budget=50, recent=16, bias=0.0, max_age=2.0).select(obs).keep[saddle]
+    attention[:, 120] = 1.0
+    assert InfMLLM(budget=50, recent=16, bias=0.0, max_age=2.0).select(obs).keep[120]
     assert not RecentOnly(budget=50).select(Observation(indices)).keep[saddle]
 
 
@@ -268,8 +289,8 @@ def test_inf_mllm_forgets_what_h2o_remembers():
     obs = Observation(indices, attention, np.full(indices.size, 20.0), carried)
     assert H2O(budget=40, recent=10).select(obs).keep[heavy]
     # the paper's local window (decay 0) forgets it; with decay 1 InfMLLM keeps it too
-    assert not InfMLLM(budget=40, recent=10, decay=0.0).select(obs).keep[heavy]
-    assert InfMLLM(budget=40, recent=10, decay=1.0).select(obs).keep[heavy]
+    assert not InfMLLM(budget=40, recent=10, decay=0.0, max_age=0.0).select(obs).keep[heavy]
+    assert InfMLLM(budget=40, recent=10, decay=1.0, max_age=0.0).select(obs).keep[heavy]
 
 
 def test_ties_prefer_newer():
@@ -277,7 +298,7 @@ def test_ties_prefer_newer():
     obs = Observation(indices, np.ones((N_LAYER, indices.size)), np.full(indices.size, 4.0))
     want = np.zeros(indices.size, dtype=bool)
     want[-30:] = True
-    np.testing.assert_array_equal(InfMLLM(budget=30, recent=5, window=4, bias=0.0).select(obs).keep, want)
+    np.testing.assert_array_equal(InfMLLM(budget=30, recent=5, sinks=0, window=4, bias=0.0).select(obs).keep, want)
     np.testing.assert_array_equal(H2O(budget=30, recent=5).select(obs).keep, want)
 
 
@@ -332,16 +353,17 @@ def test_registry_and_declarations():
         assert cls.name == name and cls.__doc__
     for cls, arxiv in ((InfMLLM, "2409.09086"), (H2O, "2306.14048"), (StreamingLLM, "2309.17453")):
         assert arxiv in cls.__doc__
-    assert InfMLLM().config() == {"name": "inf-mllm", "budget": 1024, "recent": 64, "sinks": 0, "window": 32,
-                                  "bias": 0.5, "decay": 0.0, "layer_reduce": "mean"}
+    assert InfMLLM().config() == {"name": "inf-mllm", "budget": 1024, "recent": 64, "sinks": 4, "window": 32,
+                                  "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0}
     assert StreamingLLM().config() == {"name": "streaming-llm", "budget": 1024, "recent": 0, "sinks": 4}
     assert ContextShift(budget=512).config() == {"name": "context-shift", "budget": 512, "n_keep": 4}
     declared = declared_options()
-    assert list(declared) == ["budget", "recent", "sinks", "window", "bias", "decay", "layer_reduce", "n_keep"]
+    assert list(declared) == ["budget", "recent", "sinks", "window", "bias", "decay", "layer_reduce", "max_age",
+                              "n_keep"]
     assert declared["recent"].defaults == {"inf-mllm": 64, "h2o": 64, "streaming-llm": 0, "recent-only": 0}
     assert declared["bias"].type is float and declared["layer_reduce"].type is str
     assert declared["sinks"].describe() == ("the first tokens of the stream, always kept while cached "
-                                            "(default inf-mllm, h2o: 0; streaming-llm: 4)")
+                                            "(default inf-mllm, streaming-llm: 4; h2o: 0)")
     assert declared["budget"].describe() == "cells the cache keeps (default 1024)"
 
 
@@ -350,6 +372,10 @@ def test_a_config_builds_the_same_policy_and_labels_what_differs():
     assert from_config(policy.config()) == policy
     assert policy.label() == "inf-mllm, budget 256, bias 1, decay 0.25, layer_reduce max"
     assert make_policy("streaming_llm", budget=256, sinks=2).sinks == 2     # underscores accepted
+    # a record written before the age limit existed ran without one, and is labelled so
+    old = from_config({"name": "inf-mllm", "budget": 512, "recent": 64, "sinks": 0, "window": 32, "bias": 0.5,
+                       "decay": 0.0, "layer_reduce": "mean"})
+    assert old.max_age == 0.0 and old.label() == "inf-mllm, budget 512, sinks 0, max_age 0"
 
 
 def test_the_grid_crosses_only_the_options_a_policy_takes():
@@ -366,7 +392,7 @@ def test_the_grid_crosses_only_the_options_a_policy_takes():
 
 
 @pytest.mark.parametrize("name,config,fix", [
-    ("inf-mllm", dict(budget=64, recent=64), r"budget \(64\) must exceed recent \+ sinks \(64\): "
+    ("inf-mllm", dict(budget=64, recent=60), r"budget \(64\) must exceed recent \+ sinks \(64\): "
                                              r"raise --budget or lower --recent/--sinks"),
     ("inf-mllm", dict(budget=100, recent=64, sinks=40), r"budget \(100\) must exceed recent \+ sinks \(104\)"),
     ("streaming-llm", dict(budget=4), r"budget \(4\) must exceed recent \+ sinks \(4\)"),

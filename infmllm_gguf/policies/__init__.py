@@ -46,9 +46,14 @@ def make_policy(name: str, **options: Any) -> Policy:
 
 
 def from_config(config: dict) -> Policy:
-    """The policy of a `Policy.config()` record."""
+    """The policy of a `Policy.config()` record; an option the record lacks because it was written
+    before the option existed takes the value the record ran with (its ``absent``)."""
     options = dict(config)
-    return make_policy(options.pop("name"), **options)
+    cls = policy_class(options.pop("name"))
+    for f in cls.options():
+        if f.name not in options and f.metadata.get("absent") is not None:
+            options[f.name] = f.metadata["absent"]
+    return make_policy(cls.name, **options)
 
 
 @dataclass(frozen=True)

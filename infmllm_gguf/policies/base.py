@@ -26,10 +26,11 @@ import numpy as np
 
 
 def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A policy option: a dataclass field with its help text and bounds."""
+           choices: tuple[str, ...] | None = None, absent: Any = None) -> Any:
+    """A policy option: a dataclass field with its help text and bounds. ``absent``, for an option
+    added later, is the value that records written before it existed ran with (`from_config`)."""
     return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum,
-                                            "choices": choices})
+                                            "choices": choices, "absent": absent})
 
 
 def default_of(owner: type, name: str, default: Any) -> Any:

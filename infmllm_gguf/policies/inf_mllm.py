@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Observation, ScoredPolicy, age_rank, option
+from .base import Observation, Policy, ScoredPolicy, age_rank, default_of, option
 
 LAYER_REDUCTIONS = ("mean", "max")
 
@@ -26,16 +26,22 @@ class InfMLLM(ScoredPolicy):
     5. attention bias: ``score = S / mean(S) + bias * rank`` over the candidates (the cells not
        protected), ``rank`` their age rank scaled to [0, 1] (0 oldest, 1 newest); if the
        candidates' S are all 0, S stays unnormalised and the bias and the tie rule decide;
-    6. the base keeps the ``recent`` newest, the sinks present and the best-scored candidates.
+    6. age limit: candidates more than ``max_age * budget`` tokens older than the newest cell score
+       -inf, so they go before any other (0: no limit); with it the first ``sinks`` tokens must be
+       kept explicitly, as the age limit would evict the attention sink too;
+    7. the base keeps the ``recent`` newest, the sinks present and the best-scored candidates.
 
     ``Selection.carried`` is ``S`` of the kept cells.
     """
+    sinks: int = default_of(Policy, "sinks", 4)
     window: int = option(32, "retrieval window: the last W queries of each chunk are scored", minimum=1)
-    # the sweep in docs/RESULTS.md (SmolLM2, 8k tokens of Shakespeare): best at budgets 512 and 1024
     bias: float = option(0.5, "attention bias toward newer tokens", minimum=0.0)
     decay: float = option(0.0, "share of the carried score kept across evictions (0: none, 1: all)",
                           minimum=0.0, maximum=1.0)
     layer_reduce: str = option("mean", "how the layers' scores combine", choices=LAYER_REDUCTIONS)
+    # docs/RESULTS.md, "The drift and its fix": chosen on 50k-token streams, confirmed on 205k
+    max_age: float = option(2.0, "candidates older than this many budgets (in tokens) go first (0: no limit)",
+                            minimum=0.0, absent=0.0)
 
     name: ClassVar[str] = "inf-mllm"
     reads_attention: ClassVar[bool] = True
@@ -59,4 +65,7 @@ class InfMLLM(ScoredPolicy):
         mean = s_c.mean()
         score = np.zeros_like(s)
         score[candidates] = (s_c / mean if mean > 0 else s_c) + self.bias * age_rank(s_c.size)  # step 5
+        if self.max_age:                                                            # step 6
+            too_old = obs.stream_indices[-1] - obs.stream_indices > self.max_age * self.budget
+            score[candidates & too_old] = -np.inf
         return score, s
