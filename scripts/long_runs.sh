@@ -20,6 +20,8 @@ stream() {  # stream NAME TEXT ARGS...: one resumable perplexity command
     mv "$out.partial.json" "$out.json"
 }
 
+# Runs (a) and (b) were made before inf-mllm had its age limit: their records hold the rule they
+# ran (sinks 0, max_age 0); to redo one as recorded, pass those options.
 # (b) one stream of 1M tokens at budget 1024
 stream shakespeare-1m shakespeare -p inf-mllm -b 1024 -n 1000000
 
@@ -30,3 +32,7 @@ stream kjv-205k kjv -p streaming-llm,inf-mllm,context-shift,h2o -b 1024 -n $n
 stream shakespeare-205k shakespeare -p streaming-llm,context-shift,h2o -b 1024 -n $n
 stream kjv-205k-small kjv -p streaming-llm,inf-mllm -b 256,512 -n $n
 stream shakespeare-205k-small shakespeare -p streaming-llm,inf-mllm -b 256,512 -n $n
+
+# (c) the rule with its age limit (docs/RESULTS.md, "The drift and its fix"), defaults, budget 512
+stream shakespeare-205k-agelimit shakespeare -p inf-mllm -b 512 -n $n
+stream kjv-205k-agelimit kjv -p inf-mllm -b 512 -n $n

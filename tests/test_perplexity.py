@@ -61,7 +61,7 @@ def test_json_has_one_record_per_run_with_a_curve(cli_runs):
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert [float(row["ppl"]) for row in rows] == [r["ppl"] for r in runs]
     assert [(row["policy"], row["bias"], row["sinks"], row["decay"]) for row in rows] == \
-        [("inf-mllm", "0.0", "0", "0.0"), ("inf-mllm", "1.0", "0", "0.0"), ("streaming-llm", "", "4", "")]
+        [("inf-mllm", "0.0", "4", "0.0"), ("inf-mllm", "1.0", "4", "0.0"), ("streaming-llm", "", "4", "")]
     assert (out / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in runs:  # the table on stdout
         assert f"{r['ppl']:.3f}" in proc.stdout
