@@ -182,7 +182,12 @@ class Runtime:
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The context's state for a save: llama.cpp's cells as bytes, and the last output's logits,
-        which llama.cpp's state does not include."""
+        which llama.cpp's state does not include.
+
+        The cells are then loaded back, which packs them into the slots a restore gives them: where
+        a cell lies changes the order of llama.cpp's sums, and this model family turns that rounding
+        into logit differences of up to ~1. Packed alike, this context and a restored one continue
+        with bit-identical logits."""
         self.apply_pending_shifts()
         size = llama.llama_state_get_size(self.ctx)
         buf = np.empty(size, dtype=np.uint8)
@@ -192,6 +197,10 @@ class Runtime:
         arrays = {"cells": buf}
         if self._has_logits:
             arrays["last_logits"] = self.logits()
+        reason = self._set_cells(buf)
+        if reason is not None:
+            raise RuntimeError(f"llama.cpp could not load back the cells it had just saved ({reason})")
+        self._restored_logits = arrays.get("last_logits")
         return {"n_cells": self.n_cached()}, arrays
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
