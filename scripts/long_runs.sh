@@ -33,6 +33,11 @@ stream shakespeare-205k shakespeare -p streaming-llm,context-shift,h2o -b 1024 -
 stream kjv-205k-small kjv -p streaming-llm,inf-mllm -b 256,512 -n $n
 stream shakespeare-205k-small shakespeare -p streaming-llm,inf-mllm -b 256,512 -n $n
 
-# (c) the rule with its age limit (docs/RESULTS.md, "The drift and its fix"), defaults, budget 512
+# (c) the rule with its age limit (docs/RESULTS.md, "The drift and its fix"), defaults; one
+# command per budget, so that each result lands as soon as it is done
 stream shakespeare-205k-agelimit shakespeare -p inf-mllm -b 512 -n $n
 stream kjv-205k-agelimit kjv -p inf-mllm -b 512 -n $n
+for b in 256 1024; do
+    stream shakespeare-205k-agelimit-$b shakespeare -p inf-mllm -b $b -n $n
+    stream kjv-205k-agelimit-$b kjv -p inf-mllm -b $b -n $n
+done
