@@ -37,7 +37,14 @@ stream shakespeare-205k-small shakespeare -p streaming-llm,inf-mllm -b 256,512 -
 # command per budget, so that each result lands as soon as it is done
 stream shakespeare-205k-agelimit shakespeare -p inf-mllm -b 512 -n $n
 stream kjv-205k-agelimit kjv -p inf-mllm -b 512 -n $n
-for b in 256 1024; do
-    stream shakespeare-205k-agelimit-$b shakespeare -p inf-mllm -b $b -n $n
-    stream kjv-205k-agelimit-$b kjv -p inf-mllm -b $b -n $n
-done
+stream shakespeare-205k-agelimit-256 shakespeare -p inf-mllm -b 256 -n $n
+stream kjv-205k-agelimit-256 kjv -p inf-mllm -b 256 -n $n
+
+# (d) a second architecture, Gemma 3 270M (base, sliding-window layers), on 50,176 tokens; its
+# model: `python -m infmllm_gguf.models fetch gemma3-270m`
+stream gemma3-shakespeare-50k shakespeare ~/.cache/infmllm-gguf/models/gemma-3-270m-q4_k_m.gguf \
+    -p streaming-llm,inf-mllm -b 512 -n 50176
+
+# (c, continued) budget 1024
+stream shakespeare-205k-agelimit-1024 shakespeare -p inf-mllm -b 1024 -n $n
+stream kjv-205k-agelimit-1024 kjv -p inf-mllm -b 1024 -n $n
