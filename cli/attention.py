@@ -8,10 +8,11 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, app, fail
+from .common import MODEL_ARG, NGL_OPT, app, fail, with_backend_options
 
 
 @app.command()
+@with_backend_options
 def attention(
     model: Optional[Path] = MODEL_ARG,
     text: Optional[str] = typer.Option(None, "--text", help="text to decode"),
@@ -21,6 +22,7 @@ def attention(
     png: Optional[Path] = typer.Option(None, "--png", help="write a layers x positions heatmap"),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="default: llama.cpp's choice"),
     n_gpu_layers: int = NGL_OPT,
+    backend: dict = None,
 ) -> None:
     """Decode a text and report how much attention each token receives from the last W queries."""
     from infmllm_gguf.attention import plot_heatmap, text_attention
@@ -36,7 +38,7 @@ def attention(
             fail(f"cannot read {file} as UTF-8 text: {exc}")
     try:
         result = text_attention(text, model=model, window=window, n_gpu_layers=n_gpu_layers,
-                                flash_attn=flash_attn)
+                                flash_attn=flash_attn, **backend)
     except (ModelError, UnpatchedLlamaError, ValueError) as exc:
         fail(str(exc))
     if png is not None:

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_policy_options
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_backend_options, with_policy_options
 
-PARTS = ("capture", "stream")
+PARTS = ("capture", "stream", "kv", "rpc")
 
 #: what the project promises (docs/PERFORMANCE.md): figure -> (comparison, limit)
 TARGETS = {
@@ -19,6 +19,8 @@ TARGETS = {
     "tokens/s, last 10% of the stream / first 10%": (">=", 0.95),
     "peak RSS growth after the first 10%": ("<=", 0.05),
     "inf-mllm / h2o tokens/s": (">=", 2.0),
+    "streaming-llm / plain llama.cpp tokens/s": (">=", 0.97),
+    "inf-mllm / plain llama.cpp tokens/s": (">=", 0.95),
 }
 
 
@@ -44,6 +46,7 @@ def targets_table(rows: list[dict]) -> str:
 
 @app.command()
 @with_policy_options(sweep=True, defaults={"budget": "512"})
+@with_backend_options
 def bench(
     model: Optional[Path] = MODEL_ARG,
     synthetic: Optional[str] = typer.Option(
@@ -51,7 +54,7 @@ def bench(
         help="benchmark a random-weight model of this shape (tiny-llama, llama-1b, llama-7b, gemma3-1b), "
              "written once into <cache>/synthetic; streams random token ids"),
     synthetic_dtype: str = typer.Option("q8_0", "--synthetic-dtype", help="f32, f16, q8_0 or q4_0"),
-    only: str = typer.Option(",".join(PARTS), "--only", help="parts to run: capture, stream"),
+    only: str = typer.Option("capture,stream", "--only", help=f"parts to run: {', '.join(PARTS)}"),
     policy: str = typer.Option("inf-mllm,h2o,streaming-llm,full", "--policy",
                                help=f"stream: policies, comma-separated ({POLICY_NAMES}); full fills the model's "
                                     "training context instead of a budget"),
@@ -59,9 +62,17 @@ def bench(
     segment: int = typer.Option(1024, "--segment", min=1, help="stream: tokens per measured segment (whole chunks)"),
     reindex: bool = typer.Option(True, "--reindex/--no-reindex",
                                  help="stream: --no-reindex keeps original positions, to price re-indexing"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="stream: also stream through plain llama.cpp (StreamingLLM by seq_rm/seq_add) "
+                                       "at each budget; each policy's tokens/s is reported over it"),
+    kv_types: str = typer.Option("f16,q8_0,q4_0", "--kv-types",
+                                 help="kv: cache types to compare with f16, each K (K and V alike) or K/V"),
+    kv_budget: int = typer.Option(1024, "--kv-budget", min=1, help="kv: the default policy's budget"),
+    kv_tokens: int = typer.Option(20000, "--kv-tokens", min=2, help="kv: tokens of the perplexity stream"),
+    rpc_servers: int = typer.Option(2, "--rpc-servers", min=1, help="rpc: local rpc-servers to start"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="capture: prompt length"),
-    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="capture: decode steps"),
+    decode_tokens: int = typer.Option(256, "--decode-tokens", min=1, help="capture: decode steps"),
     capture_queries: int = typer.Option(32, "--capture-queries", min=1,
                                         help="capture: queries captured per prompt chunk (its last ones)"),
     repeats: int = typer.Option(3, "--repeats", min=1),
@@ -71,9 +82,11 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="stream: tokens/s and memory vs stream length (PNG)"),
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
+    backend: dict = None,
 ) -> None:
     """Capture overhead (prefill and decode, capture off vs on) and streaming speed, eviction time and memory
-    over stream length per policy; interleaved, medians of the repeats with [min, max]."""
+    over stream length per policy beside plain llama.cpp; with --only kv, quantized KV caches against f16;
+    with --only rpc, a stream over local rpc-servers. Interleaved, medians of the repeats with [min, max]."""
     from infmllm_gguf import bench as b
     from infmllm_gguf.models import ModelError
     from infmllm_gguf.policies import policy_grid
@@ -96,19 +109,28 @@ def bench(
             p.check_chunk(chunk)
         if synthetic is not None:
             model = cached_model(synthetic, synthetic_dtype)
-        capture = stream = None
+        capture = stream = kv = rpc = None
         if "capture" in parts:
             capture = b.capture_overhead(model, prompt_tokens=prompt_tokens, chunk=chunk, decode_tokens=decode_tokens,
                                          capture_queries=capture_queries, repeats=repeats, n_gpu_layers=n_gpu_layers,
-                                         flash_attn=flash_attn, n_threads=threads)
+                                         flash_attn=flash_attn, n_threads=threads, **backend)
             typer.echo(capture.table())
         if "stream" in parts:
             stream = b.stream_bench(model, policies=grid, tokens=tokens, chunk=chunk, segment=segment,
                                     repeats=repeats, source="random" if synthetic else "shakespeare", reindex=reindex,
-                                    n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=threads,
-                                    progress=True)
+                                    baseline=baseline, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                    n_threads=threads, progress=True, **backend)
             typer.echo(stream.table())
-    except (ModelError, FileNotFoundError, ValueError) as exc:
+        if "kv" in parts:
+            kv = b.kv_cache_bench(model, types=b.parse_cache_types(split(kv_types, str, "--kv-types")),
+                                  budget=kv_budget, tokens=kv_tokens, chunk=chunk,
+                                  flash_attn=True if flash_attn is None else flash_attn, n_gpu_layers=n_gpu_layers,
+                                  n_threads=threads, rpc=backend["rpc"], progress=True)
+            typer.echo(kv.table())
+        if "rpc" in parts:
+            rpc = b.rpc_bench(model, servers=rpc_servers, tokens=tokens, chunk=chunk, repeats=repeats, n_threads=threads)
+            typer.echo(rpc.table())
+    except (ModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc))
     goals = against_targets(b.figures(capture, stream))
     typer.echo(targets_table(goals))
@@ -118,5 +140,7 @@ def bench(
         json_out.write_text(json.dumps({
             "capture": capture.to_json() if capture else None,
             "stream": stream.to_json() if stream else None,
+            "kv": kv.to_json() if kv else None,
+            "rpc": rpc.to_json() if rpc else None,
             "targets": goals,
         }, indent=1))

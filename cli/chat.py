@@ -11,7 +11,7 @@ from typing import Callable, Optional, TextIO
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_policy_options
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_policy_options
 
 HELP = """\
 /image PATH                 show the model an image (a user turn of its own)
@@ -176,6 +176,7 @@ def read_lines(interactive: bool):
 
 @app.command()
 @with_policy_options(sweep=False)
+@with_backend_options
 def chat(
     model: Optional[Path] = MODEL_ARG,
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="vision projector GGUF (mmproj) for /image and /video"),
@@ -191,6 +192,7 @@ def chat(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)"),
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
+    backend: dict = None,
 ) -> None:
     """Chat with a model whose KV cache never exceeds --budget cells. On a terminal: a prompt, replies streamed
     as sampled; otherwise each stdin line is one user turn and each reply is printed. /help lists commands."""
@@ -199,9 +201,10 @@ def chat(
     from infmllm_gguf.runtime import UnpatchedLlamaError
     from infmllm_gguf.session import StreamSession
 
-    hardware = dict(n_gpu_layers=n_gpu_layers, n_threads=threads)
+    hardware = dict(n_gpu_layers=n_gpu_layers, n_threads=threads, rpc=backend["rpc"])
     try:
         session = StreamSession(model, policy, mmproj=mmproj, chunk=chunk, flash_attn=flash_attn, seed=seed,
+                                cache_type_k=backend["cache_type_k"], cache_type_v=backend["cache_type_v"],
                                 **hardware, **policy_options)
         session.chat_template()  # a model without one cannot chat: say so before the first turn
     except (ModelError, ProjectorError, UnpatchedLlamaError, ValueError) as exc:

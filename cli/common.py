@@ -73,3 +73,41 @@ def with_policy_options(*, sweep: bool, defaults: dict[str, str] | None = None) 
         wrapper.__signature__ = signature.replace(parameters=params)
         return wrapper
     return decorate
+
+
+def with_backend_options(command: Callable) -> Callable:
+    """Give a command llama.cpp's KV cache type flags (`--cache-type-k/-ctk`, `--cache-type-v/-ctv`)
+    and `--rpc HOST:PORT[,...]`, checked; the command receives them as `backend`:
+    {"cache_type_k", "cache_type_v", "rpc"}, keywords of `StreamSession` and the library's runs."""
+    from infmllm_gguf.runtime import CACHE_TYPES
+
+    types = "/".join(CACHE_TYPES)
+    extra = [
+        ("cache_type_k", str, typer.Option("f16", "--cache-type-k", "-ctk", help=f"KV cache type of K: {types}")),
+        ("cache_type_v", str, typer.Option("f16", "--cache-type-v", "-ctv",
+                                           help=f"KV cache type of V: {types} (quantized V needs flash attention)")),
+        ("rpc", Optional[str], typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                                            help="put the model's layers on these rpc-servers (`infmllm-gguf "
+                                                 "rpc-server` starts one)")),
+    ]
+    signature = inspect.signature(command)
+    params = [p for name, p in signature.parameters.items() if name != "backend"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+               for name, kind, default in extra]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        from infmllm_gguf.runtime import check_cache_types, parse_endpoint
+
+        backend = {name: kwargs.pop(name) for name, _, _ in extra}
+        backend["rpc"] = tuple(e.strip() for e in (backend["rpc"] or "").split(",") if e.strip())
+        try:
+            check_cache_types(backend["cache_type_k"], backend["cache_type_v"], kwargs.get("flash_attn"))
+            for endpoint in backend["rpc"]:
+                parse_endpoint(endpoint)
+        except ValueError as exc:
+            fail(str(exc))
+        return command(**kwargs, backend=backend)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper

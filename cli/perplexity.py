@@ -8,11 +8,12 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_policy_options
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_backend_options, with_policy_options
 
 
 @app.command()
 @with_policy_options(sweep=True)
+@with_backend_options
 def perplexity(
     model: Optional[Path] = MODEL_ARG,
     file: Path = typer.Option(..., "--file", "-f", help="text to stream: UTF-8 .txt, or .gz of one"),
@@ -31,6 +32,7 @@ def perplexity(
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn"),
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
+    backend: dict = None,
 ) -> None:
     """Stream a text chunk by chunk and score every token given the bounded cache, for each
     combination of policy and option values; `full` runs while the text fits its budget and the
@@ -52,6 +54,8 @@ def perplexity(
     runs = []
     for p in grid:
         name = "-".join(part.replace(" ", "") for part in p.label().split(", "))  # the checkpoint's
+        if (backend["cache_type_k"], backend["cache_type_v"]) != ("f16", "f16"):
+            name += f"-kv{backend['cache_type_k']}-{backend['cache_type_v']}"
         bar = tqdm(total=max_tokens, unit="tok", desc=p.label(), dynamic_ncols=True, leave=True)
 
         def progress(run, done, bar=bar):
@@ -61,7 +65,7 @@ def perplexity(
         try:
             run = stream_perplexity(
                 file, model=model, policy=p, chunk=chunk, max_tokens=max_tokens, segment=segment, progress=progress,
-                n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, **backend,
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{name}.npz",
                 checkpoint_every=checkpoint_every)
         except (ModelError, UnpatchedLlamaError, TextFileError, ValueError, FileNotFoundError) as exc:

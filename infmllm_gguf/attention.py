@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -47,18 +48,20 @@ class TextAttention:
 
 
 def text_attention(text: str, *, model=None, window: int = 32, n_gpu_layers: int = -1,
-                   flash_attn: bool | None = None) -> TextAttention:
+                   flash_attn: bool | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                   rpc: Sequence[str] = ()) -> TextAttention:
     """Decode `text` in one batch and capture the attention of its last `window` tokens. The text
     is checked against the model's training context before any cache is allocated."""
     if not text.strip():
         raise ValueError("the text is empty")
-    with Model(model, n_gpu_layers=n_gpu_layers) as m:
+    with Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) as m:
         tokens = m.tokenize(text)
         if len(tokens) > m.n_ctx_train:
             raise ValueError(f"the text has {len(tokens)} tokens, more than the model's context of {m.n_ctx_train}")
         if window > len(tokens):
             raise ValueError(f"the window ({window}) is larger than the text ({len(tokens)} tokens)")
-        with Runtime(m, n_ctx=-(-len(tokens) // 256) * 256, flash_attn=flash_attn) as rt:
+        with Runtime(m, n_ctx=-(-len(tokens) // 256) * 256, flash_attn=flash_attn, cache_type_k=cache_type_k,
+                     cache_type_v=cache_type_v) as rt:
             rt.capture_scores(window)
             rt.decode(tokens, range(len(tokens)))
             pieces = [m.token_bytes(t).decode("utf-8", errors="backslashreplace") for t in tokens]  # a token may hold part of a character

@@ -1,12 +1,20 @@
 """Benchmarks that print figures; speed claims are shown here, never asserted in unit tests.
 
-Two parts, measured in one process:
+Four parts, each measured in one process:
 
-* capture overhead: prefill and decode tokens/s with score capture off vs on, interleaved;
-* stream: each policy streams the same tokens through a `StreamSession`; per segment of the stream
-  it records tokens/s, time spent evicting and re-indexing (`CacheStats.evict_s`) and reading
-  scores (`capture_s`), resident memory (VmRSS) and, on CUDA, GPU memory. Runs are interleaved:
-  repeat r starts at the r-th run of the list, so machine drift spreads over all of them.
+* capture overhead: prefill and decode tokens/s with score capture off vs on, interleaved; decode
+  captures the steps that generation captures (the last `window` of every `generation_headroom`),
+  and, for comparison, every step;
+* stream: each policy streams the same tokens through a `StreamSession`, beside the plain
+  llama.cpp baseline (`runtime.plain`: StreamingLLM in llama-cpp-python alone); per segment of the
+  stream it records tokens/s, time spent evicting and re-indexing (`CacheStats.evict_s`) and
+  reading scores (`capture_s`), resident memory (VmRSS) and, on CUDA, GPU memory. Runs are
+  interleaved: repeat r starts at the r-th run of the list, so machine drift spreads over all of
+  them; each policy's tokens/s over the baseline's is paired within a repeat;
+* kv: per KV cache type, bytes per cell, the attention scores against those of an f16 cache, and
+  the default policy's perplexity at a budget;
+* rpc: a stream with the layers on two local rpc-servers behind byte-counting relays: bytes over
+  the network per token, and tokens/s against the same stream on this process alone.
 
 `figures()` names the measured values that the command holds against its targets.
 """
@@ -21,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .policies import Full, Policy, from_config
+from .policies import DEFAULT_POLICY, Full, Policy, StreamingLLM, from_config, make_policy
 from .probes import GpuMemory, device_label, rss_mib
 from .runtime import Model, Runtime
+from .runtime.plain import PLAIN, PlainStream
 from .segments import Segment, SegmentClock, tokens_per_s
 from .session import StreamSession
 
@@ -53,10 +62,13 @@ class CaptureOverhead:
     chunk: int
     decode_tokens: int
     capture_queries: int
+    generation_headroom: int   # decode: eviction every this many steps...
+    decode_read_steps: int     # ...whose last this many the default policy reads, and generation captures
     prefill_off: Rate
     prefill_on: Rate
     decode_off: Rate
-    decode_on: Rate
+    decode_on: Rate            # the steps generation captures
+    decode_every_on: Rate      # every step captured (before generation skipped the unread ones)
 
     def overhead(self, phase: str) -> float:
         off, on = getattr(self, f"{phase}_off").median, getattr(self, f"{phase}_on").median
@@ -65,55 +77,74 @@ class CaptureOverhead:
     def table(self) -> str:
         rows = [f"capture overhead: {self.model} on {self.device}; prompt {self.prompt_tokens} tokens in chunks of "
                 f"{self.chunk}, the last {self.capture_queries} queries of each captured; {self.decode_tokens} "
-                "decode steps",
-                f"{'phase':8s} {'capture off tok/s':>24s} {'capture on tok/s':>24s} {'overhead':>9s}"]
-        for phase in ("prefill", "decode"):
-            off, on = getattr(self, f"{phase}_off"), getattr(self, f"{phase}_on")
-            rows.append(f"{phase:8s} {off.median:10.1f} [{off.min:6.1f},{off.max:6.1f}] "
-                        f"{on.median:10.1f} [{on.min:6.1f},{on.max:6.1f}] {self.overhead(phase):+8.1%}")
+                f"decode steps, the last {self.decode_read_steps} of every {self.generation_headroom} captured "
+                "(decode) or all of them (decode every)",
+                f"{'phase':12s} {'capture off tok/s':>24s} {'capture on tok/s':>24s} {'overhead':>9s}"]
+        for phase, off_name in (("prefill", "prefill"), ("decode", "decode"), ("decode_every", "decode")):
+            off, on = getattr(self, f"{off_name}_off"), getattr(self, f"{phase}_on")
+            rows.append(f"{phase.replace('_', ' '):12s} {off.median:10.1f} [{off.min:6.1f},{off.max:6.1f}] "
+                        f"{on.median:10.1f} [{on.min:6.1f},{on.max:6.1f}] {off.median / on.median - 1:+8.1%}")
         return "\n".join(rows)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"prefill_overhead": self.overhead("prefill"), "decode_overhead": self.overhead("decode")}
+        return asdict(self) | {"prefill_overhead": self.overhead("prefill"), "decode_overhead": self.overhead("decode"),
+                               "decode_every_overhead": self.decode_off.median / self.decode_every_on.median - 1.0}
 
 
-def capture_overhead(model=None, *, prompt_tokens: int = 512, chunk: int = 256, decode_tokens: int = 64,
-                     capture_queries: int = 32, repeats: int = 5, n_gpu_layers: int = -1,
-                     flash_attn: bool | None = None, n_threads: int | None = None, seed: int = 0) -> CaptureOverhead:
+def capture_overhead(model=None, *, prompt_tokens: int = 512, chunk: int = 256, decode_tokens: int = 256,
+                     capture_queries: int = 32, generation_headroom: int | None = None, repeats: int = 5,
+                     n_gpu_layers: int = -1, flash_attn: bool | None = None, n_threads: int | None = None,
+                     cache_type_k: str = "f16", cache_type_v: str = "f16", rpc: Sequence[str] = (),
+                     seed: int = 0) -> CaptureOverhead:
     """Prefill `prompt_tokens` random tokens in chunks of `chunk`, then decode `decode_tokens` one by one,
-    alternating capture off and on `repeats` times each (decode steps capture their one query)."""
+    alternating capture off, on and on at every step, `repeats` times each. "On" decodes capture as
+    generation does (`CacheController.reads_generation_step`): eviction every `generation_headroom`
+    steps (default: the chunk, as in `StreamSession`), and of those the last ones that the default
+    policy reads."""
     rng = np.random.default_rng(seed)
+    headroom = generation_headroom or chunk
+    read_steps = make_policy(DEFAULT_POLICY).capture_queries(headroom)
+    read = [i % headroom >= headroom - read_steps for i in range(decode_tokens)]
     n_ctx = -(-(prompt_tokens + decode_tokens) // 256) * 256
-    with Runtime(model, n_ctx=n_ctx, n_batch=chunk, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                 n_threads=n_threads) as rt:
+    with Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) as loaded, \
+            Runtime(loaded, n_ctx=n_ctx, n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads,
+                    cache_type_k=cache_type_k, cache_type_v=cache_type_v) as rt:
         prompt = rng.integers(0, rt.model.n_vocab, prompt_tokens).tolist()
         steps = rng.integers(0, rt.model.n_vocab, decode_tokens).tolist()
-        results: dict[str, list[float]] = {k: [] for k in ("prefill_off", "prefill_on", "decode_off", "decode_on")}
+        results: dict[str, list[float]] = {k: [] for k in ("prefill_off", "prefill_on", "decode_off", "decode_on",
+                                                           "decode_every_on")}
 
-        def run(capture: bool) -> None:
+        def run(mode: str) -> None:
             rt.clear()
-            rt.capture_scores(capture_queries if capture else 0)
+            rt.capture_scores(0 if mode == "off" else capture_queries)
             t0 = time.perf_counter()
             for i in range(0, prompt_tokens, chunk):
                 rt.decode(prompt[i:i + chunk], range(i, min(i + chunk, prompt_tokens)))
             rt.logits()  # waits for the device
             t1 = time.perf_counter()
-            rt.capture_scores(1 if capture else 0)
-            for tok in steps:
+            captured = None
+            for tok, is_read in zip(steps, read):
+                capture = int(mode == "every" or (mode == "on" and is_read))
+                if capture != captured:  # as the controller: a change of setting, and only then
+                    rt.capture_scores(capture)
+                    captured = capture
                 rt.decode([tok])
                 rt.logits()
             t2 = time.perf_counter()
-            tag = "on" if capture else "off"
-            results[f"prefill_{tag}"].append(prompt_tokens / (t1 - t0))
-            results[f"decode_{tag}"].append(decode_tokens / (t2 - t1))
+            if mode != "every":
+                results[f"prefill_{mode}"].append(prompt_tokens / (t1 - t0))
+            results["decode_every_on" if mode == "every" else f"decode_{mode}"].append(decode_tokens / (t2 - t1))
 
-        run(False)  # warm-up: graph allocation, weight repacking
-        run(True)
+        for mode in ("off", "on", "every"):  # warm-up: graph allocation, weight repacking
+            run(mode)
+        for k in results:
+            results[k].clear()
         for _ in range(repeats):
-            run(False)
-            run(True)
+            for mode in ("off", "on", "every"):
+                run(mode)
         return CaptureOverhead(rt.model.name, device_label(n_gpu_layers, n_threads), prompt_tokens, chunk,
-                               decode_tokens, capture_queries, **{k: Rate.of(v) for k, v in results.items()})
+                               decode_tokens, capture_queries, headroom, read_steps,
+                               **{k: Rate.of(v) for k, v in results.items()})
 
 
 # -- streaming ---------------------------------------------------------------------------------
@@ -129,6 +160,32 @@ def stream_tokens(model: Model, n: int, source: str, seed: int = 0) -> np.ndarra
     text = shakespeare_path().read_text(encoding="utf-8")
     token_ids = np.array(model.tokenize(text[: 8 * n + 1024]), dtype=np.int32)  # tokens are ~4 characters
     return np.resize(token_ids, n)
+
+
+@dataclass(frozen=True)
+class PlainBaseline:
+    """The baseline run beside the policies: `runtime.plain.PlainStream` at a budget, keeping the
+    first `sinks` tokens as `streaming-llm` does."""
+    budget: int
+    sinks: int = StreamingLLM.sinks
+
+    def config(self) -> dict:
+        return {"name": PLAIN, "budget": self.budget, "sinks": self.sinks}
+
+    def label(self) -> str:
+        return f"{PLAIN}, budget {self.budget}"
+
+
+def run_label(config: dict) -> str:
+    """The label of a stream run's configuration: a policy's, or the baseline's."""
+    return PlainBaseline(config["budget"], config["sinks"]).label() if config["name"] == PLAIN \
+        else from_config(config).label()
+
+
+def with_baselines(policies: Sequence[Policy]) -> list[Policy | PlainBaseline]:
+    """`policies`, then one plain llama.cpp baseline per budget of the bounded ones."""
+    budgets = dict.fromkeys(p.budget for p in policies if not isinstance(p, Full))
+    return list(policies) + [PlainBaseline(b) for b in budgets]
 
 
 def bounded_by_context(policies: Sequence[Policy], context: int) -> list[Policy]:
@@ -155,7 +212,7 @@ class StreamRun:
 
     @property
     def label(self) -> str:
-        return from_config(self.policy).label()
+        return run_label(self.policy)
 
     @property
     def tokens_per_s(self) -> float:
@@ -209,7 +266,7 @@ class StreamSummary:
 
     @property
     def label(self) -> str:
-        return from_config(self.policy).label()
+        return run_label(self.policy)
 
     @classmethod
     def of(cls, runs: Sequence[StreamRun]) -> "StreamSummary":
@@ -268,6 +325,20 @@ class StreamBench:
                             "inf_mllm_over_h2o": Rate.of([a / b for a, b in pairs])})
         return out
 
+    def over_baseline(self) -> list[dict]:
+        """Each configuration's tokens/s over the plain llama.cpp baseline's at its budget, paired
+        within a repeat (drift cancels); `full` has no baseline."""
+        groups = list(self._by_config().values())
+        out = []
+        for plain in (g for g in groups if g[0].policy["name"] == PLAIN):
+            budget = plain[0].policy["budget"]
+            for runs in (g for g in groups if g[0].policy["name"] not in (PLAIN, Full.name)
+                         and g[0].policy["budget"] == budget):
+                pairs = [(a.tokens_per_s, b.tokens_per_s) for a in runs for b in plain if a.repeat == b.repeat]
+                out.append({"budget": budget, "run": runs[0].label, "policy": runs[0].policy["name"],
+                            "over_plain": Rate.of([a / b for a, b in pairs])})
+        return out
+
     def table(self) -> str:
         head = (f"stream: {self.model} on {self.device}; {self.tokens} tokens ({self.source}) in chunks of "
                 f"{self.chunk}, segments of {self.segment}, {self.repeats} repeats, medians [min, max]"
@@ -288,32 +359,40 @@ class StreamBench:
                             f"-> {s.gpu_peak_mib.median:.0f}")
         for sp in self.speedups():
             rows.append(f"{sp['inf_mllm']} / {sp['h2o']}: {sp['inf_mllm_over_h2o']}x")
+        for r in self.over_baseline():
+            rows.append(f"{r['run']} / {PLAIN}: {r['over_plain']}x")
         return "\n".join(rows)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "runs"} | {
             "summary": [asdict(s) for s in self.summaries()],
             "speedups": [sp | {"inf_mllm_over_h2o": asdict(sp["inf_mllm_over_h2o"])} for sp in self.speedups()],
+            "over_baseline": [r | {"over_plain": asdict(r["over_plain"])} for r in self.over_baseline()],
             "runs": [asdict(r) for r in self.runs],
         }
 
 
 def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000, chunk: int = 256,
                  segment: int = 1024, repeats: int = 3, source: str = "shakespeare", reindex: bool = True,
-                 n_gpu_layers: int = -1, flash_attn: bool | None = None, n_threads: int | None = None,
-                 progress: bool = False) -> StreamBench:
+                 baseline: bool = True, n_gpu_layers: int = -1, flash_attn: bool | None = None,
+                 n_threads: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 rpc: Sequence[str] = (), progress: bool = False) -> StreamBench:
     """Stream `tokens` tokens through each of `policies` (a grid from `policy_grid`), `repeats`
     times, interleaved. `segment` is rounded up to whole chunks and `tokens` to whole segments, so
     that every segment measures the same work. `full` runs once, in the training context (see
     `bounded_by_context`). `reindex=False` keeps the original positions (no `seq_add`, no key
-    re-rotation): a speed reference for what re-indexing costs. `progress` shows a bar on stderr."""
+    re-rotation): a speed reference for what re-indexing costs. `baseline` adds, per budget, the plain
+    llama.cpp stream (`PlainBaseline`). `progress` shows a bar on stderr."""
     from tqdm import tqdm
 
     segment = -(-segment // chunk) * chunk
     tokens = -(-tokens // segment) * segment
-    with Model(model, n_gpu_layers=n_gpu_layers) as loaded:
+    kv = {"cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
+    with Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) as loaded:
         full_budget = min(tokens, loaded.n_ctx_train // chunk * chunk)  # the context full may fill
         policies = bounded_by_context(policies, full_budget)
+        if baseline:
+            policies = with_baselines(policies)
         token_ids = stream_tokens(loaded, tokens, source)
         gpu = GpuMemory.open(n_gpu_layers)
         planned = repeats * sum(full_budget if isinstance(p, Full) else tokens for p in policies)
@@ -321,26 +400,36 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
         bar = tqdm(total=planned, unit="tok", unit_scale=True, disable=not progress, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
 
-        def stream_one(policy: Policy, repeat: int) -> StreamRun:
+        def open_stream(policy: Policy | PlainBaseline):
+            """(stream, feed, wait): a session of the policy or the baseline's plain loop."""
+            if isinstance(policy, PlainBaseline):
+                p = PlainStream(loaded, budget=policy.budget, sinks=policy.sinks, chunk=chunk, flash_attn=flash_attn,
+                                n_threads=n_threads, **kv)
+                return p, p.feed, p.wait
+            s = StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, **kv)
+            # off: the controller's own path for models that cannot shift (positions keep growing)
+            s.cache.reindex = s.cache.reindex and reindex
+            return s, s.feed_tokens, s.runtime.logits
+
+        def stream_one(policy: Policy | PlainBaseline, repeat: int) -> StreamRun:
             n = min(tokens, policy.budget) if isinstance(policy, Full) else tokens
-            with StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads) as s:
-                # off: the controller's own path for models that cannot shift (positions keep growing)
-                s.cache.reindex = s.cache.reindex and reindex
-                s.feed_tokens(token_ids[:chunk].tolist())  # warm-up: compute buffers, weight repacking, kernels
-                s.reset()
+            stream, feed, wait = open_stream(policy)
+            with stream:
+                feed(token_ids[:chunk].tolist())  # warm-up: compute buffers, weight repacking, kernels
+                stream.reset()
                 rss_start = rss_mib()
-                clock = SegmentClock(lambda: s.stats, gpu)
+                clock = SegmentClock(lambda: stream.stats, gpu)
                 segments: list[Segment] = []
                 for a in range(0, n, segment):
-                    s.feed_tokens(token_ids[a:min(a + segment, n)].tolist())
-                    s.runtime.logits()  # waits for the device
-                    segments.append(clock.end(s.stats.tokens_seen))
+                    feed(token_ids[a:min(a + segment, n)].tolist())
+                    wait()  # waits for the device
+                    segments.append(clock.end(stream.stats.tokens_seen))
                     bar.set_description(f"{policy.label()} #{repeat}", refresh=False)
-                    bar.update(s.stats.tokens_seen - a)
-                st = s.stats
+                    bar.update(stream.stats.tokens_seen - a)
+                st = stream.stats
                 return StreamRun(policy.config(), repeat, n, n if n < tokens else None,
-                                 sum(g.seconds for g in segments), st.decode_s, st.evict_s, st.capture_s,
-                                 st.peak_cells, st.cells_evicted, rss_start, segments)
+                                 sum(g.seconds for g in segments), st.decode_s, st.evict_s,
+                                 st.capture_s, st.peak_cells, st.cells_evicted, rss_start, segments)
 
         results = []
         with bar:
@@ -353,6 +442,9 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
 
 
 # -- figures -----------------------------------------------------------------------------------
+#: the policies whose throughput over the plain baseline has a target: the baseline's own rule and the default
+BASELINE_TARGETS = (StreamingLLM.name, DEFAULT_POLICY)
+
 def plot(stream: StreamBench, path: str | os.PathLike) -> None:
     """Tokens/s and memory against stream length, one line per policy configuration, medians over repeats."""
     import matplotlib
@@ -401,7 +493,7 @@ def figures(capture: CaptureOverhead | None, stream: StreamBench | None) -> list
         add("capture overhead, decode", capture.overhead("decode"))
     if stream is not None:
         for s in stream.summaries():
-            if s.policy["name"] == Full.name:
+            if s.policy["name"] in (Full.name, PLAIN):
                 continue
             add("eviction + re-indexing share of stream time", s.evict_share.median, s.label, s.policy)
             add("tokens/s, last 10% of the stream / first 10%", s.last_vs_first.median, s.label, s.policy)
@@ -410,4 +502,166 @@ def figures(capture: CaptureOverhead | None, stream: StreamBench | None) -> list
         for sp in stream.speedups():
             add("inf-mllm / h2o tokens/s", sp["inf_mllm_over_h2o"].median, sp["inf_mllm"],
                 {"name": "inf-mllm", "budget": sp["budget"]})
+        for r in stream.over_baseline():
+            if r["policy"] in BASELINE_TARGETS:
+                add(f"{r['policy']} / {PLAIN} tokens/s", r["over_plain"].median, r["run"],
+                    {"name": r["policy"], "budget": r["budget"]})
     return out
+
+
+# -- KV cache types ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KvCacheType:
+    """One KV cache type against f16: its size, its attention scores, the default policy's perplexity."""
+    cache_type_k: str
+    cache_type_v: str
+    bytes_per_cell: float     # llama.cpp's saved state per cell: K and V rows of every layer, and metadata
+    score_pearson: float      # scores of the same queries vs an f16 cache's, every layer and cell
+    score_max_abs_diff: float
+    top_overlap: float        # share of the f16 cache's top cells (layer mean) among this cache's top cells
+    ppl: float                # the default policy at the budget over the stream
+    ppl_vs_f16: float         # ppl / f16's ppl - 1
+    tokens_per_s: float
+
+    @property
+    def label(self) -> str:
+        return f"K {self.cache_type_k}, V {self.cache_type_v}"
+
+
+@dataclass(frozen=True)
+class KvCacheBench:
+    model: str
+    device: str
+    policy: dict
+    tokens: int
+    chunk: int
+    score_tokens: int          # context the score comparison decoded
+    top_cells: int
+    flash_attn: bool | None
+    types: list[KvCacheType]
+
+    def table(self) -> str:
+        rows = [f"kv cache types: {self.model} on {self.device}; scores of the last {self.chunk} tokens' window after "
+                f"{self.score_tokens} tokens vs f16 (top {self.top_cells} cells); {run_label(self.policy)} over "
+                f"{self.tokens} tokens",
+                f"{'cache':22s} {'bytes/cell':>10s} {'pearson':>8s} {'max |diff|':>10s} {'top overlap':>11s} "
+                f"{'ppl':>8s} {'vs f16':>7s} {'tok/s':>7s}"]
+        for t in self.types:
+            rows.append(f"{t.label:22s} {t.bytes_per_cell:10.0f} {t.score_pearson:8.5f} {t.score_max_abs_diff:10.4f} "
+                        f"{t.top_overlap:11.1%} {t.ppl:8.3f} {t.ppl_vs_f16:+7.2%} {t.tokens_per_s:7.1f}")
+        return "\n".join(rows)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_cache_types(text: Sequence[str]) -> list[tuple[str, str]]:
+    """Cache types as `K` (K and V alike) or `K/V`."""
+    return [tuple(t.split("/", 1)) if "/" in t else (t, t) for t in text]
+
+
+def kv_cache_bench(model=None, *, types: Sequence[tuple[str, str]] = (("f16", "f16"), ("q8_0", "q8_0"),
+                                                                        ("q4_0", "q4_0")),
+                   budget: int = 1024, tokens: int = 20000, chunk: int = 256, score_tokens: int = 1024,
+                   top_cells: int = 64, flash_attn: bool | None = True, n_gpu_layers: int = -1,
+                   n_threads: int | None = None, rpc: Sequence[str] = (), progress: bool = False) -> KvCacheBench:
+    """For each (K type, V type) of `types`: bytes per cell, the attention that the last `window`
+    queries of a chunk give after `score_tokens` Shakespeare tokens compared with an f16 cache's,
+    and the default policy's perplexity at `budget` over `tokens` tokens of Shakespeare (eviction
+    and re-indexing on the quantized cache). Flash attention is on by default: llama.cpp needs it
+    for a quantized V."""
+    from .perplexity import stream_perplexity
+
+    types = [("f16", "f16")] + [t for t in types if t != ("f16", "f16")]
+    policy = make_policy(DEFAULT_POLICY, budget=budget)
+    with Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) as loaded:
+        ids = stream_tokens(loaded, max(tokens, score_tokens), "shakespeare")
+        measured = []
+        for k, v in types:
+            with Runtime(loaded, n_ctx=score_tokens + chunk, n_batch=chunk, flash_attn=flash_attn,
+                         n_threads=n_threads, cache_type_k=k, cache_type_v=v) as rt:
+                sizes = []
+                for i in range(0, score_tokens, chunk):
+                    if i + chunk >= score_tokens:
+                        rt.capture_scores(policy.capture_queries(chunk))
+                    rt.decode(ids[i:i + chunk].tolist(), range(i, min(i + chunk, score_tokens)))
+                    sizes.append((min(i + chunk, score_tokens), rt.sequence_bytes()))
+                scores = rt.read_scores().scores.astype(np.float64)
+                (n0, b0), (n1, b1) = sizes[0], sizes[-1]
+            run = stream_perplexity(ids[:tokens], model=loaded, policy=policy, chunk=chunk, flash_attn=flash_attn,
+                                    n_threads=n_threads, cache_type_k=k, cache_type_v=v)
+            measured.append(((k, v), (b1 - b0) / max(n1 - n0, 1), scores, run))
+            if progress:
+                print(f"kv {k}/{v}: ppl {run.ppl:.3f}", file=sys.stderr)
+        ref_scores, ref_ppl = measured[0][2], measured[0][3].ppl
+        top = lambda s: set(np.argsort(-s.mean(axis=0))[:top_cells].tolist())  # noqa: E731
+        out = [KvCacheType(k, v, per_cell, float(np.corrcoef(ref_scores.ravel(), scores.ravel())[0, 1]),
+                           float(np.abs(scores - ref_scores).max()), len(top(scores) & top(ref_scores)) / top_cells,
+                           run.ppl, run.ppl / ref_ppl - 1.0, run.tokens_per_s)
+               for (k, v), per_cell, scores, run in measured]
+        return KvCacheBench(loaded.name, device_label(n_gpu_layers, n_threads), policy.config(), tokens, chunk,
+                            score_tokens, top_cells, flash_attn, out)
+
+
+# -- RPC -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RpcBench:
+    """A stream with the model's layers on local rpc-servers, through byte-counting relays."""
+    model: str
+    servers: int
+    server_threads: int
+    policy: dict
+    tokens: int
+    chunk: int
+    repeats: int
+    load_bytes_sent: int           # the weights, sent once when the model loads
+    bytes_sent_per_token: Rate     # client to servers while streaming
+    bytes_received_per_token: Rate
+    local_tokens_per_s: Rate       # the same stream, the same process, no servers
+    rpc_tokens_per_s: Rate
+    max_abs_logit_diff: float      # last logits, rpc vs local
+
+    def table(self) -> str:
+        return "\n".join([
+            f"rpc: {self.model}, layers on {self.servers} local rpc-servers ({self.server_threads} thread each), "
+            f"{run_label(self.policy)}, {self.tokens} tokens in chunks of {self.chunk}, {self.repeats} repeats",
+            f"  weights sent at load: {self.load_bytes_sent / 2**20:.1f} MiB",
+            f"  per token streamed: sent {self.bytes_sent_per_token} bytes, received "
+            f"{self.bytes_received_per_token} bytes (x {self.chunk} per chunk)",
+            f"  tokens/s: local {self.local_tokens_per_s}, rpc {self.rpc_tokens_per_s}",
+            f"  last logits, rpc vs local: max |diff| {self.max_abs_logit_diff:.3g}"])
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def rpc_bench(model=None, *, servers: int = 2, server_threads: int = 1, tokens: int = 2048, chunk: int = 256,
+              repeats: int = 3, policy: Policy | None = None, n_threads: int | None = None) -> RpcBench:
+    """Stream `tokens` Shakespeare tokens with `policy` (default: the default policy at budget 512)
+    with the layers on `servers` rpc-servers started here, each behind a `CountingRelay`, and the
+    same stream locally, alternately `repeats` times; bytes each way per streamed token."""
+    from .rpc import RpcServers
+
+    policy = policy or make_policy(DEFAULT_POLICY, budget=512)
+    with RpcServers(servers, threads=server_threads, count=True) as rs, Model(model) as local:
+        ids = stream_tokens(local, tokens, "shakespeare").tolist()
+        with Model(model, rpc=rs.endpoints) as remote:
+            load_sent = sum(r.counts()[0] for r in rs.relays)
+            rates: dict[str, list[float]] = {"local": [], "rpc": [], "sent": [], "received": []}
+            logits = {}
+            for _ in range(repeats):
+                for where, m in (("local", local), ("rpc", remote)):
+                    with StreamSession(m, policy, chunk=chunk, n_threads=n_threads) as s:
+                        before = np.sum([r.counts() for r in rs.relays], axis=0)
+                        t0 = time.perf_counter()
+                        s.feed_tokens(ids)
+                        logits[where] = s.runtime.logits()
+                        rates[where].append(tokens / (time.perf_counter() - t0))
+                        if where == "rpc":
+                            sent, received = np.sum([r.counts() for r in rs.relays], axis=0) - before
+                            rates["sent"].append(sent / tokens)
+                            rates["received"].append(received / tokens)
+            name = local.name
+    return RpcBench(name, servers, server_threads, policy.config(), tokens, chunk, repeats, int(load_sent),
+                    Rate.of(rates["sent"]), Rate.of(rates["received"]), Rate.of(rates["local"]), Rate.of(rates["rpc"]),
+                    float(np.abs(logits["rpc"] - logits["local"]).max()))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -56,6 +56,14 @@ class CacheController:
     says whether that cell holds an image embedding rather than a text token. Since the last
     eviction, `attention` and `visibility` hold what the captured queries gave each cell and how
     many of them could see it; `carried` is the score the policy carried from that eviction.
+
+    While generating, a step is captured only if the policy will read it (`reads_generation_step`):
+    eviction comes every `generation_headroom` steps, and a policy reads the last
+    `capture_queries(generation_headroom)` of them, as it reads the last queries of a chunk. The
+    steps in between are not observed at all: neither their attention nor their visibility counts.
+    The cells decoded after the last captured step (`unseen`) are kept at an eviction that comes
+    before the planned one (a generation that stops early), as the recent cells are: no query
+    judged them yet. The schedule keeps them fewer than `budget - sinks`.
     With `history` > 0, `recent_tokens` keeps the token ids of the last `history` tokens of the
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
@@ -80,6 +88,7 @@ class CacheController:
         self.visibility: np.ndarray | None = None  # float64 [n]
         self.carried: np.ndarray | None = None     # float64 [n]
         self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.history)
+        self.unseen = 0  # newest cells that no captured query saw (uncaptured generation steps)
         self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
 
     def reset(self) -> None:
@@ -109,7 +118,7 @@ class CacheController:
         runtime's (`Runtime.state`)."""
         arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
         arrays["recent_tokens"] = np.array(self.recent_tokens, dtype=np.int64)
-        return {"stats": asdict(self._stats), "reindex": self.reindex}, arrays
+        return {"stats": asdict(self._stats), "reindex": self.reindex, "unseen": self.unseen}, arrays
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Raise ValueError unless `state()`'s output fits this controller: every array's shape
@@ -125,8 +134,12 @@ class CacheController:
         n = indices.size
         if n > self.runtime.n_ctx or (n and (indices[0] < 0 or np.any(np.diff(indices) <= 0))):
             raise ValueError(f"the saved stream indices ({n}) are not increasing stream indices within the context")
-        n_layer = self.runtime.model.n_layer
-        for name, shape in (("is_image", (n,)), ("attention", (n_layer, n)), ("visibility", (n,)), ("carried", (n,))):
+        unseen = meta.get("unseen", 0)  # absent from files saved before generation skipped steps
+        if not isinstance(unseen, int) or not 0 <= unseen <= n:
+            raise ValueError(f"the saved count of unseen cells ({unseen!r}) is not in [0, {n}]")
+        n_layer, seen = self.runtime.model.n_layer, n - unseen
+        for name, shape in (("is_image", (n,)), ("attention", (n_layer, seen)), ("visibility", (seen,)),
+                            ("carried", (n,))):
             value = arrays.get(name)
             if name == "is_image" and value is None:
                 raise ValueError("the saved image flags are missing")
@@ -146,6 +159,7 @@ class CacheController:
             value = arrays.get(name)
             setattr(self, name, None if value is None else value.astype(np.float64))
         self._stats = CacheStats(**meta["stats"])
+        self.unseen = meta.get("unseen", 0)
         self.recent_tokens = collections.deque(arrays.get("recent_tokens", np.zeros(0, np.int64)).tolist(),
                                                maxlen=self.history)
         self._captured_queries = -1  # the capture setting is not part of llama.cpp's state: set it again
@@ -169,6 +183,8 @@ class CacheController:
         n = len(tokens)
         is_image = isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f"
         n_queries = self.policy.capture_queries(n)
+        if generating and not self.reads_generation_step():
+            n_queries = 0
         if n_queries != self._captured_queries:
             self.runtime.capture_scores(n_queries)
             self._captured_queries = n_queries
@@ -199,10 +215,24 @@ class CacheController:
             self._observe(queries_seen(n_old, n, n_queries, causal),
                           accumulate=self.policy.accumulates_attention or generating)
             self._stats.capture_s += time.perf_counter() - t1
+            self.unseen = 0
+        elif self.policy.reads_attention:
+            self.unseen += n
 
         limit = self.policy.budget + (self.generation_headroom if generating else 0)
         if self.stream_indices.size > limit or (generating and self.stream_indices.size >= limit):
             self.evict()
+
+    def reads_generation_step(self) -> bool:
+        """Whether the policy reads the attention of the generation step about to be decoded: one of
+        the last `capture_queries(generation_headroom)` steps before the planned eviction (when the
+        cache reaches budget + generation_headroom), or a step that would otherwise leave
+        `budget - sinks` cells unseen."""
+        if not self.policy.reads_attention:
+            return False
+        steps_left = self.policy.budget + self.generation_headroom - (self.stream_indices.size + 1)
+        return (steps_left < self.policy.capture_queries(self.generation_headroom)
+                or self.unseen + 1 >= self.policy.budget - self.policy.sinks)
 
     def _observe(self, visibility: np.ndarray, *, accumulate: bool) -> None:
         """Read the scores of the last decode; add them (and their visibility) to those since the
@@ -220,18 +250,33 @@ class CacheController:
         self.attention, self.visibility = attention, visibility
 
     # -- eviction ---------------------------------------------------------------------------
+    def _cover_unseen(self) -> None:
+        """Give the cells no captured query saw zero attention and a visibility of one, so that the
+        observation covers every cell; they are kept as recent cells, so these values only stand in.
+        With no capture since the last eviction, every cell gets them, and the policy's tie rule
+        (its bias toward newer cells) decides alone."""
+        n = self.stream_indices.size
+        seen = 0 if self.attention is None else self.attention.shape[1]
+        attention = np.zeros((self.runtime.model.n_layer if self.attention is None else self.attention.shape[0], n))
+        visibility = np.ones(n)
+        if seen:
+            attention[:, :seen], visibility[:seen] = self.attention, self.visibility
+        self.attention, self.visibility = attention, visibility
+
     def evict(self) -> int:
         """Apply the policy once; returns the number of cells removed."""
         if self.stream_indices.size <= self.policy.budget:
             return 0
         t0 = time.perf_counter()
-        if self.policy.reads_attention:
+        policy, observation = self.policy, Observation(self.stream_indices)
+        if policy.reads_attention:
+            if self.unseen:
+                policy = replace(policy, recent=max(policy.recent, self.unseen))
+                self._cover_unseen()
             if self.attention is None or self.attention.shape[1] != self.stream_indices.size:
                 raise RuntimeError("no attention scores cover the newest cells; decode a chunk before evicting")
             observation = Observation(self.stream_indices, self.attention, self.visibility, self.carried)
-        else:
-            observation = Observation(self.stream_indices)
-        selection = self.policy.select(observation)
+        selection = policy.select(observation)
         keep = selection.keep
         pos = self.positions()
         for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid
@@ -247,6 +292,7 @@ class CacheController:
         self.is_image = self.is_image[keep]
         self.carried = selection.carried
         self.attention = self.visibility = None
+        self.unseen = 0
         self._stats.cells_evicted += n_removed
         self._stats.evictions += 1
         self._stats.evict_s += time.perf_counter() - t0

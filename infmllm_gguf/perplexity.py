@@ -111,6 +111,8 @@ def slice_tokens(blocks: Iterable[Sequence[int]], start: int, stop: int | None) 
 class PerplexityRun:
     policy: dict               # Policy.config(): the name and every option
     chunk: int
+    cache_type_k: str = "f16"  # the KV cache's element types (records before them: f16)
+    cache_type_v: str = "f16"
     tokens: int = 0            # tokens scored (the first of the stream has no prediction)
     ppl: float = float("nan")
     tokens_per_s: float = 0.0
@@ -132,7 +134,8 @@ class PerplexityRun:
         return self.policy["budget"]
 
     def label(self) -> str:
-        return from_config(self.policy).label()
+        kv = ("f16", "f16") != (self.cache_type_k, self.cache_type_v)
+        return from_config(self.policy).label() + (f", KV {self.cache_type_k}/{self.cache_type_v}" if kv else "")
 
     def stop_note(self) -> str | None:
         """Why the stream was cut short, if it was."""
@@ -159,7 +162,8 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
                       chunk: int = 256, max_tokens: int | None = None, segment: int = 1024,
                       checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
                       progress: Callable[[PerplexityRun, int], None] | None = None, n_gpu_layers: int = -1,
-                      n_threads: int | None = None, flash_attn: bool | None = None, **policy_options) -> PerplexityRun:
+                      n_threads: int | None = None, flash_attn: bool | None = None, cache_type_k: str = "f16",
+                      cache_type_v: str = "f16", rpc: Sequence[str] = (), **policy_options) -> PerplexityRun:
     """Stream `source` (a text file, a list of token ids, or an iterable of blocks of them) chunk by
     chunk, scoring each token's NLL given the bounded cache; return the run with its per-`segment`
     curve. `policy`: a `Policy`, or a name with its options as keywords.
@@ -167,7 +171,8 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
     `full` holds at most its budget and the model's training context: its stream stops there
     (`stopped_at`). With `checkpoint`, the session and the run are saved there every
     `checkpoint_every` tokens and at the end; an existing checkpoint of the same run is resumed.
-    `progress(run, tokens_done)` is called after every chunk.
+    `progress(run, tokens_done)` is called after every chunk. `cache_type_k`/`cache_type_v` and
+    `rpc` are `StreamSession`'s.
     """
     if isinstance(source, (str, os.PathLike)):
         check_text_file(source)
@@ -175,8 +180,10 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
                                             (len(source) == 0 or isinstance(source[0], (int, np.integer)))):
         source = [source]  # one block
     with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                       flash_attn=flash_attn, **policy_options) as session:
-        run = PerplexityRun(policy=session.policy.config(), chunk=chunk)
+                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v, rpc=rpc,
+                       **policy_options) as session:
+        run = PerplexityRun(policy=session.policy.config(), chunk=chunk, cache_type_k=cache_type_k,
+                            cache_type_v=cache_type_v)
         clock = SegmentClock(lambda: session.stats)
         seg_nll, seg_n = 0.0, 0
         if checkpoint is not None and Path(checkpoint).exists():

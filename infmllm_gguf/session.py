@@ -20,7 +20,7 @@ from .chat import ChatTranscript
 from .generation import Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler, text_pieces
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
-from .runtime import Model, Runtime
+from .runtime import Model, Runtime, check_cache_types
 from .state import read_state, write_state
 from .video import VideoParts
 
@@ -62,15 +62,19 @@ class StreamSession:
     `model`: a GGUF path (None: the default model) or a loaded `Model`, which sessions can share.
     `policy`: a `Policy`, or a policy name with that policy's options as keywords
     (``StreamSession(m, "inf-mllm", budget=512, bias=1.0)``). The llama.cpp context holds
-    `budget + max(chunk, generation_headroom)` cells and never grows. `mmproj`, the model's vision
-    projector GGUF, enables `feed_image`, `feed_video` and media in `chat`. `history` keeps the
-    token ids of the stream's last `history` tokens for display (`recent_view`).
+    `budget + max(chunk, generation_headroom)` cells and never grows; generation evicts every
+    `generation_headroom` tokens (default: the chunk, which costs no cell more). `mmproj`, the
+    model's vision projector GGUF, enables `feed_image`, `feed_video` and media in `chat`.
+    `history` keeps the token ids of the stream's last `history` tokens for display
+    (`recent_view`). `cache_type_k`/`cache_type_v` (f16, q8_0, q4_0) quantize the KV cache;
+    `rpc` (HOST:PORT of rpc-servers) puts the model's layers on other machines (`Model`).
     """
 
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
-                 chunk: int = 256, generation_headroom: int = 32, n_gpu_layers: int = -1,
+                 chunk: int = 256, generation_headroom: int | None = None, n_gpu_layers: int = -1,
                  n_threads: int | None = None, flash_attn: bool | None = None, seed: int = 0,
-                 mmproj: str | os.PathLike | None = None, history: int = 0, **policy_options):
+                 mmproj: str | os.PathLike | None = None, history: int = 0, cache_type_k: str = "f16",
+                 cache_type_v: str = "f16", rpc: Sequence[str] = (), **policy_options):
         if isinstance(policy, Policy):
             if policy_options:
                 raise ValueError(f"options {', '.join(policy_options)} go with a policy name; a Policy object "
@@ -82,15 +86,20 @@ class StreamSession:
             raise ValueError(f"chunk must be at least 1 token (got {chunk}): pass --chunk N")
         self.policy.check_chunk(chunk)
         self.chunk = chunk
-        self.generation_headroom = generation_headroom
+        self.generation_headroom = chunk if generation_headroom is None else generation_headroom
+        if self.generation_headroom < 1:
+            raise ValueError(f"generation_headroom must be at least 1 token (got {generation_headroom})")
         self.flash_attn = flash_attn
+        self.cache_types = (cache_type_k, cache_type_v)
+        check_cache_types(cache_type_k, cache_type_v, flash_attn)  # before a model loads for nothing
         self._owns_model = not isinstance(model, Model)
-        self.model = Model(model, n_gpu_layers=n_gpu_layers) if self._owns_model else model
+        self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) if self._owns_model else model
         self.runtime = self.projector = None
         try:
-            self.runtime = Runtime(self.model, n_ctx=self.policy.budget + max(chunk, generation_headroom),
-                                   n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads)
-            self.cache = CacheController(self.runtime, self.policy, generation_headroom=generation_headroom,
+            self.runtime = Runtime(self.model, n_ctx=self.policy.budget + max(chunk, self.generation_headroom),
+                                   n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads,
+                                   cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+            self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
                                          history=history)
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
@@ -150,7 +159,8 @@ class StreamSession:
 
     def _settings(self) -> dict:
         return {"policy": self.policy.config(), "chunk": self.chunk,
-                "generation_headroom": self.generation_headroom, "flash_attn": self.flash_attn}
+                "generation_headroom": self.generation_headroom, "flash_attn": self.flash_attn,
+                "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1]}
 
     def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
         """Write the whole stream state to `path` (an .npz file): llama.cpp's cells and last logits,
@@ -201,9 +211,10 @@ class StreamSession:
     @classmethod
     def restore(cls, path: str | os.PathLike, model: Model | str | os.PathLike | None = None, *,
                 n_gpu_layers: int = -1, n_threads: int | None = None,
-                mmproj: str | os.PathLike | None = None, history: int = 0) -> "StreamSession":
+                mmproj: str | os.PathLike | None = None, history: int = 0, rpc: Sequence[str] = ()) -> "StreamSession":
         """A new session continuing the stream saved at `path`, with the settings it was saved with
-        (`mmproj` to go on feeding images; the images already in the stream need none)."""
+        (`mmproj` to go on feeding images; the images already in the stream need none). Files saved
+        before the cache types were settings ran with f16."""
         header, _ = read_state(path)
         settings = dict(header["settings"])
         try:
@@ -211,7 +222,7 @@ class StreamSession:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
         session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, history=history,
-                      **settings)
+                      rpc=rpc, **settings)
         try:
             session.load(path)
         except Exception:

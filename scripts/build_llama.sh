@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama-cpp-python from its checked source distribution with patches/*.patch applied to the
-# vendored llama.cpp, and install it into the virtual environment. The wheel is cached under a key
+# vendored llama.cpp, and install it into the virtual environment, with llama.cpp's RPC backend and
+# its `rpc-server` tool (layers on other machines). The wheel and the tool are cached under a key
 # made of the sdist checksum, the patches' content and the build flags: a second run takes seconds.
 #
 #   CUDA=1            build with -DGGML_CUDA=on
@@ -18,7 +19,7 @@ CACHE=${INFMLLM_GGUF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/infmllm-gguf}
 CUDA=${CUDA:-0}
 CUDA_ARCH=${CUDA_ARCH:-}
 
-cmake_args="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF"
+cmake_args="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_RPC=ON"
 if [ "$(uname -m)" = x86_64 ]; then
     # No AMX kernels: on an AMX Xeon (Sapphire Rapids) -march=native turns them on, and their
     # mul_mat segfaulted on the first batch (seen on this project's CPU machine; upstream
@@ -63,9 +64,19 @@ if ! compgen -G "$wheel_dir/*.whl" > /dev/null; then
     echo "== building the patched wheel ($cmake_args); about 7 minutes on 2 cores"
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         "$PY" -m pip wheel -q --no-deps --no-build-isolation "$src" -w "$work/dist"
+    # rpc-server: one source file over the wheel's ggml libraries, found next to it at run time
+    echo "== building rpc-server"
+    mkdir -p "$work/whl" && "$PY" -m zipfile -e "$work"/dist/*.whl "$work/whl"
+    ggml="$src/vendor/llama.cpp/ggml"
+    ${CXX:-g++} -O2 -std=c++17 -I"$ggml/include" "$src/vendor/llama.cpp/tools/rpc/rpc-server.cpp" \
+        -o "$work/dist/rpc-server" -L"$work/whl/llama_cpp/lib" -lggml -lggml-base -Wl,-rpath,'$ORIGIN/../lib'
     mkdir -p "$wheel_dir"
-    mv "$work"/dist/*.whl "$wheel_dir/"
+    mv "$work"/dist/*.whl "$work/dist/rpc-server" "$wheel_dir/"
 fi
 
 "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/*.whl
-echo "== patched llama-cpp-python $VERSION installed (wheel cache key $key)"
+# the tool lies beside the package's libraries ($ORIGIN/../lib); the venv's bin links to it
+pkg=$("$PY" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("llama_cpp").origin))')
+install -D -m 755 "$wheel_dir/rpc-server" "$pkg/bin/rpc-server"
+ln -sf "$pkg/bin/rpc-server" "$(dirname "$PY")/rpc-server"
+echo "== patched llama-cpp-python $VERSION installed, with rpc-server (wheel cache key $key)"

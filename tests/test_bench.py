@@ -127,13 +127,19 @@ def test_targets_by_hand():
                 {"figure": "inf-mllm / h2o tokens/s", "run": "inf-mllm, budget 64", "policy": "inf-mllm",
                  "budget": 64, "value": 2.0},
                 {"figure": "tokens/s, last 10% of the stream / first 10%", "run": "h2o, budget 64", "policy": "h2o",
-                 "budget": 64, "value": 0.94}]
+                 "budget": 64, "value": 0.94},
+                {"figure": "streaming-llm / plain llama.cpp tokens/s", "run": "streaming-llm, budget 64",
+                 "policy": "streaming-llm", "budget": 64, "value": 0.965},
+                {"figure": "inf-mllm / plain llama.cpp tokens/s", "run": "inf-mllm, budget 64",
+                 "policy": "inf-mllm", "budget": 64, "value": 0.965}]
     assert [(t["target"], t["op"], t["limit"], t["met"]) for t in against_targets(measured)] == [
         ("capture overhead, decode", "<=", 0.03, False),                  # +12.6% against 3%
         ("capture overhead, prefill", "<=", 0.03, True),
         ("inf-mllm / h2o tokens/s", ">=", 2.0, True),                     # exactly at the limit
-        ("tokens/s, last 10% of the stream / first 10%", ">=", 0.95, False)]
-    assert set(TARGETS) == {f for f, _ in TARGETS.items()} and len(TARGETS) == 6
+        ("tokens/s, last 10% of the stream / first 10%", ">=", 0.95, False),
+        ("streaming-llm / plain llama.cpp tokens/s", ">=", 0.97, False),  # the baseline's own rule: 3% at most
+        ("inf-mllm / plain llama.cpp tokens/s", ">=", 0.95, True)]        # the default: 5% at most
+    assert len(TARGETS) == 8
 
 
 def test_full_runs_once_in_the_context():
@@ -144,7 +150,8 @@ def test_full_runs_once_in_the_context():
 
 def test_stream_without_reindexing_keeps_the_budget(synthetic_model):
     sb = stream_bench(synthetic_model(), policies=[make_policy("streaming-llm", budget=256)], tokens=1000,
-                      chunk=128, segment=200, repeats=1, source="random", reindex=False, n_gpu_layers=0, n_threads=1)
+                      chunk=128, segment=200, repeats=1, source="random", reindex=False, baseline=False, n_gpu_layers=0,
+                      n_threads=1)
     (run,) = sb.runs
     assert not sb.reindex and (sb.segment, sb.tokens) == (256, 1024)  # whole chunks, whole segments
     assert [g.tokens for g in run.segments] == [256, 512, 768, 1024]
@@ -153,7 +160,7 @@ def test_stream_without_reindexing_keeps_the_budget(synthetic_model):
 
 def test_full_stops_at_the_training_context_inside_a_segment(synthetic_model):
     sb = stream_bench(synthetic_model(), policies=[make_policy("full")], tokens=2500, chunk=128, segment=768,
-                      repeats=1, source="random", n_gpu_layers=0, n_threads=1)
+                      repeats=1, source="random", n_gpu_layers=0, n_threads=1)  # full alone: no baseline
     (run,) = sb.runs
     assert sb.tokens == 3072 and (run.policy["budget"], run.tokens, run.stopped_at) == (2048, 2048, 2048)
     assert [g.tokens for g in run.segments] == [768, 1536, 2048] == [g.cells for g in run.segments]
@@ -169,20 +176,23 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     assert (tmp_path / "synthetic" / "tiny-llama-q8_0.gguf").exists()
     assert "capture overhead" in proc.stdout and "inf-mllm, budget 256 / h2o, budget 256" in proc.stdout
     obj = json.loads(out.read_text())
-    assert set(obj) == {"capture", "stream", "targets"}
+    assert set(obj) == {"capture", "stream", "kv", "rpc", "targets"} and obj["kv"] is obj["rpc"] is None
 
     cap = obj["capture"]
     assert set(cap) == {"model", "device", "prompt_tokens", "chunk", "decode_tokens", "capture_queries",
-                        "prefill_off", "prefill_on", "decode_off", "decode_on", "prefill_overhead", "decode_overhead"}
+                        "generation_headroom", "decode_read_steps", "prefill_off", "prefill_on", "decode_off",
+                        "decode_on", "decode_every_on", "prefill_overhead", "decode_overhead", "decode_every_overhead"}
     assert (cap["model"], cap["prompt_tokens"], cap["chunk"], cap["decode_tokens"], cap["capture_queries"]) == \
         ("tiny-llama-q8_0.gguf", 256, 128, 8, 32)
+    # generation evicts every chunk's worth of steps; the default policy reads the last window (32) of them
+    assert (cap["generation_headroom"], cap["decode_read_steps"]) == (128, 32)
     assert cap["device"].startswith("CPU (") and cap["device"].endswith("1 threads)")
-    for key in ("prefill_off", "prefill_on", "decode_off", "decode_on"):
+    for key in ("prefill_off", "prefill_on", "decode_off", "decode_on", "decode_every_on"):
         assert 0 < cap[key]["min"] <= cap[key]["median"] <= cap[key]["max"]
 
     st = obj["stream"]
     assert set(st) == {"model", "device", "source", "tokens", "chunk", "segment", "repeats", "reindex",
-                       "gpu_memory_scope", "summary", "speedups", "runs"}
+                       "gpu_memory_scope", "summary", "speedups", "over_baseline", "runs"}
     assert (st["tokens"], st["chunk"], st["segment"], st["repeats"], st["source"], st["reindex"]) == \
         (2560, 128, 256, 2, "random", True)
     assert st["gpu_memory_scope"] is None  # CPU
@@ -190,8 +200,10 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     # every record carries its policy's whole configuration; interleaved: the second repeat starts one run later
     assert runs[0]["policy"] == {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32,
                                  "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0}
+    plain = "plain llama.cpp"  # the baseline, one per budget
     assert [(r["policy"]["name"], r["repeat"]) for r in runs] == \
-        [("inf-mllm", 0), ("h2o", 0), ("full", 0), ("h2o", 1), ("full", 1), ("inf-mllm", 1)]
+        [("inf-mllm", 0), ("h2o", 0), ("full", 0), (plain, 0), ("h2o", 1), ("full", 1), (plain, 1), ("inf-mllm", 1)]
+    assert runs[3]["policy"] == {"name": plain, "budget": 256, "sinks": 4}
     for r in runs:
         ends = [g["tokens"] for g in r["segments"]]
         assert ends == list(range(256, r["tokens"] + 1, 256))
@@ -207,9 +219,16 @@ def test_bench_json_has_the_documented_schema(tmp_path):
             assert (r["policy"]["budget"], r["tokens"], r["stopped_at"]) == (256, 2560, None)
             assert (r["peak_cells"], r["cells_evicted"]) == (256 + 128, 2560 - 256)
             assert [g["cells"] for g in r["segments"]] == [256] * 10
-            assert r["evict_s"] > 0 and r["capture_s"] > 0
+            assert r["evict_s"] > 0 and (r["capture_s"] > 0) == (r["policy"]["name"] != plain)
 
-    assert [s["policy"]["name"] for s in st["summary"]] == ["inf-mllm", "h2o", "full"]
+    assert [s["policy"]["name"] for s in st["summary"]] == ["inf-mllm", "h2o", "full", plain]
+    assert [(b["run"], b["budget"]) for b in st["over_baseline"]] == [("inf-mllm, budget 256", 256),
+                                                                      ("h2o, budget 256", 256)]
+    for b in st["over_baseline"]:  # paired within each repeat
+        pairs = [(r, p) for r in runs for p in runs if r["policy"]["name"] == b["policy"]
+                 and p["policy"]["name"] == plain and r["repeat"] == p["repeat"]]
+        ratios = sorted((r["tokens"] / r["seconds"]) / (p["tokens"] / p["seconds"]) for r, p in pairs)
+        assert (b["over_plain"]["min"], b["over_plain"]["max"]) == pytest.approx((ratios[0], ratios[-1]))
     for s in st["summary"]:
         for key in ("tokens_per_s", "last_vs_first", "evict_share", "rss_peak_mib"):
             assert s[key]["min"] <= s[key]["median"] <= s[key]["max"]
@@ -221,7 +240,8 @@ def test_bench_json_has_the_documented_schema(tmp_path):
         (t, f"{p}, budget 256") for p in ("inf-mllm", "h2o") for t in ("eviction + re-indexing share of stream time",
                                                                         "tokens/s, last 10% of the stream / first 10%",
                                                                         "peak RSS growth after the first 10%")] + \
-        [("inf-mllm / h2o tokens/s", "inf-mllm, budget 256")]
+        [("inf-mllm / h2o tokens/s", "inf-mllm, budget 256"),
+         ("inf-mllm / plain llama.cpp tokens/s", "inf-mllm, budget 256")]
     assert all(set(t) == {"target", "run", "policy", "budget", "value", "op", "limit", "met"} for t in obj["targets"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import PROMPT
 from infmllm_gguf import StreamSession
 from infmllm_gguf.cache import queries_seen
 from infmllm_gguf.policies import InfMLLM
@@ -182,3 +183,37 @@ def test_generation_evicts_and_returns_to_budget(default_model):
         assert s.stats.cells_cached == s.runtime.n_cached()
         assert 64 < s.stats.peak_cells <= 64 + 16
         assert s.stats.tokens_seen > 64 and s.stats.evictions > 0
+
+
+def generate_counting_captures(s: StreamSession, n: int) -> list[int]:
+    """Generate `n` tokens (a sampler that never ends the reply); the cells cached at each captured step."""
+    captured_at, observe, script = [], s.cache._observe, iter(range(1000, 1000 + n))
+
+    def spy(*args, **kwargs):
+        captured_at.append(s.runtime.n_cached())
+        return observe(*args, **kwargs)
+    s.cache._observe = spy
+    list(s.generate(max_tokens=n, sampler=lambda logits: next(script)))
+    return captured_at
+
+
+def test_generation_captures_only_the_steps_the_policy_reads(default_model):
+    """Eviction every 32 steps, a window of 8: the last 8 steps before each eviction are captured and
+    no other; a generation that stops between two evictions keeps its uncaptured tail."""
+    with StreamSession(default_model, budget=128, chunk=64, recent=16, window=8, generation_headroom=32) as s:
+        s.feed_tokens(s.tokenize(PROMPT * 4)[:130])
+        assert s.runtime.n_cached() == 128 and s.stats.evictions == 1
+        # 80 steps: cells 129..160 twice (an eviction at 160 each time), then 129..144
+        assert generate_counting_captures(s, 80) == list(range(153, 161)) * 2
+        assert s.stats.evictions == 1 + 2 + 1  # the prompt's, two planned, the end's
+        check_cache(s)
+        # the end's eviction kept the 16 steps that no captured query saw, as recent cells
+        np.testing.assert_array_equal(s.cached_stream_indices()[-16:], np.arange(130 + 64, 130 + 80))
+        assert s.cache.unseen == 0 and s.runtime.n_cached() == 128
+
+
+def test_every_step_is_captured_for_a_policy_that_reads_every_query(default_model):
+    with StreamSession(default_model, "h2o", budget=128, chunk=64, recent=16, generation_headroom=32) as s:
+        s.feed_tokens(s.tokenize(PROMPT * 4)[:130])
+        assert generate_counting_captures(s, 40) == list(range(129, 161)) + list(range(129, 137))
+        check_cache(s)

@@ -5,9 +5,9 @@ over a model, with the attention-score capture of `patches/` (`native`, its ctyp
 `mtmd.VisionEncoder` is libmtmd's image encoder. Nothing here changes process-wide state at
 import: llama.cpp's backends and log callback are set up when the first model loads.
 """
-from .context import SEQ, AttentionScores, CaptureError, Runtime
-from .model import Model, supports_gpu_offload, system_info
+from .context import CACHE_TYPES, SEQ, AttentionScores, CaptureError, Runtime, check_cache_types
+from .model import Model, parse_endpoint, supports_gpu_offload, system_info
 from .native import UnpatchedLlamaError
 
-__all__ = ["SEQ", "AttentionScores", "CaptureError", "Model", "Runtime", "UnpatchedLlamaError",
-           "supports_gpu_offload", "system_info"]
+__all__ = ["CACHE_TYPES", "SEQ", "AttentionScores", "CaptureError", "Model", "Runtime", "UnpatchedLlamaError",
+           "check_cache_types", "parse_endpoint", "supports_gpu_offload", "system_info"]

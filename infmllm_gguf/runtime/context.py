@@ -20,6 +20,19 @@ from .model import Model
 
 SEQ = 0  # the one sequence a Runtime decodes
 
+#: KV cache element types, named as llama.cpp's tools name them (--cache-type-k/-v)
+CACHE_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0, "q4_0": llama.GGML_TYPE_Q4_0}
+
+
+def check_cache_types(type_k: str, type_v: str, flash_attn: bool | None) -> None:
+    """ValueError, naming the fix, for a cache type llama.cpp would refuse."""
+    for flag, name in (("--cache-type-k", type_k), ("--cache-type-v", type_v)):
+        if name not in CACHE_TYPES:
+            raise ValueError(f"{flag} must be one of {', '.join(CACHE_TYPES)} (got {name!r})")
+    if type_v != "f16" and flash_attn is False:
+        raise ValueError(f"a quantized V cache (--cache-type-v {type_v}) needs flash attention, as in llama.cpp: "
+                         "drop --no-flash-attn or use --cache-type-v f16")
+
 
 class CaptureError(RuntimeError):
     """Scores were asked for but none were captured."""
@@ -40,32 +53,49 @@ class AttentionScores:
     n_queries: int
 
 
+def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatch: int | None = None,
+                flash_attn: bool | None = None, n_threads: int | None = None, cache_type_k: str = "f16",
+                cache_type_v: str = "f16") -> llama.llama_context_p:
+    """A llama.cpp context for one sequence of `model` (see `Runtime`); RuntimeError with llama.cpp's
+    reason if it cannot be made. The caller frees it."""
+    cparams = llama.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch or n_ctx
+    cparams.n_ubatch = n_ubatch or min(cparams.n_batch, 512)
+    cparams.n_seq_max = 1
+    cparams.type_k, cparams.type_v = CACHE_TYPES[cache_type_k], CACHE_TYPES[cache_type_v]
+    cparams.flash_attn_type = {None: llama.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                               False: llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+    # with no layer on the GPU, keep every op on the CPU (llama.cpp would offload large batches)
+    cparams.offload_kqv = cparams.op_offload = model.n_gpu_layers != 0
+    threads = n_threads or max(1, os.cpu_count() or 1)
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = llama.llama_init_from_model(model.ptr, cparams)
+    if not ctx:
+        reason = LOG.pop_errors() or "no reason given"
+        raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {model.path}: {reason}")
+    return ctx
+
+
 class Runtime:
     """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
-    path to load one from, which the runtime then owns and frees)."""
+    path to load one from, which the runtime then owns and frees). `cache_type_k`/`cache_type_v`:
+    the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention."""
 
     def __init__(self, model: Model | str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_batch: int | None = None, n_ubatch: int | None = None, n_gpu_layers: int = -1,
-                 flash_attn: bool | None = None, n_threads: int | None = None):
+                 flash_attn: bool | None = None, n_threads: int | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+        check_cache_types(cache_type_k, cache_type_v, flash_attn)
+        self.cache_types = (cache_type_k, cache_type_v)
         self._owns_model = not isinstance(model, Model)
         self.model = Model(model, n_gpu_layers=n_gpu_layers) if self._owns_model else model
-        cparams = llama.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch or n_ctx
-        cparams.n_ubatch = n_ubatch or min(cparams.n_batch, 512)
-        cparams.n_seq_max = 1
-        cparams.flash_attn_type = {None: llama.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                   False: llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-        # with no layer on the GPU, keep every op on the CPU (llama.cpp would offload large batches)
-        cparams.offload_kqv = cparams.op_offload = self.model.n_gpu_layers != 0
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        cparams.n_threads = cparams.n_threads_batch = threads
-        self.ctx = llama.llama_init_from_model(self.model.ptr, cparams)
-        if not self.ctx:
-            reason = LOG.pop_errors() or "no reason given"
+        try:
+            self.ctx = new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
+                                   n_threads=n_threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        except RuntimeError:
             self._close_model()
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {self.model.path}: "
-                               f"{reason}")
+            raise
         self.kv = llama.llama_get_memory(self.ctx)  # llama.cpp's memory handle: the KV cache
         self.n_ctx = llama.llama_n_ctx(self.ctx)
         self.n_batch = llama.llama_n_batch(self.ctx)
@@ -244,6 +274,10 @@ class Runtime:
             self.clear()
             return f"{read} of {data.size} bytes read"
         return None
+
+    def sequence_bytes(self) -> int:
+        """Bytes of the sequence's saved state (its cells' K and V rows, positions, a header)."""
+        return llama.llama_state_seq_get_size(self.ctx, SEQ)
 
     def apply_pending_shifts(self) -> None:
         """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at

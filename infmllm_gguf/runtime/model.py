@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from pathlib import Path
 from typing import Sequence
 
 from llama_cpp import llama_cpp as llama
 
 from ..models import diagnose_gguf, resolve_model
+from . import ggml
 from .log import LOG
 
 _process_ready = False
@@ -21,12 +23,13 @@ def init_process() -> None:
     if not _process_ready:
         llama.llama_backend_init()
         LOG.install()
+        ggml.install_abort_hook()
         _process_ready = True
 
 
 def supports_gpu_offload() -> bool:
-    """Whether this llama.cpp build can put layers on a GPU."""
-    return bool(llama.llama_supports_gpu_offload())
+    """Whether this llama.cpp build can put layers on a GPU of this machine."""
+    return ggml.local_gpus() > 0
 
 
 def system_info() -> str:
@@ -34,16 +37,53 @@ def system_info() -> str:
     return llama.llama_print_system_info().decode()
 
 
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """HOST:PORT of an rpc-server, checked; ValueError says what is wrong."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"an RPC server is HOST:PORT (e.g. 127.0.0.1:50052), not {endpoint!r}")
+    return host, int(port)
+
+
+def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[int]:
+    """The llama.cpp devices of the rpc-servers at `endpoints` (HOST:PORT each), in that order.
+    Each is reached first with a plain TCP connection, so that a wrong address is a ValueError
+    naming it, not ggml's abort. The devices are not registered process-wide: only the models
+    given them use them."""
+    if not ggml.rpc_available():
+        ggml.ggml_backend_rpc_add_server(b"")  # raises: this build has no RPC backend
+    devices = []
+    for endpoint in endpoints:
+        host, port = parse_endpoint(endpoint)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as exc:
+            raise ValueError(f"no rpc-server answers at {endpoint} ({exc.strerror or exc}): start one with "
+                             f"`infmllm-gguf rpc-server --host {host} --port {port}`") from None
+        init_process()
+        reg = ggml.ggml_backend_rpc_add_server(f"{host}:{port}".encode())
+        devices += [ggml.ggml_backend_reg_dev_get(reg, i) for i in range(ggml.ggml_backend_reg_dev_count(reg))]
+    return devices
+
+
 class Model:
     """The weights and vocabulary of one GGUF file, in memory once; any number of `Runtime`
-    contexts decode with it. `n_gpu_layers`: layers offloaded to the GPU (-1: all)."""
+    contexts decode with it. `n_gpu_layers`: layers offloaded to the GPU (-1: all). `rpc`:
+    rpc-servers (HOST:PORT each) that hold the offloaded layers instead of local GPUs, split
+    among them by their free memory, as llama.cpp's `--rpc` does."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, n_gpu_layers: int = -1):
+    def __init__(self, path: str | os.PathLike | None = None, *, n_gpu_layers: int = -1,
+                 rpc: Sequence[str] = ()):
         self.path: Path = resolve_model(path)
         self.n_gpu_layers = n_gpu_layers
+        self.rpc = tuple(rpc)
         init_process()
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if self.rpc:
+            devices = rpc_devices(self.rpc)
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated, kept alive
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         LOG.pop_errors()
         self.ptr = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

@@ -59,6 +59,13 @@ class SessionSettings:
     flash_attn: bool | None = None
     mmproj: str | os.PathLike | None = None
     history: int = 4096  # stream tokens kept for the web page's view
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+
+    def new_session(self, model: Model, *, history: int | None = None) -> StreamSession:
+        return StreamSession(model, self.policy, chunk=self.chunk, n_threads=self.n_threads, flash_attn=self.flash_attn,
+                             mmproj=self.mmproj, history=self.history if history is None else history,
+                             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v)
 
 
 class Busy(Exception):
@@ -210,8 +217,7 @@ class ConversationStore:
                                                  history=s.history)
             self.restores += 1
         else:
-            conv.session = StreamSession(self.model, s.policy, chunk=s.chunk, n_threads=s.n_threads,
-                                         flash_attn=s.flash_attn, mmproj=s.mmproj, history=s.history)
+            conv.session = s.new_session(self.model)
         return conv.session
 
     def measure_session(self) -> float:
@@ -222,8 +228,7 @@ class ConversationStore:
         s = self.settings
         before = rss_mib() or 0.0
         with tempfile.TemporaryDirectory() as tmp:
-            with StreamSession(self.model, s.policy, chunk=s.chunk, n_threads=s.n_threads, flash_attn=s.flash_attn,
-                               mmproj=s.mmproj) as probe:
+            with s.new_session(self.model, history=0) as probe:
                 probe.chat_template()
                 filler = self.model.tokenize("The quick brown fox jumps over the lazy dog. " * s.policy.budget)
                 probe.feed_tokens(filler[:s.policy.budget + s.chunk])

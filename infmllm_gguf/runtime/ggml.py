@@ -1,0 +1,122 @@
+"""ctypes mirror of the few ggml functions that llama-cpp-python does not bind: the RPC backend's
+devices (`ggml-rpc.h`, `ggml-backend.h`) and ggml's abort hook (`ggml.h`).
+
+As in `native`, each binding carries its C prototype as a comment. The libraries are those that
+llama-cpp-python loaded (the `lib` folder beside its package); `make setup` builds them with
+`-DGGML_RPC=ON`, so `libggml-rpc` is there.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from llama_cpp import llama_cpp as llama
+
+__all__ = ["ggml_abort_callback_t", "ggml_set_abort_callback", "ggml_backend_rpc_add_server",
+           "ggml_backend_reg_dev_count", "ggml_backend_reg_dev_get", "ggml_backend_dev_name", "local_gpus",
+           "rpc_available"]
+
+_LIB_DIR = Path(llama._lib._name).parent
+
+
+def _load(name: str) -> ctypes.CDLL | None:
+    """The library by the name libllama links (its SONAME, lib*.so.0): the wheel holds lib*.so as a
+    copy, not a link, and loading that one would give a second ggml with state of its own."""
+    for path in (_LIB_DIR / f"lib{name}.so.0", _LIB_DIR / f"lib{name}.so"):
+        if path.exists():
+            return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    return None
+
+
+_base = _load("ggml-base")
+_registry = _load("ggml")  # the backend registry
+_rpc = _load("ggml-rpc")
+
+ggml_backend_reg_t = ctypes.c_void_p
+ggml_backend_dev_t = ctypes.c_void_p
+
+# typedef void (*ggml_abort_callback_t)(const char * error_message);
+ggml_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+# GGML_API ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
+ggml_set_abort_callback = _base.ggml_set_abort_callback
+ggml_set_abort_callback.argtypes = [ggml_abort_callback_t]
+ggml_set_abort_callback.restype = ctypes.c_void_p
+
+# GGML_API size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
+ggml_backend_reg_dev_count = _base.ggml_backend_reg_dev_count
+ggml_backend_reg_dev_count.argtypes = [ggml_backend_reg_t]
+ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+
+# GGML_API ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
+ggml_backend_reg_dev_get = _base.ggml_backend_reg_dev_get
+ggml_backend_reg_dev_get.argtypes = [ggml_backend_reg_t, ctypes.c_size_t]
+ggml_backend_reg_dev_get.restype = ggml_backend_dev_t
+
+# GGML_API const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+ggml_backend_dev_name = _base.ggml_backend_dev_name
+ggml_backend_dev_name.argtypes = [ggml_backend_dev_t]
+ggml_backend_dev_name.restype = ctypes.c_char_p
+
+
+# GGML_API size_t ggml_backend_dev_count(void);
+ggml_backend_dev_count = _registry.ggml_backend_dev_count
+ggml_backend_dev_count.argtypes = []
+ggml_backend_dev_count.restype = ctypes.c_size_t
+
+# GGML_API ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+ggml_backend_dev_get = _registry.ggml_backend_dev_get
+ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+ggml_backend_dev_get.restype = ggml_backend_dev_t
+
+# GGML_API enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
+ggml_backend_dev_type = _base.ggml_backend_dev_type
+ggml_backend_dev_type.argtypes = [ggml_backend_dev_t]
+ggml_backend_dev_type.restype = ctypes.c_int
+
+# enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL, ...
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+GGML_BACKEND_DEVICE_TYPE_IGPU = 2
+
+
+def local_gpus() -> int:
+    """GPUs of this machine that llama.cpp can use (RPC servers are not registered, so not counted:
+    llama_supports_gpu_offload says yes for any build with the RPC backend)."""
+    types = (ggml_backend_dev_type(ggml_backend_dev_get(i)) for i in range(ggml_backend_dev_count()))
+    return sum(t in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU) for t in types)
+
+
+def rpc_available() -> bool:
+    """Whether this llama.cpp build has the RPC backend (`make setup` builds it)."""
+    return _rpc is not None
+
+
+if _rpc is not None:
+    # GGML_BACKEND_API ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
+    ggml_backend_rpc_add_server = _rpc.ggml_backend_rpc_add_server
+    ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    ggml_backend_rpc_add_server.restype = ggml_backend_reg_t
+else:
+    def ggml_backend_rpc_add_server(endpoint: bytes) -> None:
+        raise RuntimeError(f"this llama.cpp build ({_LIB_DIR}) has no RPC backend: run `make setup`, which "
+                           "builds it with -DGGML_RPC=ON")
+
+
+def _exit_on_abort(message: bytes) -> None:
+    """ggml aborts the process on errors it cannot return (a lost RPC server among them): say why in
+    one line, without the native backtrace, and exit with status 3 instead of dumping core."""
+    text = message.decode("utf-8", errors="replace").strip()
+    hint = ""
+    if "RPC" in text or "connect" in text:
+        hint = (" (an rpc-server stopped answering or could not be reached: llama.cpp cannot continue a stream "
+                "whose layers it lost; restart the servers and the command)")
+    os.write(2, f"error: llama.cpp stopped: {text}{hint}\n".encode())
+    os._exit(3)
+
+
+_ABORT_HOOK = ggml_abort_callback_t(_exit_on_abort)  # referenced here: C keeps only the pointer
+
+
+def install_abort_hook() -> None:
+    ggml_set_abort_callback(_ABORT_HOOK)
