@@ -541,8 +541,8 @@ class KvCacheBench:
     types: list[KvCacheType]
 
     def table(self) -> str:
-        rows = [f"kv cache types: {self.model} on {self.device}; scores of the last {self.chunk} tokens' window after "
-                f"{self.score_tokens} tokens vs f16 (top {self.top_cells} cells); {run_label(self.policy)} over "
+        rows = [f"kv cache types: {self.model} on {self.device}; scores of the window of the last chunk of "
+                f"{self.score_tokens} tokens vs f16's (top {self.top_cells} cells); {run_label(self.policy)} over "
                 f"{self.tokens} tokens",
                 f"{'cache':22s} {'bytes/cell':>10s} {'pearson':>8s} {'max |diff|':>10s} {'top overlap':>11s} "
                 f"{'ppl':>8s} {'vs f16':>7s} {'tok/s':>7s}"]

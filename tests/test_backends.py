@@ -173,3 +173,14 @@ def test_rpc_server_command_and_unreachable_servers(default_model, tmp_path):
     assert proc.returncode == 2 and f"no rpc-server answers at 127.0.0.1:{port}" in proc.stderr
     proc = run_cli("attention", default_model, "--text", PROMPT, "--rpc", "localhost", check=False)
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+
+
+def test_perplexity_records_the_cache_types(default_model, tmp_path):
+    text, out = tmp_path / "t.txt", tmp_path / "runs.json"
+    text.write_text(PROMPT * 10)
+    proc = run_cli("perplexity", default_model, "-f", text, "-p", "streaming-llm", "-b", "128", "--chunk", "64",
+                   "-ctk", "q8_0", "-ctv", "q8_0", "--json", out)
+    (record,) = json.loads(out.read_text())
+    assert (record["cache_type_k"], record["cache_type_v"]) == ("q8_0", "q8_0")
+    assert "streaming-llm, budget 128, KV q8_0/q8_0" in proc.stdout
+    assert record["peak_cells"] == 128 + 64 and 1 < record["ppl"] < 100

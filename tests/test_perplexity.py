@@ -46,9 +46,11 @@ def test_json_has_one_record_per_run_with_a_curve(cli_runs):
          "layer_reduce": "mean", "max_age": 2.0},
         {"name": "streaming-llm", "budget": 256, "recent": 0, "sinks": 4}]
     for r in runs:
-        assert set(r) == {"model", "file", "policy", "chunk", "tokens", "ppl", "tokens_per_s", "peak_cells",
-                          "peak_rss_mib", "seconds", "evict_share", "capture_share", "stopped_at", "curve"}
+        assert set(r) == {"model", "file", "policy", "chunk", "cache_type_k", "cache_type_v", "tokens", "ppl",
+                          "tokens_per_s", "peak_cells", "peak_rss_mib", "seconds", "evict_share", "capture_share",
+                          "stopped_at", "curve"}
         assert r["tokens"] == N - 1 and r["chunk"] == 256 and r["stopped_at"] is None
+        assert (r["cache_type_k"], r["cache_type_v"]) == ("f16", "f16")
         assert 5 < r["ppl"] < 200 and r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 50
         assert r["peak_cells"] == 256 + 256  # the budget plus one chunk, before each eviction
         ends = [s["tokens"] for s in r["curve"]]
