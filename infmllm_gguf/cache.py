@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from .policies import Observation, Policy
+from .policies import Observation, Policy, Selection
 from .runtime import Runtime
 
 
@@ -64,6 +64,12 @@ class CacheController:
     The cells decoded after the last captured step (`unseen`) are kept at an eviction that comes
     before the planned one (a generation that stops early), as the recent cells are: no query
     judged them yet. The schedule keeps them fewer than `budget - sinks`.
+
+    A policy that decides per layer (`granularity` "layer") keeps each layer's own tokens:
+    `layer_indices[l, i]` is the stream index of the token that layer l holds in cell i, and
+    eviction compacts each layer's cache on its own (`Runtime.compact`). Cell i is then position
+    i in every layer; `stream_indices[i]` is the newest token any layer holds there. Text only, on
+    a plain (not sliding-window) cache whose positions can be shifted.
     With `history` > 0, `recent_tokens` keeps the token ids of the last `history` tokens of the
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
@@ -74,6 +80,11 @@ class CacheController:
         self.generation_headroom = generation_headroom
         self.history = history
         self.reindex = runtime.can_shift()
+        self.per_layer = getattr(policy, "granularity", "token") == "layer"
+        if self.per_layer and (not self.reindex or runtime.model.sliding_window):
+            raise ValueError(f"{runtime.model.name}: per-layer eviction (--granularity layer) compacts a plain KV "
+                             "cache with shiftable positions; this model has sliding-window layers or positions "
+                             "llama.cpp cannot shift: use --granularity token")
         if not self.reindex:
             warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
                           "similar); cached tokens keep their original positions, which grow with the stream",
@@ -82,11 +93,12 @@ class CacheController:
 
     def reset_state(self) -> None:
         self.stream_indices = np.zeros(0, dtype=np.int64)
+        self.layer_indices = np.zeros((self.runtime.model.n_layer, 0), dtype=np.int64) if self.per_layer else None
         self.is_image = np.zeros(0, dtype=bool)
         self._stats = CacheStats()
         self.attention: np.ndarray | None = None   # float64 [n_layer, n]
         self.visibility: np.ndarray | None = None  # float64 [n]
-        self.carried: np.ndarray | None = None     # float64 [n]
+        self.carried: np.ndarray | None = None     # float64 [n] ([n_layer, n] per layer)
         self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.history)
         self.unseen = 0  # newest cells that no captured query saw (uncaptured generation steps)
         self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
@@ -111,7 +123,7 @@ class CacheController:
         return np.arange(self.stream_indices.size) if self.reindex else self.stream_indices.copy()
 
     # -- state ------------------------------------------------------------------------------
-    _ARRAYS = ("stream_indices", "is_image", "attention", "visibility", "carried")
+    _ARRAYS = ("stream_indices", "layer_indices", "is_image", "attention", "visibility", "carried")
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The controller's state for a save: counters and arrays. llama.cpp's cells are the
@@ -138,8 +150,15 @@ class CacheController:
         if not isinstance(unseen, int) or not 0 <= unseen <= n:
             raise ValueError(f"the saved count of unseen cells ({unseen!r}) is not in [0, {n}]")
         n_layer, seen = self.runtime.model.n_layer, n - unseen
+        layer_indices = arrays.get("layer_indices")
+        if self.per_layer != (layer_indices is not None):
+            raise ValueError("the saved stream was evicted per layer and this policy decides per token (or the reverse)")
+        if layer_indices is not None and (layer_indices.shape != (n_layer, n) or np.any(np.diff(layer_indices) <= 0)):
+            raise ValueError(f"the saved per-layer stream indices are not {n_layer} increasing rows of {n}")
+        carried = (n_layer, n) if self.per_layer and arrays.get("carried") is not None \
+            and arrays["carried"].ndim == 2 else (n,)
         for name, shape in (("is_image", (n,)), ("attention", (n_layer, seen)), ("visibility", (seen,)),
-                            ("carried", (n,))):
+                            ("carried", carried)):
             value = arrays.get(name)
             if name == "is_image" and value is None:
                 raise ValueError("the saved image flags are missing")
@@ -154,6 +173,7 @@ class CacheController:
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Take over a state that `check_state` accepted, once llama.cpp's cells are loaded."""
         self.stream_indices = arrays["stream_indices"].astype(np.int64)
+        self.layer_indices = arrays["layer_indices"].astype(np.int64) if self.per_layer else None
         self.is_image = arrays["is_image"].astype(bool)
         for name in ("attention", "visibility", "carried"):
             value = arrays.get(name)
@@ -182,6 +202,9 @@ class CacheController:
         """
         n = len(tokens)
         is_image = isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f"
+        if is_image and self.per_layer:
+            raise ValueError("per-layer eviction (granularity layer) streams text only for now: use granularity token "
+                             "for images and video")
         n_queries = self.policy.capture_queries(n)
         if generating and not self.reads_generation_step():
             n_queries = 0
@@ -202,7 +225,11 @@ class CacheController:
         self._stats.decode_s += t1 - t0
 
         n_old, first = self.stream_indices.size, self._stats.tokens_seen
-        self.stream_indices = np.concatenate((self.stream_indices, np.arange(first, first + n, dtype=np.int64)))
+        new = np.arange(first, first + n, dtype=np.int64)
+        self.stream_indices = np.concatenate((self.stream_indices, new))
+        if self.per_layer:
+            self.layer_indices = np.concatenate((self.layer_indices, np.broadcast_to(new, (len(self.layer_indices), n))),
+                                                axis=1)
         self.is_image = np.concatenate((self.is_image, np.full(n, is_image)))
         if self.history:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
@@ -210,7 +237,7 @@ class CacheController:
         self._stats.image_tokens_seen += n if is_image else 0
         self._stats.peak_cells = max(self._stats.peak_cells, int(self.stream_indices.size))
         if self.carried is not None:
-            self.carried = np.concatenate((self.carried, np.zeros(n)))
+            self.carried = np.concatenate((self.carried, np.zeros(self.carried.shape[:-1] + (n,))), axis=-1)
         if n_queries:
             self._observe(queries_seen(n_old, n, n_queries, causal),
                           accumulate=self.policy.accumulates_attention or generating)
@@ -250,6 +277,22 @@ class CacheController:
         self.attention, self.visibility = attention, visibility
 
     # -- eviction ---------------------------------------------------------------------------
+    def _compact(self, selection: Selection, t0: float) -> int:
+        """Apply a per-layer selection: each layer keeps its own `budget` cells (`Runtime.compact`)."""
+        pos = self.positions()
+        self.runtime.compact(np.stack([pos[row] for row in selection.keep]))
+        n_removed = self.stream_indices.size - self.policy.budget
+        self.layer_indices = np.stack([row[keep] for row, keep in zip(self.layer_indices, selection.keep)])
+        self.stream_indices = self.layer_indices.max(axis=0)
+        self.is_image = np.zeros(self.policy.budget, dtype=bool)
+        self.carried = selection.carried
+        self.attention = self.visibility = None
+        self.unseen = 0
+        self._stats.cells_evicted += n_removed
+        self._stats.evictions += 1
+        self._stats.evict_s += time.perf_counter() - t0
+        return n_removed
+
     def _cover_unseen(self) -> None:
         """Give the cells no captured query saw zero attention and a visibility of one, so that the
         observation covers every cell; they are kept as recent cells, so these values only stand in.
@@ -275,8 +318,11 @@ class CacheController:
                 self._cover_unseen()
             if self.attention is None or self.attention.shape[1] != self.stream_indices.size:
                 raise RuntimeError("no attention scores cover the newest cells; decode a chunk before evicting")
-            observation = Observation(self.stream_indices, self.attention, self.visibility, self.carried)
+            observation = Observation(self.layer_indices if self.per_layer else self.stream_indices, self.attention,
+                                      self.visibility, self.carried)
         selection = policy.select(observation)
+        if self.per_layer:
+            return self._compact(selection, t0)
         keep = selection.keep
         pos = self.positions()
         for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid

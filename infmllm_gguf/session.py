@@ -137,7 +137,10 @@ class StreamSession:
         return self.cache.stats
 
     def cached_stream_indices(self) -> np.ndarray:
-        """The stream indices (token numbers in the stream) of the cells cached now, ascending."""
+        """The stream indices (token numbers in the stream) of the tokens cached now, ascending (with
+        per-layer eviction: those that at least one layer holds)."""
+        if self.cache.per_layer:
+            return np.unique(self.cache.layer_indices)
         return self.cache.stream_indices.copy()
 
     def recent_view(self) -> list[tuple[int, str, bool]]:
@@ -146,7 +149,7 @@ class StreamSession:
         token as "[image]")."""
         tokens = list(self.cache.recent_tokens)
         first = self.stats.tokens_seen - len(tokens)
-        cached = np.isin(np.arange(first, first + len(tokens)), self.cache.stream_indices)
+        cached = np.isin(np.arange(first, first + len(tokens)), self.cached_stream_indices())
         detokenizer = StreamingDetokenizer(self.model.token_bytes)
         return [(first + i, "[image]" if t < 0 else detokenizer.add(t), bool(c))
                 for i, (t, c) in enumerate(zip(tokens, cached))]

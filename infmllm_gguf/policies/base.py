@@ -60,6 +60,9 @@ class Observation:
                     sees only the cells before it); None with attention None.
     carried:        float64[n], the score the policy carried from its last selection (new cells
                     0); None before the first.
+
+    A policy that decides per layer (Inf-MLLM's ``granularity`` "layer") takes ``stream_indices``
+    and ``carried`` as [n_layer, n]: each layer's own cells.
     """
     stream_indices: np.ndarray
     attention: np.ndarray | None = None
@@ -74,6 +77,7 @@ class Selection:
     keep:    bool[n], True = the cell stays; survivors are ``stream_indices[keep]``, in stream order.
     carried: float64[n_kept], the policy's score of the kept cells, aligned with them, to be handed
              back at the next eviction; None for policies that carry no score.
+    Per layer: ``keep`` bool[n_layer, n] with ``budget`` cells in each row, ``carried`` [n_layer, budget].
     """
     keep: np.ndarray
     carried: np.ndarray | None

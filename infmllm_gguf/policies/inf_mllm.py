@@ -6,9 +6,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Observation, Policy, ScoredPolicy, age_rank, default_of, option
+from .base import Observation, Policy, ScoredPolicy, Selection, age_rank, default_of, option
 
 LAYER_REDUCTIONS = ("mean", "max")
+GRANULARITIES = ("token", "layer")
 
 
 @dataclass
@@ -32,6 +33,12 @@ class InfMLLM(ScoredPolicy):
     7. the base keeps the ``recent`` newest, the sinks present and the best-scored candidates.
 
     ``Selection.carried`` is ``S`` of the kept cells.
+
+    With ``granularity`` "layer" each layer decides for itself (docs/METHOD.md): steps 2-7 run on
+    each layer's own row, with its own cells (``stream_indices`` [n_layer, n], or one row that
+    every layer shares), and ``keep`` and ``carried`` come back per layer ([n_layer, n] and
+    [n_layer, budget]); the controller then compacts each layer's cache on its own
+    (`Runtime.compact`).
     """
     sinks: int = default_of(Policy, "sinks", 4)
     window: int = option(32, "retrieval window: the last W queries of each chunk are scored", minimum=1)
@@ -42,6 +49,8 @@ class InfMLLM(ScoredPolicy):
     # docs/RESULTS.md, "The drift and its fix": chosen on 50k-token streams, confirmed on 205k
     max_age: float = option(2.0, "candidates older than this many budgets (in tokens) go first (0: no limit)",
                             minimum=0.0, absent=0.0)
+    granularity: str = option("token", "one eviction decision for all layers (token) or one per layer (layer)",
+                              choices=GRANULARITIES, absent="token")
 
     name: ClassVar[str] = "inf-mllm"
     reads_attention: ClassVar[bool] = True
@@ -56,6 +65,26 @@ class InfMLLM(ScoredPolicy):
     @property
     def accumulates_attention(self) -> bool:
         return self.decay > 0
+
+    def select(self, observation: Observation) -> Selection:
+        if self.granularity == "token":
+            return super().select(observation)
+        if observation.attention is None:
+            raise ValueError(f"policy '{self.name}' reads attention: pass the attention of the captured queries "
+                             "and their visibility")
+        n_layer = np.shape(observation.attention)[0]
+        indices, carried = np.asarray(observation.stream_indices), observation.carried
+        if indices.ndim == 1:  # every layer holds the same cells (before the first per-layer eviction)
+            indices = np.broadcast_to(indices, (n_layer, indices.size))
+        if carried is not None and np.ndim(carried) == 1:
+            carried = np.broadcast_to(carried, (n_layer, np.size(carried)))
+        if indices.shape[0] != n_layer or (carried is not None and np.shape(carried)[0] != n_layer):
+            raise ValueError(f"per-layer stream indices and carried scores must have one row per layer ({n_layer})")
+        rows = [super(InfMLLM, self).select(Observation(indices[layer], observation.attention[layer:layer + 1],
+                                                        observation.visibility,
+                                                        None if carried is None else carried[layer]))
+                for layer in range(n_layer)]
+        return Selection(np.stack([r.keep for r in rows]), np.stack([r.carried for r in rows]))
 
     def score(self, obs: Observation, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_layer = obs.attention / obs.visibility                                  # steps 1-2

@@ -318,6 +318,25 @@ class Runtime:
         """Add `delta` to the positions in [p0, p1); the keys are re-rotated at the next decode."""
         llama.llama_memory_seq_add(self.kv, SEQ, p0, p1, delta)
 
+    def compact(self, keep: np.ndarray) -> None:
+        """Per-layer compaction: afterwards layer l's cells 0..n_keep-1 hold the tokens that were at
+        positions `keep[l]` (int [n_layer, n_keep], ascending per row), their keys re-rotated to
+        positions 0..n_keep-1; the sequence occupies those positions and nothing else."""
+        keep = np.ascontiguousarray(keep, dtype=np.int32)
+        if keep.ndim != 2 or keep.shape[0] != self.model.n_layer or keep.shape[1] < 1:
+            raise ValueError(f"keep must be [n_layer, n_keep] = [{self.model.n_layer}, *] (got shape {keep.shape})")
+        rc = native.llama_attn_capture_compact(self.ctx, SEQ, keep.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
+                                               keep.shape[1])
+        if rc == -3:
+            raise ValueError("per-layer compaction needs a plain KV cache: not a sliding-window (iSWA), recurrent "
+                             "or hybrid one")
+        if rc == -5:
+            self.clear()
+            raise RuntimeError("llama.cpp failed to compute the compaction; the cache was cleared")
+        if rc != 0:
+            raise ValueError("llama.cpp refused the compaction: each row of keep must list, ascending, positions "
+                             "that the sequence holds (and the model's keys must be rotated whole)")
+
     def can_shift(self) -> bool:
         return bool(llama.llama_memory_can_shift(self.kv))
 

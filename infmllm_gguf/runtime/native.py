@@ -15,6 +15,7 @@ from llama_cpp import llama_cpp as llama
 __all__ = [
     "UnpatchedLlamaError",
     "is_patched",
+    "llama_attn_capture_compact",
     "llama_attn_capture_get",
     "llama_attn_capture_n_queries",
     "llama_attn_capture_set",
@@ -82,6 +83,21 @@ def llama_attn_capture_n_queries(ctx: llama.llama_context_p, /) -> int:
 )
 def llama_attn_capture_get(ctx: llama.llama_context_p, seq_id: int, pos: Any, scores: Any, n_max: int, /) -> int:
     """Positions of seq_id's cells and per-layer scores [n_layer][n]; returns n or a negative error."""
+    ...
+
+
+# LLAMA_API int32_t llama_attn_capture_compact(
+#         struct llama_context * ctx,
+#                 llama_seq_id   seq_id,
+#            const llama_pos   * keep,
+#                      int32_t   n_keep);
+@_capture_function(
+    "llama_attn_capture_compact",
+    [llama.llama_context_p_ctypes, llama.llama_seq_id, ctypes.POINTER(llama.llama_pos), ctypes.c_int32],
+    ctypes.c_int32,
+)
+def llama_attn_capture_compact(ctx: llama.llama_context_p, seq_id: int, keep: Any, n_keep: int, /) -> int:
+    """Per layer, keep the tokens at positions keep[il*n_keep + j] in cells 0..n_keep-1 (keys re-rotated to j)."""
     ...
 
 
