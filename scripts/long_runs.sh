@@ -48,3 +48,9 @@ stream gemma3-shakespeare-50k shakespeare ~/.cache/infmllm-gguf/models/gemma-3-2
 # (c, continued) budget 1024
 stream shakespeare-205k-agelimit-1024 shakespeare -p inf-mllm -b 1024 -n $n
 stream kjv-205k-agelimit-1024 kjv -p inf-mllm -b 1024 -n $n
+
+# (e) per-layer eviction (inf-mllm --granularity layer), budgets 512 and 256
+stream shakespeare-205k-layer shakespeare -p inf-mllm -b 512 --granularity layer -n $n
+stream kjv-205k-layer kjv -p inf-mllm -b 512 --granularity layer -n $n
+stream shakespeare-205k-layer-256 shakespeare -p inf-mllm -b 256 --granularity layer -n $n
+stream kjv-205k-layer-256 kjv -p inf-mllm -b 256 --granularity layer -n $n

@@ -199,7 +199,7 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     runs = st["runs"]
     # every record carries its policy's whole configuration; interleaved: the second repeat starts one run later
     assert runs[0]["policy"] == {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32,
-                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0}
+                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0, "granularity": "token"}
     plain = "plain llama.cpp"  # the baseline, one per budget
     assert [(r["policy"]["name"], r["repeat"]) for r in runs] == \
         [("inf-mllm", 0), ("h2o", 0), ("full", 0), (plain, 0), ("h2o", 1), ("full", 1), (plain, 1), ("inf-mllm", 1)]
