@@ -285,6 +285,10 @@ class CacheController:
         self.layer_indices = np.stack([row[keep] for row, keep in zip(self.layer_indices, selection.keep)])
         self.stream_indices = self.layer_indices.max(axis=0)
         self.is_image = np.zeros(self.policy.budget, dtype=bool)
+        return self._evicted(selection, n_removed, t0)
+
+    def _evicted(self, selection: Selection, n_removed: int, t0: float) -> int:
+        """What every eviction ends with: the carried scores, no observation pending, the counters."""
         self.carried = selection.carried
         self.attention = self.visibility = None
         self.unseen = 0
@@ -336,10 +340,4 @@ class CacheController:
         self.stream_indices = self.stream_indices[keep]
         self._stats.image_cells_evicted += int(np.count_nonzero(self.is_image[~keep]))
         self.is_image = self.is_image[keep]
-        self.carried = selection.carried
-        self.attention = self.visibility = None
-        self.unseen = 0
-        self._stats.cells_evicted += n_removed
-        self._stats.evictions += 1
-        self._stats.evict_s += time.perf_counter() - t0
-        return n_removed
+        return self._evicted(selection, n_removed, t0)
