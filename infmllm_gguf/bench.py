@@ -188,6 +188,16 @@ def with_baselines(policies: Sequence[Policy]) -> list[Policy | PlainBaseline]:
     return list(policies) + [PlainBaseline(b) for b in budgets]
 
 
+def unshifted(policy: Policy) -> Policy:
+    """`policy` for a stream whose positions are not re-indexed: per-layer compaction moves every
+    cell to a new position, so "auto" decides once for all layers there, and "layer" cannot run."""
+    granularity = getattr(policy, "granularity", "token")
+    if granularity == "layer":
+        raise ValueError("--no-reindex keeps every cell at its position, and per-layer eviction moves cells to "
+                         "new ones: use --granularity token (or auto)")
+    return dataclasses.replace(policy, granularity="token") if granularity == "auto" else policy
+
+
 def bounded_by_context(policies: Sequence[Policy], context: int) -> list[Policy]:
     """The policies of a stream benchmark: `full` runs once, with a budget of `context` (it keeps
     every token, up to the context that it may fill)."""
@@ -406,8 +416,9 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
                 p = PlainStream(loaded, budget=policy.budget, sinks=policy.sinks, chunk=chunk, flash_attn=flash_attn,
                                 n_threads=n_threads, **kv)
                 return p, p.feed, p.wait
+            if not reindex:  # the controller's own path for models that cannot shift (positions keep growing)
+                policy = unshifted(policy)
             s = StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, **kv)
-            # off: the controller's own path for models that cannot shift (positions keep growing)
             s.cache.reindex = s.cache.reindex and reindex
             return s, s.feed_tokens, s.runtime.logits
 
@@ -427,7 +438,8 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
                     bar.set_description(f"{policy.label()} #{repeat}", refresh=False)
                     bar.update(stream.stats.tokens_seen - a)
                 st = stream.stats
-                return StreamRun(policy.config(), repeat, n, n if n < tokens else None,
+                ran = stream.policy if isinstance(stream, StreamSession) else policy  # granularity settled
+                return StreamRun(ran.config(), repeat, n, n if n < tokens else None,
                                  sum(g.seconds for g in segments), st.decode_s, st.evict_s,
                                  st.capture_s, st.peak_cells, st.cells_evicted, rss_start, segments)
 

@@ -68,8 +68,10 @@ class CacheController:
     A policy that decides per layer (`granularity` "layer") keeps each layer's own tokens:
     `layer_indices[l, i]` is the stream index of the token that layer l holds in cell i, and
     eviction compacts each layer's cache on its own (`Runtime.compact`). Cell i is then position
-    i in every layer; `stream_indices[i]` is the newest token any layer holds there. Text only, on
-    a plain (not sliding-window) cache whose positions can be shifted.
+    i in every layer; `stream_indices[i]` is the newest token any layer holds there, and
+    `is_image[l, i]` flags layer l's cell i; the image counters count image tokens that some layer
+    holds. It needs a plain (not sliding-window) cache whose positions can be shifted: the
+    policy's granularity "auto" settles on "layer" there and on "token" elsewhere.
     With `history` > 0, `recent_tokens` keeps the token ids of the last `history` tokens of the
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
@@ -80,11 +82,16 @@ class CacheController:
         self.generation_headroom = generation_headroom
         self.history = history
         self.reindex = runtime.can_shift()
-        self.per_layer = getattr(policy, "granularity", "token") == "layer"
-        if self.per_layer and (not self.reindex or runtime.model.sliding_window):
+        compactable = self.reindex and not runtime.model.sliding_window
+        granularity = getattr(policy, "granularity", "token")
+        if granularity == "auto":  # settled here, so that records and saves name what ran
+            granularity = "layer" if compactable else "token"
+            self.policy = policy = replace(policy, granularity=granularity)
+        self.per_layer = granularity == "layer"
+        if self.per_layer and not compactable:
             raise ValueError(f"{runtime.model.name}: per-layer eviction (--granularity layer) compacts a plain KV "
                              "cache with shiftable positions; this model has sliding-window layers or positions "
-                             "llama.cpp cannot shift: use --granularity token")
+                             "llama.cpp cannot shift: use --granularity token (or auto)")
         if not self.reindex:
             warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
                           "similar); cached tokens keep their original positions, which grow with the stream",
@@ -93,8 +100,8 @@ class CacheController:
 
     def reset_state(self) -> None:
         self.stream_indices = np.zeros(0, dtype=np.int64)
-        self.layer_indices = np.zeros((self.runtime.model.n_layer, 0), dtype=np.int64) if self.per_layer else None
-        self.is_image = np.zeros(0, dtype=bool)
+        self.layer_indices = np.zeros(self._layer_rows + (0,), dtype=np.int64) if self.per_layer else None
+        self.is_image = np.zeros(self._layer_rows + (0,), dtype=bool)
         self._stats = CacheStats()
         self.attention: np.ndarray | None = None   # float64 [n_layer, n]
         self.visibility: np.ndarray | None = None  # float64 [n]
@@ -102,6 +109,17 @@ class CacheController:
         self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.history)
         self.unseen = 0  # newest cells that no captured query saw (uncaptured generation steps)
         self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
+
+    @property
+    def _layer_rows(self) -> tuple[int, ...]:
+        """The leading shape of per-cell arrays that differ by layer: (n_layer,) per layer, else ()."""
+        return (self.runtime.model.n_layer,) if self.per_layer else ()
+
+    def _image_tokens(self) -> int:
+        """Image tokens cached: per layer, those that at least one layer holds."""
+        if not self.per_layer:
+            return int(np.count_nonzero(self.is_image))
+        return int(np.unique(self.layer_indices[self.is_image]).size)
 
     def reset(self) -> None:
         self.runtime.clear()
@@ -111,7 +129,7 @@ class CacheController:
     def stats(self) -> CacheStats:
         """The counters, with the cached cells counted from the cache state (it changes on decode and evict)."""
         self._stats.cells_cached = int(self.stream_indices.size)
-        self._stats.image_cells_cached = int(np.count_nonzero(self.is_image))
+        self._stats.image_cells_cached = self._image_tokens()
         return self._stats
 
     @property
@@ -157,7 +175,9 @@ class CacheController:
             raise ValueError(f"the saved per-layer stream indices are not {n_layer} increasing rows of {n}")
         carried = (n_layer, n) if self.per_layer and arrays.get("carried") is not None \
             and arrays["carried"].ndim == 2 else (n,)
-        for name, shape in (("is_image", (n,)), ("attention", (n_layer, seen)), ("visibility", (seen,)),
+        if self.per_layer and arrays.get("is_image") is not None and arrays["is_image"].shape == (n,):
+            arrays["is_image"] = np.broadcast_to(arrays["is_image"], (n_layer, n))  # saved before per-layer images
+        for name, shape in (("is_image", self._layer_rows + (n,)), ("attention", (n_layer, seen)), ("visibility", (seen,)),
                             ("carried", carried)):
             value = arrays.get(name)
             if name == "is_image" and value is None:
@@ -202,9 +222,6 @@ class CacheController:
         """
         n = len(tokens)
         is_image = isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f"
-        if is_image and self.per_layer:
-            raise ValueError("per-layer eviction (granularity layer) streams text only for now: use granularity token "
-                             "for images and video")
         n_queries = self.policy.capture_queries(n)
         if generating and not self.reads_generation_step():
             n_queries = 0
@@ -230,7 +247,7 @@ class CacheController:
         if self.per_layer:
             self.layer_indices = np.concatenate((self.layer_indices, np.broadcast_to(new, (len(self.layer_indices), n))),
                                                 axis=1)
-        self.is_image = np.concatenate((self.is_image, np.full(n, is_image)))
+        self.is_image = np.concatenate((self.is_image, np.full(self.is_image.shape[:-1] + (n,), is_image)), axis=-1)
         if self.history:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n
@@ -282,9 +299,11 @@ class CacheController:
         pos = self.positions()
         self.runtime.compact(np.stack([pos[row] for row in selection.keep]))
         n_removed = self.stream_indices.size - self.policy.budget
+        images_before = self._image_tokens()
         self.layer_indices = np.stack([row[keep] for row, keep in zip(self.layer_indices, selection.keep)])
         self.stream_indices = self.layer_indices.max(axis=0)
-        self.is_image = np.zeros(self.policy.budget, dtype=bool)
+        self.is_image = np.stack([row[keep] for row, keep in zip(self.is_image, selection.keep)])
+        self._stats.image_cells_evicted += images_before - self._image_tokens()
         return self._evicted(selection, n_removed, t0)
 
     def _evicted(self, selection: Selection, n_removed: int, t0: float) -> int:

@@ -101,6 +101,7 @@ class StreamSession:
                                    cache_type_k=cache_type_k, cache_type_v=cache_type_v)
             self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
                                          history=history)
+            self.policy = self.cache.policy  # with its granularity settled for this model
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
                                            n_threads=n_threads)

@@ -54,7 +54,9 @@ def test_a_quantized_cell_has_the_size_of_its_blocks(default_model, kind):
 def test_quantized_cache_streams_bounded_and_close_to_recomputing(default_model):
     with Model(default_model) as m:
         toks = m.tokenize(PROMPT * 40)[:1500]
-        with StreamSession(m, "inf-mllm", budget=128, chunk=64, recent=32, flash_attn=True,
+        # one decision for all layers, so that the cache is one token list to recompute (per-layer
+        # compaction of a q8_0 cache: test_per_layer)
+        with StreamSession(m, "inf-mllm", budget=128, chunk=64, recent=32, flash_attn=True, granularity="token",
                            cache_type_k="q8_0", cache_type_v="q8_0") as s:
             for i in range(0, len(toks), 64):
                 s.feed_tokens(toks[i:i + 64])

@@ -10,7 +10,8 @@ import pytest
 
 from cli.bench import TARGETS, against_targets
 from conftest import run_cli
-from infmllm_gguf.bench import StreamBench, StreamRun, StreamSummary, bounded_by_context, figures, stream_bench
+from infmllm_gguf.bench import (StreamBench, StreamRun, StreamSummary, bounded_by_context, figures, stream_bench,
+                                 unshifted)
 from infmllm_gguf.policies import make_policy, policy_grid
 from infmllm_gguf.runtime import Runtime
 from infmllm_gguf.segments import Segment
@@ -149,13 +150,21 @@ def test_full_runs_once_in_the_context():
 
 
 def test_stream_without_reindexing_keeps_the_budget(synthetic_model):
-    sb = stream_bench(synthetic_model(), policies=[make_policy("streaming-llm", budget=256)], tokens=1000,
-                      chunk=128, segment=200, repeats=1, source="random", reindex=False, baseline=False, n_gpu_layers=0,
-                      n_threads=1)
-    (run,) = sb.runs
+    sb = stream_bench(synthetic_model(), policies=[make_policy("streaming-llm", budget=256), make_policy("inf-mllm", budget=256)],
+                      tokens=1000, chunk=128, segment=200, repeats=1, source="random", reindex=False, baseline=False,
+                      n_gpu_layers=0, n_threads=1)
     assert not sb.reindex and (sb.segment, sb.tokens) == (256, 1024)  # whole chunks, whole segments
-    assert [g.tokens for g in run.segments] == [256, 512, 768, 1024]
-    assert [g.cells for g in run.segments] == [256] * 4 and run.cells_evicted == 1024 - 256
+    for run in sb.runs:
+        assert [g.tokens for g in run.segments] == [256, 512, 768, 1024]
+        assert [g.cells for g in run.segments] == [256] * 4 and run.cells_evicted == 1024 - 256
+    assert sb.runs[1].policy["granularity"] == "token"  # positions kept: nothing to compact per layer
+
+
+def test_without_reindexing_auto_decides_once_and_layer_is_refused():
+    assert unshifted(make_policy("inf-mllm")).granularity == "token"
+    assert unshifted(make_policy("streaming-llm")) == make_policy("streaming-llm")
+    with pytest.raises(ValueError, match="--granularity token"):
+        unshifted(make_policy("inf-mllm", granularity="layer"))
 
 
 def test_full_stops_at_the_training_context_inside_a_segment(synthetic_model):
@@ -174,7 +183,7 @@ def test_bench_json_has_the_documented_schema(tmp_path):
                  "--decode-tokens", "8", "--threads", "1", "-ngl", "0", "--json", str(out), "--plot", str(png),
                  home=tmp_path)
     assert (tmp_path / "synthetic" / "tiny-llama-q8_0.gguf").exists()
-    assert "capture overhead" in proc.stdout and "inf-mllm, budget 256 / h2o, budget 256" in proc.stdout
+    assert "capture overhead" in proc.stdout and "inf-mllm, budget 256, granularity layer / h2o, budget 256" in proc.stdout
     obj = json.loads(out.read_text())
     assert set(obj) == {"capture", "stream", "kv", "rpc", "targets"} and obj["kv"] is obj["rpc"] is None
 
@@ -199,7 +208,7 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     runs = st["runs"]
     # every record carries its policy's whole configuration; interleaved: the second repeat starts one run later
     assert runs[0]["policy"] == {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32,
-                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0, "granularity": "token"}
+                                 "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0, "granularity": "layer"}
     plain = "plain llama.cpp"  # the baseline, one per budget
     assert [(r["policy"]["name"], r["repeat"]) for r in runs] == \
         [("inf-mllm", 0), ("h2o", 0), ("full", 0), (plain, 0), ("h2o", 1), ("full", 1), (plain, 1), ("inf-mllm", 1)]
@@ -222,8 +231,8 @@ def test_bench_json_has_the_documented_schema(tmp_path):
             assert r["evict_s"] > 0 and (r["capture_s"] > 0) == (r["policy"]["name"] != plain)
 
     assert [s["policy"]["name"] for s in st["summary"]] == ["inf-mllm", "h2o", "full", plain]
-    assert [(b["run"], b["budget"]) for b in st["over_baseline"]] == [("inf-mllm, budget 256", 256),
-                                                                      ("h2o, budget 256", 256)]
+    inf = "inf-mllm, budget 256, granularity layer"  # the default granularity, settled for this model
+    assert [(b["run"], b["budget"]) for b in st["over_baseline"]] == [(inf, 256), ("h2o, budget 256", 256)]
     for b in st["over_baseline"]:  # paired within each repeat
         pairs = [(r, p) for r in runs for p in runs if r["policy"]["name"] == b["policy"]
                  and p["policy"]["name"] == plain and r["repeat"] == p["repeat"]]
@@ -233,15 +242,14 @@ def test_bench_json_has_the_documented_schema(tmp_path):
         for key in ("tokens_per_s", "last_vs_first", "evict_share", "rss_peak_mib"):
             assert s[key]["min"] <= s[key]["median"] <= s[key]["max"]
     (sp,) = st["speedups"]
-    assert (sp["budget"], sp["inf_mllm"], sp["h2o"]) == (256, "inf-mllm, budget 256", "h2o, budget 256")
+    assert (sp["budget"], sp["inf_mllm"], sp["h2o"]) == (256, inf, "h2o, budget 256")
 
     assert [(t["target"], t["run"]) for t in obj["targets"]] == \
         [("capture overhead, prefill", None), ("capture overhead, decode", None)] + [
-        (t, f"{p}, budget 256") for p in ("inf-mllm", "h2o") for t in ("eviction + re-indexing share of stream time",
-                                                                        "tokens/s, last 10% of the stream / first 10%",
-                                                                        "peak RSS growth after the first 10%")] + \
-        [("inf-mllm / h2o tokens/s", "inf-mllm, budget 256"),
-         ("inf-mllm / plain llama.cpp tokens/s", "inf-mllm, budget 256")]
+        (t, run) for run in (inf, "h2o, budget 256") for t in ("eviction + re-indexing share of stream time",
+                                                               "tokens/s, last 10% of the stream / first 10%",
+                                                               "peak RSS growth after the first 10%")] + \
+        [("inf-mllm / h2o tokens/s", inf), ("inf-mllm / plain llama.cpp tokens/s", inf)]
     assert all(set(t) == {"target", "run", "policy", "budget", "value", "op", "limit", "met"} for t in obj["targets"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 

@@ -90,3 +90,32 @@ def test_gpu_sliding_window_model(tmp_path):
     old = got.positions <= (n - 8) - shape.sliding_window
     swa = np.array([s.sum() > 0 and not s[old].any() for s in got.scores])
     assert swa.any() and not swa.all(), "expected both sliding-window and full layers"
+
+
+@pytest.mark.parametrize("fa", [False, True])
+def test_gpu_per_layer_compaction_matches_cpu(llama_1b, tokens, fa):
+    """llama_attn_capture_compact on CUDA: each layer keeps its own tokens (sinks, a random middle,
+    the recent ones); the next chunk's scores and logits agree with the same compaction on the CPU."""
+    n_first, n_keep, n_recent = 256, 128, 32
+    rng = np.random.default_rng(2)
+    with Model(llama_1b, n_gpu_layers=0) as m:
+        n_layer = m.n_layer
+    middle = [np.sort(rng.choice(np.arange(4, n_first - n_recent), n_keep - 4 - n_recent, replace=False))
+              for _ in range(n_layer)]
+    keep = np.stack([np.concatenate((np.arange(4), row, np.arange(n_first - n_recent, n_first))) for row in middle])
+    nxt = tokens[n_first:n_first + 44]
+    got = {}
+    for ngl in (0, -1):
+        with Runtime(llama_1b, n_ctx=512, n_gpu_layers=ngl, flash_attn=fa) as rt:
+            rt.decode(tokens[:n_first], range(n_first))
+            rt.compact(keep)
+            assert rt.n_cached() == n_keep
+            rt.capture_scores(W)
+            rt.decode(nxt, range(n_keep, n_keep + len(nxt)))
+            got[ngl] = rt.read_scores().scores, rt.logits()
+    (cpu, cpu_logits), (gpu, gpu_logits) = got[0], got[-1]
+    corr, rel = agreement(gpu, cpu)
+    logits_corr = np.corrcoef(gpu_logits, cpu_logits)[0, 1]
+    print(f"\nper-layer compaction, GPU (flash_attn={fa}) vs CPU: min per-layer correlation {corr:.6f}, "
+          f"relative L2 {rel:.2e}, logits correlation {logits_corr:.6f}")
+    assert corr > 0.999 and rel < 2e-2 and logits_corr > 0.999

@@ -174,3 +174,10 @@ def test_a_per_layer_stream_stays_bounded_and_restores(default_model, tmp_path):
 def test_per_layer_eviction_refuses_sliding_window_models(tiny_gemma3):
     with pytest.raises(ValueError, match="sliding-window"):
         StreamSession(tiny_gemma3, "inf-mllm", budget=128, granularity="layer")
+
+
+def test_the_default_granularity_is_per_layer_where_the_cache_allows(tiny_llama, tiny_gemma3):
+    for model, settled in ((tiny_llama, "layer"), (tiny_gemma3, "token")):
+        with StreamSession(model, "inf-mllm", budget=64, chunk=32, recent=8) as s:
+            assert s.policy.granularity == settled and s.cache.per_layer == (settled == "layer")
+            assert s._settings()["policy"]["granularity"] == settled  # saves and records name what ran

@@ -41,9 +41,9 @@ def test_json_has_one_record_per_run_with_a_curve(cli_runs):
     # the bias sweep applies to inf-mllm only: streaming-llm runs once; every record has its whole policy
     assert [r["policy"] for r in runs] == [
         {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32, "bias": 0.0, "decay": 0.0,
-         "layer_reduce": "mean", "max_age": 2.0, "granularity": "token"},
+         "layer_reduce": "mean", "max_age": 2.0, "granularity": "layer"},
         {"name": "inf-mllm", "budget": 256, "recent": 64, "sinks": 4, "window": 32, "bias": 1.0, "decay": 0.0,
-         "layer_reduce": "mean", "max_age": 2.0, "granularity": "token"},
+         "layer_reduce": "mean", "max_age": 2.0, "granularity": "layer"},
         {"name": "streaming-llm", "budget": 256, "recent": 0, "sinks": 4}]
     for r in runs:
         assert set(r) == {"model", "file", "policy", "chunk", "cache_type_k", "cache_type_v", "tokens", "ppl",

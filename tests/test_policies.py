@@ -354,13 +354,13 @@ def test_registry_and_declarations():
     for cls, arxiv in ((InfMLLM, "2409.09086"), (H2O, "2306.14048"), (StreamingLLM, "2309.17453")):
         assert arxiv in cls.__doc__
     assert InfMLLM().config() == {"name": "inf-mllm", "budget": 1024, "recent": 64, "sinks": 4, "window": 32,
-                                  "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0, "granularity": "token"}
+                                  "bias": 0.5, "decay": 0.0, "layer_reduce": "mean", "max_age": 2.0, "granularity": "auto"}
     assert StreamingLLM().config() == {"name": "streaming-llm", "budget": 1024, "recent": 0, "sinks": 4}
     assert ContextShift(budget=512).config() == {"name": "context-shift", "budget": 512, "n_keep": 4}
     declared = declared_options()
     assert list(declared) == ["budget", "recent", "sinks", "window", "bias", "decay", "layer_reduce", "max_age",
                               "granularity", "n_keep"]
-    assert declared["granularity"].defaults == {"inf-mllm": "token"}
+    assert declared["granularity"].defaults == {"inf-mllm": "auto"}
     assert declared["recent"].defaults == {"inf-mllm": 64, "h2o": 64, "streaming-llm": 0, "recent-only": 0}
     assert declared["bias"].type is float and declared["layer_reduce"].type is str
     assert declared["sinks"].describe() == ("the first tokens of the stream, always kept while cached "
@@ -376,7 +376,7 @@ def test_a_config_builds_the_same_policy_and_labels_what_differs():
     # a record written before the age limit existed ran without one, and is labelled so
     old = from_config({"name": "inf-mllm", "budget": 512, "recent": 64, "sinks": 0, "window": 32, "bias": 0.5,
                        "decay": 0.0, "layer_reduce": "mean"})
-    assert old.max_age == 0.0 and old.label() == "inf-mllm, budget 512, sinks 0, max_age 0"
+    assert old.max_age == 0.0 and old.label() == "inf-mllm, budget 512, sinks 0, max_age 0, granularity token"
     assert old.granularity == "token"  # and before per-layer eviction existed, one decision for all layers
 
 

@@ -12,18 +12,20 @@ BOUNDED = ["inf-mllm", "h2o", "streaming-llm", "recent-only", "context-shift"]
 
 
 def check_cache(s: StreamSession):
-    """What llama.cpp itself holds agrees with the controller, within the budget."""
-    rt, ids, policy = s.runtime, s.cached_stream_indices(), s.policy
+    """What llama.cpp itself holds agrees with the controller, within the budget; with per-layer
+    eviction, in every layer."""
+    rt, policy = s.runtime, s.policy
+    rows = s.cache.layer_indices if s.cache.per_layer else s.cached_stream_indices()[None]
     n = rt.n_cached()
-    assert n == ids.size <= policy.budget
+    assert n == rows.shape[1] <= policy.budget
     # re-indexed to contiguous positions (an iSWA model's pos_min is its window cache's)
     assert rt.pos_max() == n - 1 and (rt.pos_min() == 0 or s.model.sliding_window > 0)
-    assert np.all(np.diff(ids) > 0)                      # survivors in stream order
     seen = s.stats.tokens_seen
-    recent = min(policy.recent, n)
-    np.testing.assert_array_equal(ids[n - recent:], np.arange(seen - recent, seen))
-    sinks = min(policy.sinks, seen)
-    np.testing.assert_array_equal(ids[:sinks], np.arange(sinks))
+    recent, sinks = min(policy.recent, n), min(policy.sinks, seen)
+    for ids in rows:
+        assert np.all(np.diff(ids) > 0)                  # survivors in stream order
+        np.testing.assert_array_equal(ids[n - recent:], np.arange(seen - recent, seen))
+        np.testing.assert_array_equal(ids[:sinks], np.arange(sinks))
 
 
 @pytest.mark.parametrize("policy", BOUNDED)

@@ -9,7 +9,7 @@ import numpy as np
 from .base import Observation, Policy, ScoredPolicy, Selection, age_rank, default_of, option
 
 LAYER_REDUCTIONS = ("mean", "max")
-GRANULARITIES = ("token", "layer")
+GRANULARITIES = ("auto", "token", "layer")
 
 
 @dataclass
@@ -38,7 +38,10 @@ class InfMLLM(ScoredPolicy):
     each layer's own row, with its own cells (``stream_indices`` [n_layer, n], or one row that
     every layer shares), and ``keep`` and ``carried`` come back per layer ([n_layer, n] and
     [n_layer, budget]); the controller then compacts each layer's cache on its own
-    (`Runtime.compact`).
+    (`Runtime.compact`). "auto" (the default) is "layer" where the cache can be compacted per
+    layer and "token" elsewhere (sliding-window layers, positions llama.cpp cannot shift): the
+    controller settles it (`CacheController`); given to ``select`` as such, it decides per layer
+    when ``stream_indices`` has a row per layer.
     """
     sinks: int = default_of(Policy, "sinks", 4)
     window: int = option(32, "retrieval window: the last W queries of each chunk are scored", minimum=1)
@@ -49,8 +52,9 @@ class InfMLLM(ScoredPolicy):
     # docs/RESULTS.md, "The drift and its fix": chosen on 50k-token streams, confirmed on 205k
     max_age: float = option(2.0, "candidates older than this many budgets (in tokens) go first (0: no limit)",
                             minimum=0.0, absent=0.0)
-    granularity: str = option("token", "one eviction decision for all layers (token) or one per layer (layer)",
-                              choices=GRANULARITIES, absent="token")
+    # docs/RESULTS.md, "Per-layer eviction in llama.cpp": ahead at every budget on 205k tokens
+    granularity: str = option("auto", "one eviction decision for all layers (token), one per layer (layer), or "
+                              "per layer where the cache allows it (auto)", choices=GRANULARITIES, absent="token")
 
     name: ClassVar[str] = "inf-mllm"
     reads_attention: ClassVar[bool] = True
@@ -67,7 +71,7 @@ class InfMLLM(ScoredPolicy):
         return self.decay > 0
 
     def select(self, observation: Observation) -> Selection:
-        if self.granularity == "token":
+        if self.granularity == "token" or (self.granularity == "auto" and np.ndim(observation.stream_indices) == 1):
             return super().select(observation)
         if observation.attention is None:
             raise ValueError(f"policy '{self.name}' reads attention: pass the attention of the captured queries "
