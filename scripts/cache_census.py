@@ -8,7 +8,9 @@ Streams the text through one `StreamSession`, scoring every token (as `perplexit
 every `--every` tokens takes a census of the cached cells: the share of the budget held by cells
 older than 1, 4 and 16 budgets, the sinks still cached, and the commonest tokens among the cells
 older than one budget. At each eviction it notes the age of every evicted cell, which gives how
-long a cell survives once it is out of the recent window. `--plot` draws, for each census, the
+long a cell survives once it is out of the recent window. With per-layer eviction (the default
+where the cache allows it) every layer's cells are counted: shares are of all layers' budgets.
+`--plot` draws, for each census, the
 old cells' share against stream position, and, from perplexity records (`--curves`), each run's
 perplexity per block of tokens against streaming-llm's at the same budget.
 """
@@ -32,17 +34,25 @@ AGES = (1, 4, 16)  # in budgets
 SURVIVAL = (1, 2, 4, 8, 16, 32, 64)  # ages, in budgets, at which the survivors are counted
 
 
+def held(session: StreamSession) -> np.ndarray:
+    """The stream indices each layer holds, [n_layer, n]; one row when one decision serves all layers."""
+    cache = session.cache
+    return cache.layer_indices if cache.per_layer else cache.stream_indices[None]
+
+
 def census(session: StreamSession, token_ids: np.ndarray, top: int) -> dict:
-    """What the cache holds now."""
+    """What the cache holds now; with per-layer eviction, all layers' cells pooled (shares of
+    n_layer budgets, token counts over all layers)."""
     budget, seen = session.policy.budget, session.stats.tokens_seen
-    indices = session.cached_stream_indices()
+    indices = held(session)
     ages = seen - indices
     old = indices[ages > budget]
     texts = collections.Counter(session.model.token_bytes(int(t)).decode("utf-8", errors="backslashreplace")
                                 for t in token_ids[old])
-    return {"tokens": int(seen), "cells": int(indices.size),
-            "share_older": {str(k): float(np.count_nonzero(ages > k * budget) / budget) for k in AGES},
-            "first_tokens_cached": int(np.count_nonzero(indices < 4)),
+    return {"tokens": int(seen), "cells": int(indices.shape[1]),
+            "share_older": {str(k): float(np.count_nonzero(ages > k * budget) / (budget * len(indices)))
+                            for k in AGES},
+            "first_tokens_cached": int(np.count_nonzero(indices[0] < 4)),
             "old_cells": int(old.size), "old_tokens": texts.most_common(top)}
 
 
@@ -54,10 +64,11 @@ def run(args: argparse.Namespace, options: dict) -> dict:
         evicted_ages: list[np.ndarray] = []
         snapshots, curve, nll_sum, seg_nll, seg_n = [], [], 0.0, 0.0, 0
         for i in range(0, token_ids.size, args.chunk):
-            before = np.concatenate((s.cached_stream_indices(), np.arange(i, min(i + args.chunk, token_ids.size))))
+            new = np.arange(i, min(i + args.chunk, token_ids.size))
+            before = [np.concatenate((row, new)) for row in held(s)]
             nll = s.token_nll(token_ids[i:i + args.chunk])
-            gone = np.setdiff1d(before, s.cached_stream_indices(), assume_unique=True)
-            evicted_ages.append(s.stats.tokens_seen - gone)  # ages at eviction: what each cell lived
+            for row_before, row in zip(before, held(s)):  # ages at eviction: what each cell lived (each layer's)
+                evicted_ages.append(s.stats.tokens_seen - np.setdiff1d(row_before, row, assume_unique=True))
             nll_sum += float(nll.sum())
             seg_nll, seg_n = seg_nll + float(nll.sum()), seg_n + nll.size
             done = s.stats.tokens_seen

@@ -21,7 +21,8 @@ stream() {  # stream NAME TEXT ARGS...: one resumable perplexity command
 }
 
 # Runs (a) and (b) were made before inf-mllm had its age limit: their records hold the rule they
-# ran (sinks 0, max_age 0); to redo one as recorded, pass those options.
+# ran (sinks 0, max_age 0, one decision for all layers); to redo one as recorded, pass
+# --sinks 0 --max-age 0 --granularity token.
 # (b) one stream of 1M tokens at budget 1024
 stream shakespeare-1m shakespeare -p inf-mllm -b 1024 -n 1000000
 
@@ -33,12 +34,12 @@ stream shakespeare-205k shakespeare -p streaming-llm,context-shift,h2o -b 1024 -
 stream kjv-205k-small kjv -p streaming-llm,inf-mllm -b 256,512 -n $n
 stream shakespeare-205k-small shakespeare -p streaming-llm,inf-mllm -b 256,512 -n $n
 
-# (c) the rule with its age limit (docs/RESULTS.md, "The drift and its fix"), defaults; one
-# command per budget, so that each result lands as soon as it is done
-stream shakespeare-205k-agelimit shakespeare -p inf-mllm -b 512 -n $n
-stream kjv-205k-agelimit kjv -p inf-mllm -b 512 -n $n
-stream shakespeare-205k-agelimit-256 shakespeare -p inf-mllm -b 256 -n $n
-stream kjv-205k-agelimit-256 kjv -p inf-mllm -b 256 -n $n
+# (c) the rule with its age limit (docs/RESULTS.md, "The drift and its fix"), one decision for
+# all layers; one command per budget, so that each result lands as soon as it is done
+stream shakespeare-205k-agelimit shakespeare -p inf-mllm -b 512 --granularity token -n $n
+stream kjv-205k-agelimit kjv -p inf-mllm -b 512 --granularity token -n $n
+stream shakespeare-205k-agelimit-256 shakespeare -p inf-mllm -b 256 --granularity token -n $n
+stream kjv-205k-agelimit-256 kjv -p inf-mllm -b 256 --granularity token -n $n
 
 # (d) a second architecture, Gemma 3 270M (base, sliding-window layers), on 50,176 tokens; its
 # model: `python -m infmllm_gguf.models fetch gemma3-270m`
@@ -46,11 +47,15 @@ stream gemma3-shakespeare-50k shakespeare ~/.cache/infmllm-gguf/models/gemma-3-2
     -p streaming-llm,inf-mllm -b 512 -n 50176
 
 # (c, continued) budget 1024
-stream shakespeare-205k-agelimit-1024 shakespeare -p inf-mllm -b 1024 -n $n
-stream kjv-205k-agelimit-1024 kjv -p inf-mllm -b 1024 -n $n
+stream shakespeare-205k-agelimit-1024 shakespeare -p inf-mllm -b 1024 --granularity token -n $n
 
-# (e) per-layer eviction (inf-mllm --granularity layer), budgets 512 and 256
+# (e) per-layer eviction (inf-mllm --granularity layer: the default since), budgets 512, 256, 1024
 stream shakespeare-205k-layer shakespeare -p inf-mllm -b 512 --granularity layer -n $n
 stream kjv-205k-layer kjv -p inf-mllm -b 512 --granularity layer -n $n
 stream shakespeare-205k-layer-256 shakespeare -p inf-mllm -b 256 --granularity layer -n $n
 stream kjv-205k-layer-256 kjv -p inf-mllm -b 256 --granularity layer -n $n
+stream shakespeare-205k-layer-1024 shakespeare -p inf-mllm -b 1024 --granularity layer -n $n
+stream kjv-205k-layer-1024 kjv -p inf-mllm -b 1024 --granularity layer -n $n
+
+# (c, last) the token rule at 1024 on the Bible
+stream kjv-205k-agelimit-1024 kjv -p inf-mllm -b 1024 --granularity token -n $n
