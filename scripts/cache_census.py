@@ -109,7 +109,7 @@ def plot(paths: list[str], out: str, curves: list[str], block: int) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for r in (json.loads(Path(p).read_text()) for p in paths):
-        label = from_config(r["policy"]).label()
+        label = f"{from_config(r['policy']).label()} ({Path(r['file']).stem})"
         x = [c["tokens"] for c in r["snapshots"]]
         for k, style in zip(AGES, ("-", "--", ":")):
             top.plot(x, [c["share_older"][str(k)] for c in r["snapshots"]], style,
