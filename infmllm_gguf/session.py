@@ -56,6 +56,14 @@ def first_checked(parts: Iterable[MediaPart]) -> Iterator[MediaPart]:
     return itertools.chain([first], it)
 
 
+def saved_policy(path: str | os.PathLike, config: dict) -> Policy:
+    """The policy of a saved file's record, options added since filled in as the file ran them."""
+    try:
+        return from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
+
+
 class StreamSession:
     """A model reading an endless stream in `policy.budget` cells.
 
@@ -184,8 +192,12 @@ class StreamSession:
         returns the `extra` data saved with it. Everything is checked before anything changes: a
         file that does not fit leaves the session as it was."""
         header, components = read_state(path)
-        for what, mine in (("identity", self._identity()), ("settings", self._settings())):
-            diff = {k: (v, mine.get(k)) for k, v in header.get(what, {}).items() if mine.get(k) != v}
+        saved_settings = dict(header.get("settings", {}))
+        if "policy" in saved_settings:  # a file older than some option ran with its `absent` value
+            saved_settings["policy"] = saved_policy(path, saved_settings["policy"]).config()
+        for what, mine, saved in (("identity", self._identity(), header.get("identity", {})),
+                                  ("settings", self._settings(), saved_settings)):
+            diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
             if diff:
                 raise ValueError(f"{path} was saved with other {what}: " +
                                  ", ".join(f"{k}={saved!r} (here {here!r})" for k, (saved, here) in diff.items()))
@@ -221,10 +233,7 @@ class StreamSession:
         before the cache types were settings ran with f16."""
         header, _ = read_state(path)
         settings = dict(header["settings"])
-        try:
-            policy = from_config(settings.pop("policy"))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
+        policy = saved_policy(path, settings.pop("policy"))
         session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, history=history,
                       rpc=rpc, **settings)
         try:

@@ -87,6 +87,22 @@ def test_loading_into_another_setup_is_refused(tiny_llama, tmp_path):
         StreamSession.restore(tmp_path / "missing.npz", tiny_llama)
 
 
+def test_a_file_older_than_an_option_loads_with_the_value_it_ran(tiny_llama, tmp_path):
+    """Files saved before `granularity` existed ran one decision for all layers: they continue
+    there, and in a session that decides per layer they are refused."""
+    with StreamSession(tiny_llama, "inf-mllm", budget=96, chunk=40, recent=16, granularity="token") as s:
+        s.feed_tokens(stream(200))
+        s.save(tmp_path / "s.npz")
+    header, components = read_state(tmp_path / "s.npz")
+    del header["settings"]["policy"]["granularity"]
+    write_state(tmp_path / "old.npz", header, components)
+    with StreamSession.restore(tmp_path / "old.npz", tiny_llama) as r:
+        assert r.policy.granularity == "token" and r.stats.tokens_seen == 200
+    with StreamSession(tiny_llama, "inf-mllm", budget=96, chunk=40, recent=16) as layer:  # auto: per layer here
+        with pytest.raises(ValueError, match="'granularity': 'token'.*'granularity': 'layer'"):
+            layer.load(tmp_path / "old.npz")
+
+
 def tampered(path, out, component, key, value):
     """A copy of the saved state at `path` with one array (or metadata entry) replaced."""
     header, components = read_state(path)
