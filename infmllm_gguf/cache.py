@@ -115,11 +115,15 @@ class CacheController:
         """The leading shape of per-cell arrays that differ by layer: (n_layer,) per layer, else ()."""
         return (self.runtime.model.n_layer,) if self.per_layer else ()
 
-    def _image_tokens(self) -> int:
-        """Image tokens cached: per layer, those that at least one layer holds."""
-        if not self.per_layer:
-            return int(np.count_nonzero(self.is_image))
-        return int(np.unique(self.layer_indices[self.is_image]).size)
+    @property
+    def held_by_layer(self) -> np.ndarray:
+        """The stream indices each layer holds: [n_layer, n] per layer, one row [1, n] when one
+        decision serves every layer; `is_image` (made 2-D) flags the same cells."""
+        return self.layer_indices if self.per_layer else self.stream_indices[None]
+
+    def image_stream_indices(self) -> np.ndarray:
+        """The stream indices of the cached image tokens, ascending (per layer: held by some layer)."""
+        return np.unique(self.held_by_layer[np.atleast_2d(self.is_image)])
 
     def reset(self) -> None:
         self.runtime.clear()
@@ -129,7 +133,7 @@ class CacheController:
     def stats(self) -> CacheStats:
         """The counters, with the cached cells counted from the cache state (it changes on decode and evict)."""
         self._stats.cells_cached = int(self.stream_indices.size)
-        self._stats.image_cells_cached = self._image_tokens()
+        self._stats.image_cells_cached = self.image_stream_indices().size
         return self._stats
 
     @property
@@ -299,11 +303,11 @@ class CacheController:
         pos = self.positions()
         self.runtime.compact(np.stack([pos[row] for row in selection.keep]))
         n_removed = self.stream_indices.size - self.policy.budget
-        images_before = self._image_tokens()
+        images_before = self.image_stream_indices().size
         self.layer_indices = np.stack([row[keep] for row, keep in zip(self.layer_indices, selection.keep)])
         self.stream_indices = self.layer_indices.max(axis=0)
         self.is_image = np.stack([row[keep] for row, keep in zip(self.is_image, selection.keep)])
-        self._stats.image_cells_evicted += images_before - self._image_tokens()
+        self._stats.image_cells_evicted += images_before - self.image_stream_indices().size
         return self._evicted(selection, n_removed, t0)
 
     def _evicted(self, selection: Selection, n_removed: int, t0: float) -> int:

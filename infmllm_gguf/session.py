@@ -148,9 +148,7 @@ class StreamSession:
     def cached_stream_indices(self) -> np.ndarray:
         """The stream indices (token numbers in the stream) of the tokens cached now, ascending (with
         per-layer eviction: those that at least one layer holds)."""
-        if self.cache.per_layer:
-            return np.unique(self.cache.layer_indices)
-        return self.cache.stream_indices.copy()
+        return np.unique(self.cache.held_by_layer)
 
     def recent_view(self) -> list[tuple[int, str, bool]]:
         """The last `history` tokens of the stream as (stream index, text, still cached): text in

@@ -34,17 +34,11 @@ AGES = (1, 4, 16)  # in budgets
 SURVIVAL = (1, 2, 4, 8, 16, 32, 64)  # ages, in budgets, at which the survivors are counted
 
 
-def held(session: StreamSession) -> np.ndarray:
-    """The stream indices each layer holds, [n_layer, n]; one row when one decision serves all layers."""
-    cache = session.cache
-    return cache.layer_indices if cache.per_layer else cache.stream_indices[None]
-
-
 def census(session: StreamSession, token_ids: np.ndarray, top: int) -> dict:
     """What the cache holds now; with per-layer eviction, all layers' cells pooled (shares of
     n_layer budgets, token counts over all layers)."""
     budget, seen = session.policy.budget, session.stats.tokens_seen
-    indices = held(session)
+    indices = session.cache.held_by_layer
     ages = seen - indices
     old = indices[ages > budget]
     texts = collections.Counter(session.model.token_bytes(int(t)).decode("utf-8", errors="backslashreplace")
@@ -65,9 +59,9 @@ def run(args: argparse.Namespace, options: dict) -> dict:
         snapshots, curve, nll_sum, seg_nll, seg_n = [], [], 0.0, 0.0, 0
         for i in range(0, token_ids.size, args.chunk):
             new = np.arange(i, min(i + args.chunk, token_ids.size))
-            before = [np.concatenate((row, new)) for row in held(s)]
+            before = [np.concatenate((row, new)) for row in s.cache.held_by_layer]
             nll = s.token_nll(token_ids[i:i + args.chunk])
-            for row_before, row in zip(before, held(s)):  # ages at eviction: what each cell lived (each layer's)
+            for row_before, row in zip(before, s.cache.held_by_layer):  # ages at eviction, in each layer
                 evicted_ages.append(s.stats.tokens_seen - np.setdiff1d(row_before, row, assume_unique=True))
             nll_sum += float(nll.sum())
             seg_nll, seg_n = seg_nll + float(nll.sum()), seg_n + nll.size

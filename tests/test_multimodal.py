@@ -52,20 +52,14 @@ def picture(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def image_tokens(s: StreamSession) -> np.ndarray:
-    """The stream indices of the cached image tokens (per layer: those that some layer holds)."""
-    c = s.cache
-    return np.unique(c.layer_indices[c.is_image]) if c.per_layer else c.stream_indices[c.is_image]
-
-
 def check_cache(s: StreamSession) -> None:
     """llama.cpp, the controller and the counters agree, within the budget."""
     n, st, c = s.runtime.n_cached(), s.stats, s.cache
     assert n == c.stream_indices.size == st.cells_cached <= s.policy.budget
     assert c.is_image.shape == ((s.model.n_layer, n) if c.per_layer else (n,))
     if c.per_layer:  # a token is an image token in every layer that holds it
-        np.testing.assert_array_equal(c.is_image, np.isin(c.layer_indices, image_tokens(s)))
-    assert st.image_cells_cached == image_tokens(s).size
+        np.testing.assert_array_equal(c.is_image, np.isin(c.layer_indices, c.image_stream_indices()))
+    assert st.image_cells_cached == c.image_stream_indices().size
     assert st.image_cells_cached + st.image_cells_evicted == st.image_tokens_seen
 
 
@@ -82,7 +76,7 @@ def test_feed_image_puts_exactly_the_image_tokens_into_the_stream(default_model,
         assert s.feed_image(png) == N_IMAGE
         # a LLaVA projector adds no marker tokens: the stream grew by the image tokens exactly
         assert s.stats.tokens_seen == before + N_IMAGE and s.stats.image_tokens_seen == N_IMAGE
-        np.testing.assert_array_equal(image_tokens(s), np.arange(before, before + N_IMAGE))
+        np.testing.assert_array_equal(s.cache.image_stream_indices(), np.arange(before, before + N_IMAGE))
         check_cache(s)
         after_png = s.runtime.logits()
         s.feed_image(picture(1))
@@ -106,7 +100,8 @@ def test_image_tokens_get_scores_and_are_evicted_like_text(default_model, mmproj
         s.feed_text("Here is a picture of a cat sitting on a red mat:")
         s.feed_image(picture(2))
         s.feed_text(" The cat is")
-        image_cols = np.isin(s.cache.stream_indices, image_tokens(s))  # no eviction yet: every layer alike
+        # no eviction yet: every layer holds the same cells
+        image_cols = np.isin(s.cache.stream_indices, s.cache.image_stream_indices())
         attention = s.cache.attention  # what the last window gave each cached cell, per layer
         assert attention.shape[1] == image_cols.size and image_cols.sum() == N_IMAGE
         assert np.all(attention[:, image_cols].sum(axis=0) > 0)

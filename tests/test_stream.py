@@ -15,7 +15,7 @@ def check_cache(s: StreamSession):
     """What llama.cpp itself holds agrees with the controller, within the budget; with per-layer
     eviction, in every layer."""
     rt, policy = s.runtime, s.policy
-    rows = s.cache.layer_indices if s.cache.per_layer else s.cached_stream_indices()[None]
+    rows = s.cache.held_by_layer
     n = rt.n_cached()
     assert n == rows.shape[1] <= policy.budget
     # re-indexed to contiguous positions (an iSWA model's pos_min is its window cache's)
