@@ -190,7 +190,7 @@ def test_video_sampling_of_a_real_file(bbb):
 def test_300_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, bbb, rss):
     """Big Buck Bunny's 132 frames, looped to 300, at budget 1024, a question every 10 frames."""
     frames = itertools.islice(itertools.chain.from_iterable(iter_frames(bbb, fps=25) for _ in range(3)), 300)
-    replies, memory = [], {}
+    replies, memory = [], []
     t0 = time.perf_counter()
     # flash attention off: llama.cpp's CPU kernel took 25 ms per token at 1024 cells here, 15 ms without
     with session(default_model, budget=1024, mmproj=mmproj_4, flash_attn=False) as s:
@@ -198,15 +198,17 @@ def test_300_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, b
             media = [part for frame in itertools.islice(frames, 10) for part in frame_parts(frame)]
             replies.append(s.chat("What happens in the video now?", media=media, max_tokens=6, temperature=0))
             check_cache(s)
-            if block + 1 in (10, 30):
-                memory[block + 1] = rss()
+            memory.append(rss())
         st = s.stats
         assert st.image_tokens_seen == 300 * 4 and st.peak_cells <= s.runtime.n_ctx
         assert st.cells_evicted > 0 and st.image_cells_evicted > 0
-    print(f"\n300 frames: {st.tokens_seen} tokens, peak {st.peak_cells} cells, RSS {memory[10]:.0f} -> {memory[30]:.0f} MiB, "
+    # a block's RSS swings by 10-50 MiB with the transient buffers of its frames and reply: compare
+    # the peaks of the first and last 10 blocks, not two single readings
+    first, last = max(memory[:10]), max(memory[20:])
+    print(f"\n300 frames: {st.tokens_seen} tokens, peak {st.peak_cells} cells, peak RSS {first:.0f} -> {last:.0f} MiB, "
           f"{(time.perf_counter() - t0) / 300:.2f} s per frame with its share of the questions")
     assert all(r.strip() for r in replies)
-    assert memory[30] < memory[10] * 1.03 + 5
+    assert last < first * 1.03 + 5
 
 
 SAVER = """
