@@ -131,7 +131,7 @@ def recall(
             json_out.write_text(json.dumps({**key, "runs": [r.to_json() for r in runs]}, indent=1))
     typer.echo(table(runs, plan.distances))
     if png is not None:
-        heatmap(runs, plan.distances, png, title=f"recall on {m.name}, filler {path.name}, {trials} trials per cell")
+        heatmap(runs, plan.distances, png, title=f"recall on {m.name}\nfiller {path.name}, {trials} trials per cell")
 
 
 @app.command("recall-chat")
