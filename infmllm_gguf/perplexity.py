@@ -107,8 +107,27 @@ def slice_tokens(blocks: Iterable[Sequence[int]], start: int, stop: int | None) 
             return
 
 
+class PolicyRun:
+    """What the records of a run of one policy share (`policy`: its config; the KV cache types)."""
+    policy: dict
+    cache_type_k: str
+    cache_type_v: str
+
+    @property
+    def name(self) -> str:
+        return self.policy["name"]
+
+    @property
+    def budget(self) -> int:
+        return self.policy["budget"]
+
+    def label(self) -> str:
+        kv = ("f16", "f16") != (self.cache_type_k, self.cache_type_v)
+        return from_config(self.policy).label() + (f", KV {self.cache_type_k}/{self.cache_type_v}" if kv else "")
+
+
 @dataclass
-class PerplexityRun:
+class PerplexityRun(PolicyRun):
     policy: dict               # Policy.config(): the name and every option
     chunk: int
     cache_type_k: str = "f16"  # the KV cache's element types (records before them: f16)
@@ -125,17 +144,6 @@ class PerplexityRun:
     nll_sum: float = 0.0
     curve: list[Segment] = field(default_factory=list)
 
-    @property
-    def name(self) -> str:
-        return self.policy["name"]
-
-    @property
-    def budget(self) -> int:
-        return self.policy["budget"]
-
-    def label(self) -> str:
-        kv = ("f16", "f16") != (self.cache_type_k, self.cache_type_v)
-        return from_config(self.policy).label() + (f", KV {self.cache_type_k}/{self.cache_type_v}" if kv else "")
 
     def stop_note(self) -> str | None:
         """Why the stream was cut short, if it was."""

@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..generation import make_sampler
-from ..perplexity import file_tokens, slice_tokens
-from ..policies import DEFAULT_POLICY, Full, Policy, from_config
+from ..perplexity import PolicyRun, file_tokens, slice_tokens
+from ..policies import DEFAULT_POLICY, Full, Policy
 from ..runtime import Model
 from ..session import StreamSession
 from .needles import exact_match
@@ -56,7 +56,7 @@ class Answer:
 
 
 @dataclass
-class RecallRun:
+class RecallRun(PolicyRun):
     policy: dict               # Policy.config()
     chunk: int
     plan: dict                 # RecallPlan.config: which stream was asked
@@ -67,18 +67,6 @@ class RecallRun:
     seconds: float = 0.0
     stopped_at: int | None = None  # full: the first snapshot whose stream did not fit
     answers: list[Answer] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.policy["name"]
-
-    @property
-    def budget(self) -> int:
-        return self.policy["budget"]
-
-    def label(self) -> str:
-        kv = ("f16", "f16") != (self.cache_type_k, self.cache_type_v)
-        return from_config(self.policy).label() + (f", KV {self.cache_type_k}/{self.cache_type_v}" if kv else "")
 
     def accuracy(self, by: str = "target") -> dict:
         """{value of `by` (an Answer field, or a tuple of them): (correct, trials)}."""
