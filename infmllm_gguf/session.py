@@ -182,7 +182,9 @@ class StreamSession:
         """The whole stream state, in memory: `rollback(snapshot)` puts this session back to it
         exactly (the recall benchmark asks every question from the same state). Holds a copy of
         the cells: `sequence_bytes()` bytes."""
-        return copy.deepcopy(self._components())
+        components = self._components()
+        # the runtime's cells and logits are fresh arrays; the rest refers to live objects
+        return {name: part if name == "runtime" else copy.deepcopy(part) for name, part in components.items()}
 
     def rollback(self, snapshot: dict) -> None:
         """Return to a state that `snapshot()` took in this session (no checks: it fits)."""
