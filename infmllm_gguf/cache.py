@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from .policies import Observation, Policy, Selection
+from .policies import Full, Observation, Policy, Selection
 from .runtime import Runtime
 
 
@@ -81,6 +81,7 @@ class CacheController:
         self.policy = policy
         self.generation_headroom = generation_headroom
         self.history = history
+        self.memory = None  # a `Memory` that records each decoded text token (the session sets it)
         self.reindex = runtime.can_shift()
         compactable = self.reindex and not runtime.model.sliding_window
         granularity = getattr(policy, "granularity", "token")
@@ -252,6 +253,8 @@ class CacheController:
             self.layer_indices = np.concatenate((self.layer_indices, np.broadcast_to(new, (len(self.layer_indices), n))),
                                                 axis=1)
         self.is_image = np.concatenate((self.is_image, np.full(self.is_image.shape[:-1] + (n,), is_image)), axis=-1)
+        if self.memory is not None and not is_image:
+            self.memory.record(tokens, new)
         if self.history:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n
@@ -270,6 +273,11 @@ class CacheController:
         limit = self.policy.budget + (self.generation_headroom if generating else 0)
         if self.stream_indices.size > limit or (generating and self.stream_indices.size >= limit):
             self.evict()
+
+    def forget_capture_setting(self) -> None:
+        """The runtime's capture setting was changed behind the controller (the memory's probe): set
+        it again at the next decode."""
+        self._captured_queries = -1
 
     def reads_generation_step(self) -> bool:
         """Whether the policy reads the attention of the generation step about to be decoded: one of
@@ -332,6 +340,27 @@ class CacheController:
         if seen:
             attention[:, :seen], visibility[:seen] = self.attention, self.visibility
         self.attention, self.visibility = attention, visibility
+
+    def room_for_recall(self, n_prompt: int) -> int:
+        """The most cells that re-read memory may take before a prompt of `n_prompt` tokens, all
+        within the budget: what is left when the policy keeps its fewest cells (its sinks and one
+        more). 0 for a policy that never evicts."""
+        if isinstance(self.policy, Full):
+            return 0
+        floor = self.policy.sinks + getattr(self.policy, "n_keep", 0) + 1
+        return max(self.policy.budget - n_prompt - floor, 0)
+
+    def make_room(self, n: int) -> int:
+        """Evict with the policy at budget - n, so that `n` cells can be decoded without another
+        eviction; returns the cells removed."""
+        policy = self.policy
+        self.policy = policy.with_budget(policy.budget - n)
+        if policy.reads_attention and self.attention is None and self.stream_indices.size > self.policy.budget:
+            self._cover_unseen()  # nothing decoded since the last eviction: the carried scores decide
+        try:
+            return self.evict()
+        finally:
+            self.policy = policy
 
     def evict(self) -> int:
         """Apply the policy once; returns the number of cells removed."""

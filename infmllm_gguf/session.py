@@ -11,6 +11,7 @@ import copy
 import ctypes
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from .cache import CacheController, CacheStats
 from .chat import ChatTranscript
+from .memory import Memory, MemoryConfig
 from .generation import Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler, text_pieces
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
@@ -77,13 +79,16 @@ class StreamSession:
     `history` keeps the token ids of the stream's last `history` tokens for display
     (`recent_view`). `cache_type_k`/`cache_type_v` (f16, q8_0, q4_0) quantize the KV cache;
     `rpc` (HOST:PORT of rpc-servers) puts the model's layers on other machines (`Model`).
+    `memory` (a `MemoryConfig`, or True for the default one) keeps the stream's text beyond the
+    budget and re-reads what each prompt needs (`infmllm_gguf.memory`).
     """
 
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
                  chunk: int = 256, generation_headroom: int | None = None, n_gpu_layers: int = -1,
                  n_threads: int | None = None, flash_attn: bool | None = None, seed: int = 0,
                  mmproj: str | os.PathLike | None = None, history: int = 0, cache_type_k: str = "f16",
-                 cache_type_v: str = "f16", rpc: Sequence[str] = (), **policy_options):
+                 cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | bool | None = None,
+                 **policy_options):
         if isinstance(policy, Policy):
             if policy_options:
                 raise ValueError(f"options {', '.join(policy_options)} go with a policy name; a Policy object "
@@ -101,6 +106,12 @@ class StreamSession:
         self.flash_attn = flash_attn
         self.cache_types = (cache_type_k, cache_type_v)
         check_cache_types(cache_type_k, cache_type_v, flash_attn)  # before a model loads for nothing
+        self.memory = None
+        if memory:
+            if self.policy.name == "full":
+                raise ValueError("policy 'full' evicts nothing: it needs no memory (turn --memory off)")
+            config = MemoryConfig(**memory) if isinstance(memory, dict) else memory  # a saved file's settings
+            self.memory = Memory(MemoryConfig() if config is True else config, self.policy.budget)
         self._owns_model = not isinstance(model, Model)
         self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) if self._owns_model else model
         self.runtime = self.projector = None
@@ -111,6 +122,7 @@ class StreamSession:
             self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
                                          history=history)
             self.policy = self.cache.policy  # with its granularity settled for this model
+            self.cache.memory = self.memory
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
                                            n_threads=n_threads)
@@ -140,6 +152,8 @@ class StreamSession:
         """Forget the stream: empty cache, counters at zero, no chat."""
         self.cache.reset()
         self.transcript.reset()
+        if self.memory is not None:
+            self.memory.reset()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -171,12 +185,16 @@ class StreamSession:
     def _settings(self) -> dict:
         return {"policy": self.policy.config(), "chunk": self.chunk,
                 "generation_headroom": self.generation_headroom, "flash_attn": self.flash_attn,
-                "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1]}
+                "cache_type_k": self.cache_types[0], "cache_type_v": self.cache_types[1],
+                "memory": None if self.memory is None else self.memory.config.config()}
 
     def _components(self) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
         """Each component's state (metadata, arrays), as `save` writes them."""
-        return {"runtime": self.runtime.state(), "cache": self.cache.state(),
-                "chat": (self.transcript.state(), {}), "sampler": ({"rng": self.rng.bit_generator.state}, {})}
+        components = {"runtime": self.runtime.state(), "cache": self.cache.state(),
+                      "chat": (self.transcript.state(), {}), "sampler": ({"rng": self.rng.bit_generator.state}, {})}
+        if self.memory is not None:
+            components["memory"] = self.memory.state()
+        return components
 
     def snapshot(self) -> dict:
         """The whole stream state, in memory: `rollback(snapshot)` puts this session back to it
@@ -192,6 +210,8 @@ class StreamSession:
         self.cache.load_state(*snapshot["cache"])
         self.transcript.load_state(snapshot["chat"][0])
         self.rng.bit_generator.state = snapshot["sampler"][0]["rng"]
+        if self.memory is not None:
+            self.memory.load_state(*snapshot["memory"])
 
     def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
         """Write the whole stream state to `path` (an .npz file): llama.cpp's cells and last logits,
@@ -230,6 +250,9 @@ class StreamSession:
             raise ValueError(f"{path}: llama.cpp's saved cells ({runtime[0]['n_cells']}) and the stream's "
                              f"({cache[1]['stream_indices'].size}) do not match")
         ChatTranscript.check_state(chat)
+        memory = components.get("memory")
+        if self.memory is not None and memory is not None:
+            self.memory.check_state(*memory)
         try:
             np.random.default_rng().bit_generator.state = sampler.get("rng")
         except (TypeError, ValueError, KeyError) as exc:
@@ -238,6 +261,12 @@ class StreamSession:
         self.cache.load_state(*cache)
         self.transcript.load_state(chat)
         self.rng.bit_generator.state = sampler["rng"]
+        if self.memory is not None:
+            if memory is None:
+                warnings.warn(f"{path} holds no memory: this session's memory starts empty", stacklevel=2)
+                self.memory.reset()
+            else:
+                self.memory.load_state(*memory)
         del components, runtime, cache  # the file's copies go before the trim, or their pages stay
         return_freed_memory()
         return header.get("extra", {})
@@ -268,6 +297,15 @@ class StreamSession:
 
     def feed_text(self, text: str, *, special: bool = False) -> int:
         return self.feed_tokens(self.tokenize(text, special=special))
+
+    def feed_prompt(self, text: str, *, special: bool = False, query: str | None = None) -> int:
+        """Feed a prompt (a question, a user turn): with a memory, the blocks of the stream's past
+        that `query` (default: the prompt itself) ranks best are re-read first, in the budget."""
+        tokens = self.tokenize(text, special=special)
+        if self.memory is not None:
+            wanted = tokens if query is None else self.model.tokenize(query, add_special=False, parse_special=False)
+            self.memory.recall(self.cache, wanted, len(tokens), self.chunk)
+        return self.feed_tokens(tokens)
 
     def feed_tokens(self, token_ids: Sequence[int]) -> int:
         """Append token ids to the stream in chunks, evicting as needed; returns how many were fed."""
@@ -360,7 +398,7 @@ class StreamSession:
         up to budget + generation_headroom cells; at the end it is brought back to the budget.
         """
         if prompt:
-            self.feed_text(prompt, special=special)
+            self.feed_prompt(prompt, special=special)
         sampler = sampler or make_sampler(temperature, top_p, self.rng)
         self.last_reply = Reply()
         tokens = generate_tokens(self.cache, sampler, max_tokens=max_tokens, is_end=self.model.is_end_of_generation,
@@ -422,7 +460,7 @@ class StreamSession:
         self.chat_template()
         if media is None:
             new = self.transcript.user_turn(message, system=system, add_assistant=add_assistant)
-            self.feed_text(new, special=True)
+            self.feed_prompt(new, special=True, query=message)
             self.transcript.record_fed(new)
             return 0
         if self.projector is None:
@@ -438,7 +476,7 @@ class StreamSession:
         if not found:
             self.transcript.load_state(before_turn)
             raise ValueError("the chat template dropped the media marker from the message")
-        self.feed_text(head.replace(marker, ""), special=True)  # an earlier marker: media already fed
+        self.feed_prompt(head.replace(marker, ""), special=True, query=message)  # an earlier marker: media already fed
         # once the media start, the stream holds the turn up to its marker, even if a frame fails
         self.transcript.record_fed(head + marker)
         n_image = self.feed_media(parts)

@@ -119,6 +119,14 @@ class Policy:
         """The options this policy takes (its init fields), as declared."""
         return tuple(f for f in dataclasses.fields(cls) if f.init)
 
+    def with_budget(self, budget: int) -> "Policy":
+        """This policy at another budget (the memory makes room with a smaller one), `recent` cut
+        to fit it."""
+        changes: dict[str, Any] = {"budget": budget}
+        if "recent" in {f.name for f in self.options()}:
+            changes["recent"] = min(self.recent, max(budget - self.sinks - 1, 0))
+        return dataclasses.replace(self, **changes)
+
     def check_chunk(self, chunk: int) -> None:
         """Raise ValueError, naming the fix, if the policy cannot work on chunks of `chunk` tokens."""
 

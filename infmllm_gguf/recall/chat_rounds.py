@@ -147,7 +147,7 @@ def run_chat_recall(plan: ChatPlan, *, model: Model | str | os.PathLike | None =
                     if i:
                         session.rollback(state)
                     session.user_turn(fact.question)
-                    reply = ask(session, fact.answer_prefix, answer_tokens)
+                    reply = ask(session, fact.answer_prefix, answer_tokens, recall=False)  # the user turn recalled
                     run.answers.append(ChatAnswer(r, i, fact.kind, seen, reply,
                                                   exact_match(reply, fact.answer)))
                 session.rollback(state)

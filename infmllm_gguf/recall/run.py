@@ -89,9 +89,13 @@ class RecallRun(PolicyRun):
                    answers=[Answer(**a) for a in data.get("answers", [])])
 
 
-def ask(session: StreamSession, prompt: str, answer_tokens: int) -> str:
-    """Feed `prompt` and return the greedy continuation (up to `answer_tokens` tokens, cut at a newline)."""
-    session.feed_text(prompt)
+def ask(session: StreamSession, prompt: str, answer_tokens: int, *, recall: bool = True) -> str:
+    """Feed `prompt` (with `recall`, the memory, if any, re-reads what it asks for first) and return
+    the greedy continuation (up to `answer_tokens` tokens, cut at a newline)."""
+    if recall:
+        session.feed_prompt(prompt)
+    else:
+        session.feed_text(prompt)
     return "".join(session.generate(max_tokens=answer_tokens, sampler=make_sampler(0.0, 1.0, session.rng),
                                     stop=("\n",)))
 

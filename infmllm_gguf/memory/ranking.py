@@ -1,0 +1,79 @@
+"""Ranking the memory's blocks for a prompt: pure NumPy functions, testable without a model.
+
+The memory holds the stream's tokens in order; a *block* is a window of `window` tokens starting
+every `window // 2` tokens, so any fact of at most half a window lies whole in some block. Two
+rankings (docs/METHOD.md, "Memory beyond the budget"):
+
+- `lexical`: BM25 of the prompt's token ids over each block's token ids (Robertson and Zaragoza,
+  "The Probabilistic Relevance Framework: BM25 and Beyond", 2009): the rare tokens that the prompt
+  and a block share (a name, a label) weigh most.
+- `attention`: the lexical shortlist re-read into the cache, then ranked by the attention the
+  prompt's own queries give each block (the paper's retrieval window), as InfLLM ranks its blocks
+  by the current queries (Xiao et al., "InfLLM", 2024); `attention_mass` here, the re-reading in
+  `Memory`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..cache import runs
+
+K1, B = 1.2, 0.75  # BM25's usual constants
+
+
+def block_starts(n_tokens: int, window: int) -> np.ndarray:
+    """Start offsets of the blocks over `n_tokens` tokens: every `window // 2`, the last block
+    ending at the last token (none when there are no tokens)."""
+    if n_tokens <= 0:
+        return np.zeros(0, dtype=np.int64)
+    stride = max(window // 2, 1)
+    starts = np.arange(0, max(n_tokens - window, 0) + 1, stride, dtype=np.int64)
+    if starts[-1] + window < n_tokens:
+        starts = np.append(starts, n_tokens - window)
+    return starts
+
+
+def bm25(tokens: np.ndarray, starts: np.ndarray, window: int, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 of each block (tokens[s:s+window] for s in `starts`) for the query's distinct token ids.
+
+    Returns (score float64[n_blocks], matched int[n_blocks]: how many distinct query tokens the
+    block holds). Every block but a short stream's only one has `window` tokens, so the length
+    normalisation only matters there."""
+    terms = np.unique(np.asarray(query, dtype=np.int64))
+    n_blocks = starts.size
+    if n_blocks == 0 or terms.size == 0:
+        return np.zeros(n_blocks), np.zeros(n_blocks, dtype=np.int64)
+    tokens = np.asarray(tokens)
+    ends = np.minimum(starts + window, tokens.size)
+    tf = np.zeros((n_blocks, terms.size))
+    for j, t in enumerate(terms):  # a prompt has tens of distinct tokens: one pass over the memory each
+        count = np.concatenate(([0], np.cumsum(tokens == t)))
+        tf[:, j] = count[ends] - count[starts]
+    lengths = ends - starts
+    norm = K1 * (1 - B + B * lengths / lengths.mean())
+    df = np.count_nonzero(tf, axis=0)
+    idf = np.log1p((n_blocks - df + 0.5) / (df + 0.5))
+    score = (tf * (K1 + 1) / (tf + norm[:, None]) * idf).sum(axis=1)
+    return score, np.count_nonzero(tf, axis=1)
+
+
+def attention_mass(scores: np.ndarray, positions: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """The attention each re-read span got from the prompt's captured queries: `scores` [n_layer, n]
+    over the cells at `positions`, summed over layers and over the span's cells at positions
+    [a, b) (float64[len(spans)])."""
+    total = np.asarray(scores, dtype=np.float64).sum(axis=0)
+    return np.array([total[(positions >= a) & (positions < b)].sum() for a, b in spans])
+
+
+def choose(order: np.ndarray, starts: np.ndarray, window: int, n_tokens: int, room: int) -> list[tuple[int, int]]:
+    """Blocks taken in `order` (best first) while their union fits `room` tokens; returns the union
+    as sorted, merged token ranges [a, b)."""
+    taken = np.zeros(n_tokens, dtype=bool)
+    for k in order:
+        a, b = int(starts[k]), int(min(starts[k] + window, n_tokens))
+        trial = taken.copy()
+        trial[a:b] = True
+        if np.count_nonzero(trial) > room:
+            continue
+        taken = trial
+    return runs(taken)
