@@ -27,6 +27,21 @@ def checkpoint_name(label: str) -> str:
     return "-".join(part.replace(" ", "") for part in label.split(", ")) + ".npz"
 
 
+def memory_configs(memory: str) -> list:
+    """The memory settings a `--memory` list names: None for off, else a MemoryConfig."""
+    from infmllm_gguf.memory import MemoryConfig
+
+    try:
+        return [None if name == "off" else MemoryConfig(ranking=name) for name in split(memory, str, "--memory")]
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def run_key(policy: dict, cache_type_k: str, memory: Optional[dict]) -> str:
+    """What identifies a run in the JSON file: a rerun skips the runs it holds."""
+    return json.dumps([policy, cache_type_k, memory], sort_keys=True)
+
+
 def load_model(model: Optional[Path], n_gpu_layers: int):
     from infmllm_gguf.models import ModelError
     from infmllm_gguf.runtime import Model, UnpatchedLlamaError
@@ -65,6 +80,8 @@ def recall(
     seed: int = typer.Option(0, "--seed", help="draws the needles and the filler's offset"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens decoded per step"),
     answer_tokens: int = typer.Option(8, "--answer-tokens", min=1, help="greedy tokens per answer"),
+    memory: str = typer.Option("off", "--memory", help="the memory tier, comma-separated to compare: off, or its "
+                               "ranking (lexical, attention); full runs without"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs with every answer; rerunning with "
                                             "the same file skips the runs it holds"),
     png: Optional[Path] = typer.Option(None, "--png", help="heatmap of accuracy: distance x policy and budget"),
@@ -92,6 +109,7 @@ def recall(
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
     asked = split(distances, int, "--distances")
+    memories = memory_configs(memory)
     m = load_model(model, n_gpu_layers)
     offset = int(1 + seed * 7919 % 50_000)  # where the filler starts in the text, from the seed
     try:
@@ -104,14 +122,16 @@ def recall(
                f"({trials} per distance) on {m.name}", err=True)
     key = {"model": m.name, "plan": plan.config, "distances": list(plan.distances)}
     runs = earlier_runs(json_out, key, RecallRun.from_json)
-    done = {(json.dumps(r.policy, sort_keys=True), r.cache_type_k) for r in runs}
+    done = {run_key(r.policy, r.cache_type_k, r.memory) for r in runs}
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for p in policies_to_run(grid, m.n_ctx_train, len(plan)):
-        if (json.dumps(p.config(), sort_keys=True), "f16") in done:
-            typer.echo(f"{p.label()}: in {json_out} already", err=True)
+    for p, mem in ((p, mem) for p in policies_to_run(grid, m.n_ctx_train, len(plan))
+                   for mem in (memories if p.name != "full" else [None])):
+        label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
+        if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
+            typer.echo(f"{label}: in {json_out} already", err=True)
             continue
-        bar = tqdm(total=len(plan), unit="tok", desc=p.label(), dynamic_ncols=True)
+        bar = tqdm(total=len(plan), unit="tok", desc=label, dynamic_ncols=True)
 
         def progress(run, streamed, bar=bar):
             bar.update(streamed - bar.n)
@@ -120,8 +140,8 @@ def recall(
 
         try:
             run = run_recall(plan, model=m, policy=p, chunk=chunk, answer_tokens=answer_tokens, progress=progress,
-                             n_threads=threads, flash_attn=flash_attn,
-                             checkpoint=None if checkpoint_dir is None else checkpoint_dir / checkpoint_name(p.label()))
+                             n_threads=threads, flash_attn=flash_attn, memory=mem,
+                             checkpoint=None if checkpoint_dir is None else checkpoint_dir / checkpoint_name(label))
         except (ValueError, RuntimeError, OSError) as exc:
             bar.close()
             fail(str(exc))

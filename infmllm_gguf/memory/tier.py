@@ -263,12 +263,12 @@ class Memory:
         per_position = dict(zip(captured.positions.tolist(), captured.scores.sum(axis=0, dtype=np.float64).tolist()))
         attention = np.zeros(ids.size)
         attention[probe] = [per_position.get(first + k, 0.0) for k in range(probe.size)]
-        count = np.concatenate(([0], np.cumsum(attention)))
         ends = np.minimum(starts + window, ids.size)
         probed = np.zeros(ids.size, dtype=bool)
         probed[probe] = True
         whole = np.array([probed[starts[k]:ends[k]].all() for k in order])
         shortlist, rest = order[whole], order[~whole]
+        count = np.concatenate(([0], np.cumsum(attention)))
         mass = count[ends[shortlist]] - count[starts[shortlist]]
         return np.concatenate((shortlist[np.argsort(-mass, kind="stable")], rest))
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..generation import make_sampler
+from ..memory import MemoryConfig
 from ..perplexity import PolicyRun, file_tokens, slice_tokens
 from ..policies import DEFAULT_POLICY, Full, Policy
 from ..runtime import Model
@@ -67,6 +68,12 @@ class RecallRun(PolicyRun):
     seconds: float = 0.0
     stopped_at: int | None = None  # full: the first snapshot whose stream did not fit
     answers: list[Answer] = field(default_factory=list)
+    memory: dict | None = None     # MemoryConfig.config() of the memory tier; None: off
+    recall_s: float = 0.0          # the memory's ranking and re-reading, all questions together
+    tokens_recalled: int = 0
+
+    def label(self) -> str:
+        return super().label() + ("" if self.memory is None else f", memory {self.memory['ranking']}")
 
     def accuracy(self, by: str = "target") -> dict:
         """{value of `by` (an Answer field, or a tuple of them): (correct, trials)}."""
@@ -110,15 +117,16 @@ def run_recall(plan: RecallPlan, *, model: Model | str | os.PathLike | None = No
                checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
                progress: Callable[[RecallRun, int], None] | None = None, n_gpu_layers: int = -1,
                n_threads: int | None = None, flash_attn: bool | None = None, cache_type_k: str = "f16",
-               cache_type_v: str = "f16", **policy_options) -> RecallRun:
+               cache_type_v: str = "f16", memory: MemoryConfig | None = None, **policy_options) -> RecallRun:
     """Stream `plan` through `policy` and answer its questions at each snapshot. `checkpoint`: a file
     the run saves itself to after each snapshot and resumes from (refused if it holds another
-    plan or settings), and every `checkpoint_every` tokens of stream. `progress(run, tokens_streamed)` is called as the stream goes."""
+    plan or settings), and every `checkpoint_every` tokens of stream. `progress(run, tokens_streamed)` is
+    called as the stream goes. `memory`: the memory tier, which re-reads before each question."""
     with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v, memory=memory,
                        **policy_options) as session:
         run = RecallRun(policy=session.policy.config(), chunk=chunk, plan=plan.config, cache_type_k=cache_type_k,
-                        cache_type_v=cache_type_v)
+                        cache_type_v=cache_type_v, memory=None if memory is None else memory.config())
         if checkpoint is not None and Path(checkpoint).exists():
             saved = RecallRun.from_json(session.load(checkpoint)["run"])
             if saved.plan != plan.config:
@@ -152,6 +160,9 @@ def run_recall(plan: RecallPlan, *, model: Model | str | os.PathLike | None = No
                     session.rollback(state)
                 placed = plan.needles[q.needle]
                 reply = ask(session, placed.needle.prompt(), answer_tokens)
+                if session.memory is not None:
+                    run.recall_s += session.memory.stats.last_recall_s
+                    run.tokens_recalled += sum(b - a for a, b in session.memory.stats.last_recalled)
                 run.answers.append(Answer(k, q.needle, placed.needle.kind, q.target, q.distance, reply,
                                           exact_match(reply, placed.needle.answer),
                                           kept_share(cached, placed.start, placed.end)))

@@ -1,0 +1,189 @@
+"""The memory tier: block ranking (pure NumPy, against direct counts), the token store, room making
+under every policy, and recall end to end: a needle evicted from the cache comes back with memory
+on and is lost with it off."""
+import collections
+import math
+
+import numpy as np
+import pytest
+
+from infmllm_gguf.cache import CacheController
+from infmllm_gguf.memory import Memory, MemoryConfig, TokenStore, block_starts, bm25, choose
+from infmllm_gguf.policies import make_policy
+from infmllm_gguf.recall.needles import exact_match
+from infmllm_gguf.recall.run import ask
+from infmllm_gguf.runtime import Runtime
+from infmllm_gguf.session import StreamSession
+
+
+@pytest.mark.parametrize("n, window", [(1, 8), (7, 8), (8, 8), (9, 8), (100, 8), (101, 16), (1000, 64)])
+def test_blocks_hold_every_half_window_span_whole(n, window):
+    starts = block_starts(n, window)
+    ends = np.minimum(starts + window, n)
+    assert starts[0] == 0 and ends[-1] == n and np.all(np.diff(starts) > 0)
+    for i in range(max(n - window // 2, 0) + 1):
+        j = min(i + window // 2, n)
+        assert np.any((starts <= i) & (j <= ends)), f"span [{i}, {j}) is cut by every block"
+
+
+def reference_bm25(tokens, starts, window, query, k1=1.2, b=0.75):
+    """BM25 written out block by block, from its textbook form."""
+    blocks = [list(tokens[s:s + window]) for s in starts]
+    avg = sum(map(len, blocks)) / len(blocks)
+    scores = []
+    for block in blocks:
+        counts = collections.Counter(block)
+        score = 0.0
+        for t in set(query):
+            df = sum(t in other for other in blocks)
+            idf = math.log(1 + (len(blocks) - df + 0.5) / (df + 0.5))
+            tf = counts[t]
+            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(block) / avg))
+        scores.append(score)
+    return np.array(scores)
+
+
+def test_bm25_matches_the_textbook_formula():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 40, size=333)
+    starts = block_starts(tokens.size, 32)
+    query = [3, 3, 17, 39, 1000]
+    score, matched = bm25(tokens, starts, 32, np.array(query))
+    np.testing.assert_allclose(score, reference_bm25(tokens, starts, 32, query), rtol=1e-12)
+    expected = [len({3, 17, 39} & set(tokens[s:s + 32].tolist())) for s in starts]
+    assert matched.tolist() == expected
+
+
+def test_bm25_ranks_the_block_with_the_rare_shared_tokens_first():
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 50, size=2000)  # common tokens everywhere
+    tokens[1234:1238] = [901, 902, 903, 904]  # a rare label, once
+    starts = block_starts(tokens.size, 64)
+    score, _ = bm25(tokens, starts, 64, np.array([7, 901, 902, 12]))
+    best = starts[np.argmax(score)]
+    assert best <= 1234 and 1238 <= best + 64
+
+
+def test_choose_takes_the_best_blocks_that_fit_and_merges_them():
+    starts = block_starts(256, 32)  # every 16
+    assert choose(np.array([3, 4, 10]), starts, 32, 256, 64) == [(48, 96)]  # 3 and 4 overlap: 48 tokens, 10 no room
+    assert choose(np.array([10, 3]), starts, 32, 256, 64) == [(48, 80), (160, 192)]
+    assert choose(np.array([0]), starts, 32, 256, 16) == []
+
+
+def test_token_store_caps_and_tracks_copies():
+    store = TokenStore(cap=100)
+    for i in range(0, 150, 30):
+        store.append(range(i, i + 30), np.arange(i, i + 30))
+    ids, indices = store.arrays()
+    assert ids.tolist() == list(range(50, 150)) and indices.tolist() == list(range(50, 150)) and store.dropped == 50
+    store.add_copies(np.array([500, 501]), np.array([60, 61]))
+    held = store.held(indices, cached=np.array([55, 500]))
+    assert np.flatnonzero(held).tolist() == [5, 10]  # 55 itself, 60 through its copy 500; 501 is gone
+    assert store.copy_indices.tolist() == [500]
+    meta, arrays = store.state()
+    again = TokenStore(cap=100)
+    TokenStore.check_state(meta, arrays)
+    again.load_state(meta, arrays)
+    assert [a.tolist() for a in again.arrays()] == [ids.tolist(), indices.tolist()] and again.dropped == 50
+    arrays["indices"] = arrays["indices"][::-1].copy()
+    with pytest.raises(ValueError, match="increasing"):
+        TokenStore.check_state(meta, arrays)
+
+
+def test_memory_settings_are_checked():
+    with pytest.raises(ValueError, match="ranking"):
+        MemoryConfig(ranking="psychic")
+    with pytest.raises(ValueError, match="half the budget"):
+        Memory(MemoryConfig(reserve=300), budget=512)
+    with pytest.raises(ValueError, match="hold a block"):
+        Memory(MemoryConfig(window=64), budget=128)  # reserve 32 < one block
+
+
+@pytest.mark.parametrize("policy", ["streaming-llm", "inf-mllm", "h2o", "context-shift", "recent-only"])
+def test_make_room_leaves_room_with_the_policy_and_no_eviction_after(tiny_llama, policy):
+    with Runtime(tiny_llama, n_ctx=160, n_batch=32, n_threads=2) as rt:
+        options = {"n_keep": 4} if policy == "context-shift" else {}
+        cache = CacheController(rt, make_policy(policy, budget=128, **options))
+        cache.feed([10 + i % 100 for i in range(400)], 32)
+        before = cache.n_cached
+        removed = cache.make_room(48)
+        assert cache.n_cached == before - removed <= 128 - 48 and rt.n_cached() == cache.n_cached
+        evictions = cache.stats.evictions
+        cache.feed([20 + i % 50 for i in range(48)], 16)
+        assert cache.stats.evictions == evictions and cache.n_cached <= 128
+        assert cache.policy.budget == 128
+
+
+NEEDLE = " The pass key of the amber lantern is 48213. Remember it."
+QUESTION = "\n\nQuestion: What is the pass key of the amber lantern?\nAnswer: The pass key of the amber lantern is"
+
+
+def stream_with_needle(session: StreamSession, filler: str) -> tuple[int, int]:
+    """Filler, the needle, then 1,500 characters more: the needle's stream indices [start, end)."""
+    session.feed_text(filler[:3000])
+    start = session.stats.tokens_seen
+    session.feed_text(NEEDLE)
+    end = session.stats.tokens_seen
+    session.feed_text(filler[3000:9000])
+    return start, end
+
+
+@pytest.fixture(scope="module")
+def filler():
+    from infmllm_gguf.data import shakespeare_path
+
+    return shakespeare_path().read_text(encoding="utf-8")[200_000:210_000]
+
+
+def test_memory_brings_an_evicted_needle_back(default_model, filler):
+    """Fails with memory off: the needle is 1,500 tokens back, the budget 256."""
+    answers = {}
+    for memory in (None, MemoryConfig(ranking="lexical", window=48, reserve=96)):
+        with StreamSession(default_model, "streaming-llm", budget=256, chunk=64, n_threads=2,
+                           memory=memory) as s:
+            start, end = stream_with_needle(s, filler)
+            assert not np.isin(np.arange(start, end), s.cached_stream_indices()).any()
+            seen = s.stats.tokens_seen
+            answers[memory is not None] = ask(s, QUESTION, 8)
+            if memory is not None:
+                spans = s.memory.stats.last_recalled
+                n = sum(b - a for a, b in spans)
+                assert spans[0][0] == seen and spans[-1][1] == seen + n <= seen + 96  # re-read first, in the reserve
+                assert np.isin(np.arange(start, end), s.memory.store.copy_of).all()  # the whole needle re-read
+                assert s.memory.stats.tokens_stored == s.stats.tokens_seen - n
+    assert not exact_match(answers[False], "48213") and exact_match(answers[True], "48213"), answers
+
+
+def test_memory_is_saved_with_the_session(default_model, filler, tmp_path):
+    memory = MemoryConfig(window=48, reserve=96)
+    with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2, memory=memory) as s:
+        stream_with_needle(s, filler)
+        s.save(tmp_path / "s.npz")
+        ids, indices = s.memory.store.arrays()
+        reply = ask(s, QUESTION, 8)
+    with StreamSession.restore(tmp_path / "s.npz", default_model, n_threads=2) as r:
+        assert r.memory is not None and r.memory.config == memory
+        assert [a.tolist() for a in r.memory.store.arrays()] == [ids.tolist(), indices.tolist()]
+        assert ask(r, QUESTION, 8) == reply
+    with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2) as plain:
+        with pytest.raises(ValueError, match="memory"):
+            plain.load(tmp_path / "s.npz")
+    with pytest.raises(ValueError, match="needs no memory"):
+        StreamSession(default_model, "full", budget=256, memory=True)
+
+
+def test_attention_probe_puts_the_cache_back(default_model, filler):
+    """The attention ranking re-reads its shortlist and the query into the cache, reads the query's
+    attention, and puts llama.cpp's cells back exactly; it only reorders the lexical ranking."""
+    with StreamSession(default_model, "streaming-llm", budget=256, chunk=96, n_threads=2,
+                       memory=MemoryConfig(ranking="attention", window=48, reserve=96)) as s:
+        stream_with_needle(s, filler)
+        query = s.model.tokenize(QUESTION, add_special=False)
+        order, starts, _ = s.memory.rank(s.cache, query)
+        ids, _ = s.memory.store.arrays()
+        cells, logits = s.runtime._get_cells(), s.runtime.logits()
+        reranked = s.memory._rerank_by_attention(s.cache, order, starts, ids, query, len(query), s.chunk)
+        assert np.array_equal(s.runtime._get_cells(), cells) and np.array_equal(s.runtime.logits(), logits)
+        assert sorted(reranked.tolist()) == sorted(order.tolist()) and reranked.tolist() != order.tolist()
+        assert s.cache.n_cached == s.runtime.n_cached() == 256
