@@ -11,7 +11,7 @@ from typing import Callable, Optional, TextIO
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_policy_options
+from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_memory_options, with_policy_options
 
 HELP = """\
 /image PATH                 show the model an image (a user turn of its own)
@@ -177,6 +177,7 @@ def read_lines(interactive: bool):
 @app.command()
 @with_policy_options(sweep=False)
 @with_backend_options
+@with_memory_options(default="lexical")
 def chat(
     model: Optional[Path] = MODEL_ARG,
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="vision projector GGUF (mmproj) for /image and /video"),
@@ -193,6 +194,7 @@ def chat(
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
     backend: dict = None,
+    memory=None,
 ) -> None:
     """Chat with a model whose KV cache never exceeds --budget cells. On a terminal: a prompt, replies streamed
     as sampled; otherwise each stdin line is one user turn and each reply is printed. /help lists commands."""
@@ -205,7 +207,7 @@ def chat(
     try:
         session = StreamSession(model, policy, mmproj=mmproj, chunk=chunk, flash_attn=flash_attn, seed=seed,
                                 cache_type_k=backend["cache_type_k"], cache_type_v=backend["cache_type_v"],
-                                **hardware, **policy_options)
+                                memory=memory if policy != "full" else None, **hardware, **policy_options)
         session.chat_template()  # a model without one cannot chat: say so before the first turn
     except (ModelError, ProjectorError, UnpatchedLlamaError, ValueError) as exc:
         fail(str(exc))

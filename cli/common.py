@@ -111,3 +111,46 @@ def with_backend_options(command: Callable) -> Callable:
 
     wrapper.__signature__ = signature.replace(parameters=params)
     return wrapper
+
+
+MEMORY_HELP = ("the memory tier beyond the budget: off, or how each prompt ranks the stream's past (lexical: BM25; "
+               "attention: BM25 reranked by the prompt's attention); what ranks best is re-read before the prompt")
+
+
+def memory_config(ranking: str, reserve: int = 0, cap: int = 4_000_000):
+    """The MemoryConfig of `--memory RANKING` (None for off), or exit 2 with the reason."""
+    from infmllm_gguf.memory import MemoryConfig
+
+    if ranking == "off":
+        return None
+    try:
+        return MemoryConfig(ranking=ranking, reserve=reserve, cap=cap)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def with_memory_options(default: str) -> Callable:
+    """Give a command `--memory`, `--memory-reserve` and `--memory-cap`; it receives `memory`: a
+    MemoryConfig or None."""
+    extra = [
+        ("memory_ranking", str, typer.Option(default, "--memory", help=MEMORY_HELP)),
+        ("memory_reserve", int, typer.Option(0, "--memory-reserve", min=0,
+                                             help="cells of the budget that re-read text may take (0: a quarter)")),
+        ("memory_cap", int, typer.Option(4_000_000, "--memory-cap", min=2,
+                                         help="stream tokens the memory keeps (12 bytes each); the oldest go first")),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        params = [p for name, p in signature.parameters.items() if name != "memory"]
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=option)
+                   for name, kind, option in extra]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            ranking, reserve, cap = (kwargs.pop(name) for name, _, _ in extra)
+            return command(**kwargs, memory=memory_config(ranking, reserve, cap))
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        return wrapper
+    return decorate

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_policy_options
+from .common import MEMORY_HELP, MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, memory_config, split, with_policy_options
 
 ALL_POLICIES = "inf-mllm,h2o,streaming-llm,recent-only,context-shift,full"
 FILLER_HELP = "filler text: shakespeare, kjv (`make data`), or a UTF-8 text file"
@@ -25,16 +25,6 @@ def filler_path(filler: str) -> Path:
 
 def checkpoint_name(label: str) -> str:
     return "-".join(part.replace(" ", "") for part in label.split(", ")) + ".npz"
-
-
-def memory_configs(memory: str) -> list:
-    """The memory settings a `--memory` list names: None for off, else a MemoryConfig."""
-    from infmllm_gguf.memory import MemoryConfig
-
-    try:
-        return [None if name == "off" else MemoryConfig(ranking=name) for name in split(memory, str, "--memory")]
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def run_key(policy: dict, cache_type_k: str, memory: Optional[dict]) -> str:
@@ -80,8 +70,8 @@ def recall(
     seed: int = typer.Option(0, "--seed", help="draws the needles and the filler's offset"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens decoded per step"),
     answer_tokens: int = typer.Option(8, "--answer-tokens", min=1, help="greedy tokens per answer"),
-    memory: str = typer.Option("off", "--memory", help="the memory tier, comma-separated to compare: off, or its "
-                               "ranking (lexical, attention); full runs without"),
+    memory: str = typer.Option("off", "--memory", help=MEMORY_HELP + "; comma-separated values compare them "
+                               "(full runs without)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs with every answer; rerunning with "
                                             "the same file skips the runs it holds"),
     png: Optional[Path] = typer.Option(None, "--png", help="heatmap of accuracy: distance x policy and budget"),
@@ -109,7 +99,7 @@ def recall(
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
     asked = split(distances, int, "--distances")
-    memories = memory_configs(memory)
+    memories = [memory_config(name) for name in split(memory, str, "--memory")]
     m = load_model(model, n_gpu_layers)
     offset = int(1 + seed * 7919 % 50_000)  # where the filler starts in the text, from the seed
     try:

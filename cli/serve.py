@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_policy_options
+from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_memory_options,
+                     with_policy_options)
 
 
 @app.command()
 @with_policy_options(sweep=False)
 @with_backend_options
+@with_memory_options(default="lexical")
 def serve(
     model: Optional[Path] = MODEL_ARG,
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (127.0.0.1: this machine only)"),
@@ -34,6 +36,7 @@ def serve(
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
     backend: dict = None,
+    memory=None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with a
     web page at /. Each conversation streams through a cache of --budget cells: any length continues, and a
@@ -51,7 +54,7 @@ def serve(
     try:
         settings = SessionSettings(make_policy(policy, **policy_options), chunk=chunk, n_threads=threads,
                                    flash_attn=flash_attn, mmproj=mmproj, cache_type_k=backend["cache_type_k"],
-                                   cache_type_v=backend["cache_type_v"])
+                                   cache_type_v=backend["cache_type_v"], memory=memory if policy != "full" else None)
         loaded = Model(model, n_gpu_layers=n_gpu_layers, rpc=backend["rpc"])
         store = ConversationStore(loaded, settings, max_sessions=max_sessions,
                                   state_dir=state_dir or cache_dir() / "sessions", parallel=parallel, queue=queue)

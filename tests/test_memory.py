@@ -98,6 +98,7 @@ def test_memory_settings_are_checked():
         Memory(MemoryConfig(reserve=300), budget=512)
     with pytest.raises(ValueError, match="hold a block"):
         Memory(MemoryConfig(window=64), budget=128)  # reserve 32 < one block
+    assert Memory(MemoryConfig(), budget=96).window == 24 and Memory(MemoryConfig(), budget=1024).window == 64
 
 
 @pytest.mark.parametrize("policy", ["streaming-llm", "inf-mllm", "h2o", "context-shift", "recent-only"])
@@ -113,6 +114,18 @@ def test_make_room_leaves_room_with_the_policy_and_no_eviction_after(tiny_llama,
         cache.feed([20 + i % 50 for i in range(48)], 16)
         assert cache.stats.evictions == evictions and cache.n_cached <= 128
         assert cache.policy.budget == 128
+
+
+def test_memory_changes_nothing_until_a_prompt(tiny_llama):
+    """A stream without prompts (perplexity) reads the same with memory on: it only records."""
+    tokens = [10 + (7 * i) % 90 for i in range(700)]
+    nll = {}
+    for memory in (None, MemoryConfig(reserve=32)):
+        with StreamSession(tiny_llama, "inf-mllm", budget=128, chunk=32, n_threads=2, memory=memory) as s:
+            nll[memory is None] = s.token_nll(tokens)
+            if memory is not None:
+                assert s.memory.stats.tokens_stored == len(tokens) and s.memory.stats.prompts == 0
+    np.testing.assert_array_equal(nll[True], nll[False])
 
 
 NEEDLE = " The pass key of the amber lantern is 48213. Remember it."

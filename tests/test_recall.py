@@ -133,13 +133,17 @@ def test_chat_recall_asks_every_fact_after_each_probe(default_model, tmp_path):
 def test_recall_command(cli, tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     args = ("recall", "--policy", "streaming-llm,full", "--budget", "128", "--distances", "64,600", "--trials", "2",
-            "--spacing", "128", "--chunk", "64", "--threads", "2", "--json", out)
+            "--spacing", "128", "--chunk", "64", "--threads", "2", "--memory", "off,lexical", "--json", out)
     proc = cli(*args, "--png", png)
-    assert "streaming-llm, budget 128" in proc.stdout and png.stat().st_size > 0
+    assert "streaming-llm, budget 128, memory lexical" in proc.stdout and png.stat().st_size > 0
     runs = json.loads(out.read_text())["runs"]
-    assert [r["policy"]["name"] for r in runs] == ["streaming-llm", "full"]
+    assert [(r["policy"]["name"], (r["memory"] or {}).get("ranking")) for r in runs] == \
+        [("streaming-llm", None), ("streaming-llm", "lexical"), ("full", None)]
+    assert runs[1]["tokens_recalled"] > 0 and runs[0]["tokens_recalled"] == 0
     assert all(len(r["answers"]) == 4 for r in runs)
     again = cli(*args)
     assert "in " in again.stderr and "already" in again.stderr
+    bad = cli("recall", "--memory", "psychic", check=False)
+    assert bad.returncode == 2 and "memory ranking" in bad.stderr
     bad = cli("recall", "--distances", "4", "--policy", "full", check=False)
     assert bad.returncode == 2 and "needle's length" in bad.stderr

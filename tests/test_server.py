@@ -355,7 +355,8 @@ def test_a_client_that_leaves_mid_stream_leaves_the_conversation_whole(tmp_path)
         assert view["messages"] == 2 and view["tokens_seen"] <= 14 + 120  # the user turn and its reply so far
         status, r2, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Go on."}],
                                                               "max_tokens": 4}, headers={"X-Session-Id": "leaver"})
-        assert status == 200 and r2["cache"]["tokens_seen"] == view["tokens_seen"] + r2["usage"]["total_tokens"]
+        recalled = server.get("/v1/sessions/leaver")[1]["memory"]["tokens_recalled"] - view["memory"]["tokens_recalled"]
+        assert status == 200 and r2["cache"]["tokens_seen"] == view["tokens_seen"] + r2["usage"]["total_tokens"] + recalled
 
 
 def browser():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -33,21 +33,20 @@ RANKINGS = ("lexical", "attention")
 @dataclass(frozen=True)
 class MemoryConfig:
     """How the memory ranks and re-reads. `reserve`: cells of the budget that re-read blocks may
-    take at one prompt (0: a quarter of the budget); `window`: tokens a block holds (blocks start
-    every half window); `cap`: tokens kept at most (the oldest go first beyond it)."""
+    take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
+    every half window (0: 64, or the reserve if smaller); `cap`: tokens kept at most (the oldest go
+    first beyond it)."""
     ranking: str = "lexical"
     reserve: int = 0
-    window: int = 64
+    window: int = 0
     cap: int = 4_000_000
-
-    KEYS: ClassVar[tuple[str, ...]] = ("ranking", "reserve", "window", "cap")
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
             raise ValueError(f"unknown memory ranking {self.ranking!r}: pass --memory-ranking {' or '.join(RANKINGS)}")
-        if self.window < 2:
-            raise ValueError(f"a memory block must hold at least 2 tokens (got --memory-window {self.window})")
-        if self.reserve < 0 or self.cap < self.window:
+        if self.window == 1 or self.window < 0:
+            raise ValueError(f"a memory block must hold at least 2 tokens (got window {self.window})")
+        if self.reserve < 0 or self.cap < max(self.window, 2):
             raise ValueError(f"the memory reserve ({self.reserve}) must be >= 0 and its cap ({self.cap}) at least a "
                              f"block ({self.window} tokens)")
 
@@ -152,9 +151,11 @@ class Memory:
     def __init__(self, config: MemoryConfig, budget: int):
         self.config = config
         self.reserve = config.reserve_for(budget)
-        if not config.window <= self.reserve <= budget // 2:
-            raise ValueError(f"the memory reserve ({self.reserve} cells) must hold a block ({config.window} tokens) "
-                             f"and at most half the budget ({budget // 2}): pass --memory-reserve or --memory-window")
+        self.window = config.window or min(64, self.reserve)
+        if not 2 <= self.window <= self.reserve <= budget // 2:
+            raise ValueError(f"the memory reserve ({self.reserve} cells) must hold a block ({self.window} tokens) "
+                             f"and at most half the budget ({budget // 2}): pass another --memory-reserve, a larger "
+                             "--budget, or --memory off")
         self.store = TokenStore(config.cap)
         self._stats = MemoryStats()
         self._rereading: np.ndarray | None = None  # the stream indices being re-read now
@@ -186,7 +187,7 @@ class Memory:
         A block qualifies when the cache holds less than half of it and it shares at least two
         distinct tokens with the query (one if the query has one), with a positive score."""
         ids, indices = self.store.arrays()
-        window = self.config.window
+        window = self.window
         starts = block_starts(ids.size, window)
         held = self.store.held(indices, np.unique(cache.held_by_layer))
         count = np.concatenate(([0], np.cumsum(held)))
@@ -212,7 +213,7 @@ class Memory:
         order, starts, _ = self.rank(cache, query)
         if order.size and self.config.ranking == "attention":
             order = self._rerank_by_attention(cache, order, starts, ids, query, n_prompt, chunk)
-        spans = choose(order, starts, self.config.window, ids.size, room)
+        spans = choose(order, starts, self.window, ids.size, room)
         n = sum(b - a for a, b in spans)
         if n:
             cache.make_room(n + n_prompt)
@@ -237,7 +238,7 @@ class Memory:
         over layers, heads and queries); the cache is put back as it was. Blocks beyond the
         shortlist keep their lexical order after it."""
         runtime = cache.runtime
-        window = self.config.window
+        window = self.window
         free = runtime.n_ctx - runtime.n_cached() - len(query)
         spans = choose(order, starts, window, ids.size, free)
         if not spans:

@@ -37,6 +37,8 @@ class Metrics:
     evictions: int = 0
     cells_evicted: int = 0
     refused: int = 0
+    tokens_recalled: int = 0   # re-read from the memory tier before prompts
+    recall_s: float = 0.0
 
     def count(self, route: str) -> None:
         self.requests[route] = self.requests.get(route, 0) + 1
@@ -104,6 +106,22 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         return {"cells_cached": st.cells_cached, "budget": session.policy.budget, "tokens_seen": st.tokens_seen,
                 "cells_evicted": st.cells_evicted}
 
+    def memory_counters(session: StreamSession) -> tuple[int, float]:
+        """Tokens the memory re-read and its seconds so far (zeros without a memory)."""
+        if session.memory is None:
+            return 0, 0.0
+        st = session.memory.stats
+        return st.tokens_recalled, st.recall_s
+
+    def memory_of(session: StreamSession) -> dict | None:
+        """What the session view shows of the memory: its size and the text re-read at the last prompt."""
+        if session.memory is None:
+            return None
+        st = session.memory.stats
+        return {"ranking": session.memory.config.ranking, "tokens_stored": st.tokens_stored,
+                "host_bytes": st.host_bytes, "tokens_recalled": st.tokens_recalled, "recall_s": round(st.recall_s, 3),
+                "last_recalled": st.last_recalled}
+
     # -- the work of one request, in a worker thread ----------------------------------------
     def run_turns(conv: Conversation, turns: list[Turn], held: int, body, emit: Callable[[str], None],
                   cancelled: threading.Event) -> dict:
@@ -112,6 +130,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         session = store.live(conv)
         st = session.stats
         before, evictions_before, evicted_before = st.tokens_seen, st.evictions, st.cells_evicted
+        memory_before = memory_counters(session)
         completion = isinstance(body, CompletionRequest)
         rng = np.random.default_rng(body.seed) if body.seed is not None else session.rng
         sampler = make_sampler(body.temperature, body.top_p, rng)
@@ -149,12 +168,16 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         else:
             fed = turns[held:] + [Turn("assistant", text)]
             store.record(conv, chain(fed, start=conv.digest)[-1], conv.n_messages + len(fed))
-        usage = {"prompt_tokens": st.tokens_seen - before - reply.n_tokens, "completion_tokens": reply.n_tokens}
+        recalled, recall_s = (after - b for after, b in zip(memory_counters(session), memory_before))
+        usage = {"prompt_tokens": st.tokens_seen - before - reply.n_tokens - recalled,
+                 "completion_tokens": reply.n_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         metrics.tokens_in += usage["prompt_tokens"]
         metrics.tokens_out += usage["completion_tokens"]
         metrics.evictions += st.evictions - evictions_before
         metrics.cells_evicted += st.cells_evicted - evicted_before
+        metrics.tokens_recalled += recalled
+        metrics.recall_s += recall_s
         return {"text": text, "finish_reason": reply.finish_reason, "usage": usage, "cache": cache_of(session),
                 "logprobs": recorder.content if recorder else None, "session_id": conv.id}
 
@@ -299,7 +322,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         st = session.stats
         return {"id": conv.id, "live": True, "messages": conv.n_messages, **cache_of(session),
                 "evictions": st.evictions, "image_tokens_seen": st.image_tokens_seen,
-                "view": session.recent_view()}
+                "memory": memory_of(session), "view": session.recent_view()}
 
     @app.get("/health")
     async def health():
@@ -325,6 +348,9 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                 ("infmllm_tokens_out_total", "counter", metrics.tokens_out),
                 ("infmllm_evictions_total", "counter", metrics.evictions),
                 ("infmllm_cells_evicted_total", "counter", metrics.cells_evicted),
+                ("infmllm_memory_tokens_recalled_total", "counter", metrics.tokens_recalled),
+                ("infmllm_memory_recall_seconds_total", "counter", round(metrics.recall_s, 6)),
+                ("infmllm_memory_tokens_stored", "gauge", st.get("memory_tokens", 0)),
                 ("infmllm_sessions_live", "gauge", st["sessions_live"]),
                 ("infmllm_sessions_on_disk", "gauge", st["sessions_on_disk"]),
                 ("infmllm_cells_cached", "gauge", st["cells_cached"]),

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..memory import MemoryConfig
 from ..policies import Policy
 from ..probes import rss_mib
 from ..runtime import Model
@@ -61,11 +62,12 @@ class SessionSettings:
     history: int = 4096  # stream tokens kept for the web page's view
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    memory: MemoryConfig | None = None
 
     def new_session(self, model: Model, *, history: int | None = None) -> StreamSession:
         return StreamSession(model, self.policy, chunk=self.chunk, n_threads=self.n_threads, flash_attn=self.flash_attn,
                              mmproj=self.mmproj, history=self.history if history is None else history,
-                             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v)
+                             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, memory=self.memory)
 
 
 class Busy(Exception):
@@ -245,4 +247,5 @@ class ConversationStore:
                                                                      for c in convs),
                 "cells_cached": sum(s.stats.cells_cached for s in live),
                 "cells_evicted": sum(s.stats.cells_evicted for s in live),
-                "evictions": sum(s.stats.evictions for s in live), "saves": self.saves, "restores": self.restores}
+                "evictions": sum(s.stats.evictions for s in live), "saves": self.saves, "restores": self.restores,
+                "memory_tokens": sum(s.memory.stats.tokens_stored for s in live if s.memory is not None)}
