@@ -9,7 +9,7 @@ import typer
 
 from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_backend_options, with_policy_options
 
-PARTS = ("capture", "stream", "kv", "rpc")
+PARTS = ("capture", "stream", "kv", "rpc", "memory")
 
 #: what the project promises (docs/PERFORMANCE.md): figure -> (comparison, limit)
 TARGETS = {
@@ -21,6 +21,8 @@ TARGETS = {
     "inf-mllm / h2o tokens/s": (">=", 2.0),
     "streaming-llm / plain llama.cpp tokens/s": (">=", 0.97),
     "inf-mllm / plain llama.cpp tokens/s": (">=", 0.95),
+    "memory on / off tokens/s": (">=", 0.9),
+    "first answer token, memory on / off": ("<=", 2.0),
 }
 
 
@@ -70,6 +72,10 @@ def bench(
     kv_budget: int = typer.Option(1024, "--kv-budget", min=1, help="kv: the default policy's budget"),
     kv_tokens: int = typer.Option(20000, "--kv-tokens", min=2, help="kv: tokens of the perplexity stream"),
     rpc_servers: int = typer.Option(2, "--rpc-servers", min=1, help="rpc: local rpc-servers to start"),
+    memory_tokens: int = typer.Option(200_000, "--memory-tokens", min=1000,
+                                      help="memory: tokens the memory holds at the questions"),
+    memory_ranking: str = typer.Option("lexical", "--memory-ranking", help="memory: lexical or attention"),
+    questions: int = typer.Option(10, "--questions", min=1, help="memory: questions asked, with and without it"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="capture: prompt length"),
     decode_tokens: int = typer.Option(256, "--decode-tokens", min=1, help="capture: decode steps"),
@@ -109,7 +115,7 @@ def bench(
             p.check_chunk(chunk)
         if synthetic is not None:
             model = cached_model(synthetic, synthetic_dtype)
-        capture = stream = kv = rpc = None
+        capture = stream = kv = rpc = memory = None
         if "capture" in parts:
             capture = b.capture_overhead(model, prompt_tokens=prompt_tokens, chunk=chunk, decode_tokens=decode_tokens,
                                          capture_queries=capture_queries, repeats=repeats, n_gpu_layers=n_gpu_layers,
@@ -130,9 +136,16 @@ def bench(
         if "rpc" in parts:
             rpc = b.rpc_bench(model, servers=rpc_servers, tokens=tokens, chunk=chunk, repeats=repeats, n_threads=threads)
             typer.echo(rpc.table())
+        if "memory" in parts:
+            from infmllm_gguf.memory.cost import memory_cost
+
+            memory = memory_cost(model, budget=policy_options["budget"][0], tokens=tokens, memory_tokens=memory_tokens,
+                                 questions=questions, chunk=chunk, repeats=repeats, ranking=memory_ranking,
+                                 n_threads=threads)
+            typer.echo(memory.table())
     except (ModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc))
-    goals = against_targets(b.figures(capture, stream))
+    goals = against_targets(b.figures(capture, stream, memory))
     typer.echo(targets_table(goals))
     if plot_out is not None:
         b.plot(stream, plot_out)
@@ -142,5 +155,6 @@ def bench(
             "stream": stream.to_json() if stream else None,
             "kv": kv.to_json() if kv else None,
             "rpc": rpc.to_json() if rpc else None,
+            "memory": memory.to_json() if memory else None,
             "targets": goals,
         }, indent=1))

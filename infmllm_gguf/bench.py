@@ -490,9 +490,10 @@ def plot(stream: StreamBench, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def figures(capture: CaptureOverhead | None, stream: StreamBench | None) -> list[dict]:
+def figures(capture: CaptureOverhead | None, stream: StreamBench | None, memory=None) -> list[dict]:
     """The measured medians that the benchmark's targets are about: {"figure", "run", "policy",
-    "budget", "value"} (run, policy and budget None for the capture figures)."""
+    "budget", "value"} (run, policy and budget None for the capture figures); `memory`: a
+    `memory.cost.MemoryCost`."""
     out = []
 
     def add(figure: str, value: float | None, run: str | None = None, config: dict | None = None) -> None:
@@ -518,6 +519,10 @@ def figures(capture: CaptureOverhead | None, stream: StreamBench | None) -> list
             if r["policy"] in BASELINE_TARGETS:
                 add(f"{r['policy']} / {PLAIN} tokens/s", r["over_plain"].median, r["run"],
                     {"name": r["policy"], "budget": r["budget"]})
+    if memory is not None:
+        run = f"{memory.policy['name']} {memory.policy['budget']}, {memory.memory_tokens} tokens in memory"
+        add("memory on / off tokens/s", memory.speed_ratio.median, run, memory.policy)
+        add("first answer token, memory on / off", memory.first_token_ratio.median, run, memory.policy)
     return out
 
 
