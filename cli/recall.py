@@ -157,6 +157,7 @@ def recall_chat(
                                help="rounds after which every fact is asked"),
     seed: int = typer.Option(0, "--seed"),
     chunk: int = typer.Option(256, "--chunk", min=1),
+    memory: str = typer.Option("off", "--memory", help=MEMORY_HELP + "; comma-separated values compare them"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs; rerunning skips the runs it holds"),
     png: Optional[Path] = typer.Option(None, "--png", help="facts recalled against rounds, one line per run"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir"),
@@ -179,18 +180,20 @@ def recall_chat(
         plan = make_chat_plan(path, rounds=rounds, facts=facts, probes=split(probes, int, "--probes"), seed=seed)
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
+    memories = [memory_config(name) for name in split(memory, str, "--memory")]
     m = load_model(model, n_gpu_layers)
     if m.chat_template() is None:
         fail(f"{m.name} has no chat template: the chat variant needs an instruct model")
     key = {"model": m.name, "plan": plan.config}
     runs = earlier_runs(json_out, key, ChatRecallRun.from_json)
-    done = {json.dumps(r.policy, sort_keys=True) for r in runs}
+    done = {run_key(r.policy, "f16", r.memory) for r in runs}
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for p in grid:
-        if json.dumps(p.config(), sort_keys=True) in done:
+    for p, mem in ((p, mem) for p in grid for mem in (memories if p.name != "full" else [None])):
+        label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
+        if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
             continue
-        bar = tqdm(total=max(plan.probes), unit="round", desc=p.label(), dynamic_ncols=True)
+        bar = tqdm(total=max(plan.probes), unit="round", desc=label, dynamic_ncols=True)
 
         def progress(run, bar=bar):
             bar.update(run.rounds_done - bar.n)
@@ -199,8 +202,8 @@ def recall_chat(
 
         try:
             run = run_chat_recall(plan, model=m, policy=p, chunk=chunk, progress=progress, n_threads=threads,
-                                  checkpoint=None if checkpoint_dir is None
-                                  else checkpoint_dir / ("chat-" + checkpoint_name(p.label())))
+                                  memory=mem, checkpoint=None if checkpoint_dir is None
+                                  else checkpoint_dir / ("chat-" + checkpoint_name(label)))
         except (ValueError, RuntimeError, OSError) as exc:
             bar.close()
             fail(str(exc))

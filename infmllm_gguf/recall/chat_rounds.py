@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..memory import MemoryConfig
 from ..perplexity import text_blocks
 from ..policies import DEFAULT_POLICY, Policy, from_config
 from ..runtime import Model
@@ -91,9 +92,10 @@ class ChatRecallRun:
     rounds_done: int = 0
     seconds: float = 0.0
     answers: list[ChatAnswer] = field(default_factory=list)
+    memory: dict | None = None  # MemoryConfig.config(); None: off
 
     def label(self) -> str:
-        return from_config(self.policy).label()
+        return from_config(self.policy).label() + ("" if self.memory is None else f", memory {self.memory['ranking']}")
 
     def accuracy(self) -> dict[int, tuple[int, int]]:
         """{probe round: (correct, facts asked)}."""
@@ -121,13 +123,16 @@ def run_chat_recall(plan: ChatPlan, *, model: Model | str | os.PathLike | None =
                     policy: Policy | str = DEFAULT_POLICY, chunk: int = 256, answer_tokens: int = 8,
                     checkpoint: str | os.PathLike | None = None,
                     progress: Callable[[ChatRecallRun], None] | None = None, n_gpu_layers: int = -1,
-                    n_threads: int | None = None, **policy_options) -> ChatRecallRun:
+                    n_threads: int | None = None, memory: MemoryConfig | None = None,
+                    **policy_options) -> ChatRecallRun:
     """Play the conversation through `policy`, asking every fact after each probe round;
-    `checkpoint` as in `run_recall` (saved after every probe)."""
-    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+    `checkpoint` as in `run_recall` (saved after every probe). With a `memory`, every user turn
+    (each round's and each question's) re-reads what it ranks best."""
+    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads, memory=memory,
                        **policy_options) as session:
         session.chat_template()  # a model without one fails here
-        run = ChatRecallRun(policy=session.policy.config(), chunk=chunk, plan=plan.config)
+        run = ChatRecallRun(policy=session.policy.config(), chunk=chunk, plan=plan.config,
+                            memory=None if memory is None else memory.config())
         if checkpoint is not None and Path(checkpoint).exists():
             saved = ChatRecallRun.from_json(session.load(checkpoint)["run"])
             if saved.plan != plan.config:
