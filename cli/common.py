@@ -90,28 +90,38 @@ def with_backend_options(command: Callable) -> Callable:
                                             help="put the model's layers on these rpc-servers (`infmllm-gguf "
                                                  "rpc-server` starts one)")),
     ]
+
+    def backend(given: dict, kwargs: dict) -> dict:
+        from infmllm_gguf.runtime import check_cache_types, parse_endpoint
+
+        given["rpc"] = tuple(e.strip() for e in (given["rpc"] or "").split(",") if e.strip())
+        try:
+            check_cache_types(given["cache_type_k"], given["cache_type_v"], kwargs.get("flash_attn"))
+            for endpoint in given["rpc"]:
+                parse_endpoint(endpoint)
+        except ValueError as exc:
+            fail(str(exc))
+        return given
+
+    return with_extra_options(command, extra, "backend", backend)
+
+
+def with_extra_options(command: Callable, extra: list[tuple[str, Any, Any]], receive_as: str,
+                       make: Callable[[dict, dict], Any]) -> Callable:
+    """`command` with the keyword options `extra` ((name, type, typer.Option) each) added to its
+    signature; it receives them as one argument `receive_as`: `make(given, other_kwargs)`."""
     signature = inspect.signature(command)
-    params = [p for name, p in signature.parameters.items() if name != "backend"]
+    params = [p for name, p in signature.parameters.items() if name != receive_as]
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
                for name, kind, default in extra]
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        from infmllm_gguf.runtime import check_cache_types, parse_endpoint
-
-        backend = {name: kwargs.pop(name) for name, _, _ in extra}
-        backend["rpc"] = tuple(e.strip() for e in (backend["rpc"] or "").split(",") if e.strip())
-        try:
-            check_cache_types(backend["cache_type_k"], backend["cache_type_v"], kwargs.get("flash_attn"))
-            for endpoint in backend["rpc"]:
-                parse_endpoint(endpoint)
-        except ValueError as exc:
-            fail(str(exc))
-        return command(**kwargs, backend=backend)
+        given = {name: kwargs.pop(name) for name, _, _ in extra}
+        return command(**kwargs, **{receive_as: make(given, kwargs)})
 
     wrapper.__signature__ = signature.replace(parameters=params)
     return wrapper
-
 
 MEMORY_HELP = ("the memory tier beyond the budget: off, or how each prompt ranks the stream's past (lexical: BM25; "
                "attention: BM25 reranked by the prompt's attention); what ranks best is re-read before the prompt")
@@ -140,17 +150,7 @@ def with_memory_options(default: str) -> Callable:
                                          help="stream tokens the memory keeps (12 bytes each); the oldest go first")),
     ]
 
-    def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command)
-        params = [p for name, p in signature.parameters.items() if name != "memory"]
-        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=option)
-                   for name, kind, option in extra]
+    def memory(given: dict, kwargs: dict):
+        return memory_config(given["memory_ranking"], given["memory_reserve"], given["memory_cap"])
 
-        @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
-            ranking, reserve, cap = (kwargs.pop(name) for name, _, _ in extra)
-            return command(**kwargs, memory=memory_config(ranking, reserve, cap))
-
-        wrapper.__signature__ = signature.replace(parameters=params)
-        return wrapper
-    return decorate
+    return lambda command: with_extra_options(command, extra, "memory", memory)
