@@ -359,6 +359,36 @@ def test_a_client_that_leaves_mid_stream_leaves_the_conversation_whole(tmp_path)
         assert status == 200 and r2["cache"]["tokens_seen"] == view["tokens_seen"] + r2["usage"]["total_tokens"] + recalled
 
 
+@pytest.mark.usefixtures("default_model")
+def test_the_memory_re_reads_an_evicted_fact_and_says_so(tmp_path):
+    """A fact told in the first turn, evicted by long turns after it, is re-read before the
+    question that names it: the session view gives the re-read spans (the page marks them) and
+    /metrics counts them. Memory is the server's default."""
+    from infmllm_gguf.data import shakespeare_path
+
+    text = shakespeare_path().read_text(encoding="utf-8")[300_000:303_000]
+    turns = ["Remember this: the secret word of the amber lantern is falcon.",
+             *(text[i:i + 700] for i in range(0, 2100, 700)), "What is the secret word of the amber lantern?"]
+    with running(["--budget", "128", "--chunk", "32", *THREADS], tmp_path / "state") as server:
+        messages = []
+        for t in turns:
+            messages.append({"role": "user", "content": t})
+            status, r, _ = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 4},
+                                       headers={"X-Session-Id": "m"})
+            assert status == 200
+            messages.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        view = server.get("/v1/sessions/m")[1]
+        metrics = server.get("/metrics")[1]
+    memory = view["memory"]
+    assert memory["ranking"] == "lexical" and memory["tokens_stored"] > 600 and memory["last_recalled"]
+    reread = "".join(text for index, text, cached in view["view"]
+                     if any(a <= index < b for a, b in memory["last_recalled"]))
+    assert "falcon" in reread and "amber lantern" in reread
+    recalled = next(float(line.split()[1]) for line in metrics.splitlines()
+                    if line.startswith("infmllm_memory_tokens_recalled_total "))
+    assert recalled >= memory["tokens_recalled"] > 0
+
+
 def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
