@@ -200,3 +200,24 @@ def test_attention_probe_puts_the_cache_back(default_model, filler):
         assert np.array_equal(s.runtime._get_cells(), cells) and np.array_equal(s.runtime.logits(), logits)
         assert sorted(reranked.tolist()) == sorted(order.tolist()) and reranked.tolist() != order.tolist()
         assert s.cache.n_cached == s.runtime.n_cached() == 256
+
+
+@pytest.mark.parametrize("model, kv, ranking", [("tiny_gemma3", "f16", "attention"), ("default_model", "q8_0", "lexical"),
+                                               ("tiny_llama", "f16", "attention")])
+def test_recall_on_sliding_window_and_quantized_caches(request, model, kv, ranking):
+    """A run of rare tokens, evicted, is re-read when a prompt holds them: on an iSWA cache (one
+    decision per token) and a quantized one, with the cache in its budget and llama.cpp agreeing."""
+    path = request.getfixturevalue(model)
+    rare = [90, 91, 92, 93, 94, 95]
+    stream = [10 + (7 * i) % 60 for i in range(600)]
+    stream[100:106] = rare
+    with StreamSession(path, "streaming-llm", budget=128, chunk=32, n_threads=2, cache_type_k=kv,
+                       memory=MemoryConfig(ranking=ranking, reserve=32)) as s:
+        s.feed_tokens(stream)
+        assert not np.isin(np.arange(100, 106), s.cached_stream_indices()).any()
+        s.memory.recall(s.cache, rare[:4], 8, s.chunk)
+        (a, b), = s.memory.stats.last_recalled
+        assert np.isin(np.arange(100, 106), s.memory.store.copy_of).all()
+        assert s.cache.n_cached <= 128 - 8 and s.runtime.n_cached() >= s.cache.n_cached
+        s.feed_tokens([11] * 8)
+        assert s.cache.n_cached <= 128
