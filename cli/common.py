@@ -127,30 +127,35 @@ MEMORY_HELP = ("the memory tier beyond the budget: off, or how each prompt ranks
                "attention: BM25 reranked by the prompt's attention); what ranks best is re-read before the prompt")
 
 
-def memory_config(ranking: str, reserve: int = 0, cap: int = 4_000_000):
+def memory_config(ranking: str, reserve: int = 0, cap: int = 4_000_000, store: str = "ram",
+                  directory: Optional[str] = None):
     """The MemoryConfig of `--memory RANKING` (None for off), or exit 2 with the reason."""
     from infmllm_gguf.memory import MemoryConfig
 
     if ranking == "off":
         return None
     try:
-        return MemoryConfig(ranking=ranking, reserve=reserve, cap=cap)
+        return MemoryConfig(ranking=ranking, reserve=reserve, cap=cap, store=store, directory=directory)
     except ValueError as exc:
         fail(str(exc))
 
 
 def with_memory_options(default: str) -> Callable:
-    """Give a command `--memory`, `--memory-reserve` and `--memory-cap`; it receives `memory`: a
-    MemoryConfig or None."""
+    """Give a command `--memory`, `--memory-reserve`, `--memory-cap`, `--memory-store` and
+    `--memory-dir`; it receives `memory`: a MemoryConfig or None."""
     extra = [
         ("memory_ranking", str, typer.Option(default, "--memory", help=MEMORY_HELP)),
         ("memory_reserve", int, typer.Option(0, "--memory-reserve", min=0,
                                              help="cells of the budget that re-read text may take (0: a quarter)")),
         ("memory_cap", int, typer.Option(4_000_000, "--memory-cap", min=2,
-                                         help="stream tokens the memory keeps (12 bytes each); the oldest go first")),
+                                         help="stream tokens the memory keeps in RAM (12 bytes each); beyond, the "
+                                              "oldest go to disk (--memory-store disk) or are dropped")),
+        ("memory_store", str, typer.Option("ram", "--memory-store", help="ram, or disk: beyond --memory-cap, a file")),
+        ("memory_dir", Optional[str], typer.Option(None, "--memory-dir",
+                                                   help="where --memory-store disk writes (default <cache>/memory)")),
     ]
 
     def memory(given: dict, kwargs: dict):
-        return memory_config(given["memory_ranking"], given["memory_reserve"], given["memory_cap"])
+        return memory_config(*given.values())
 
     return lambda command: with_extra_options(command, extra, "memory", memory)

@@ -135,6 +135,8 @@ class StreamSession:
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
         if self.projector is not None:
             self.projector.close()
         if self.runtime is not None:
@@ -219,6 +221,8 @@ class StreamSession:
         continues exactly. `extra` is JSON-able data of the caller's (a run's progress), returned
         by `load`. The file is replaced atomically."""
         components = self._components()
+        if self.memory is not None:
+            self.memory.keep_file = True  # the save names it
         path = write_state(path, {"identity": self._identity(), "settings": self._settings(), "extra": extra or {}},
                            components)
         del components  # the copies go before the trim, or their pages stay

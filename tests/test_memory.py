@@ -91,9 +91,41 @@ def test_token_store_caps_and_tracks_copies():
         TokenStore.check_state(meta, arrays)
 
 
+def test_a_disk_store_keeps_what_ram_cannot_and_checks_its_file(tmp_path):
+    store = TokenStore(cap=100, spill=tmp_path / "m.tokens")
+    for i in range(0, 150, 30):
+        store.append(range(i, i + 30), np.arange(i, i + 30))
+    ids, indices = store.arrays()
+    assert ids.tolist() == list(range(150)) and indices.tolist() == list(range(150))
+    assert (store.spilled, store.in_ram, store.dropped) == (50, 100, 0)
+    assert (tmp_path / "m.tokens").stat().st_size == 50 * TokenStore.BYTES_PER_TOKEN
+    meta, arrays = store.state()
+    store.append(range(150, 200), np.arange(150, 200))
+    store.arrays()  # 100 more on disk: a rollback to `meta` cuts the file back
+    again = TokenStore(cap=100)
+    again.load_state(meta, arrays)
+    assert [a.tolist() for a in again.arrays()] == [list(range(150))] * 2
+    again.append(range(150, 160), np.arange(150, 160))
+    assert again.arrays()[0].tolist() == list(range(160)) and again.spilled == 60
+    with open(tmp_path / "m.tokens", "r+b") as f:  # an altered file: a warning, the RAM part goes on
+        f.write(b"\xff" * 12)
+    lost = TokenStore(cap=100)
+    with pytest.warns(UserWarning, match="does not hold what was saved"):
+        lost.load_state(meta, arrays)
+    assert lost.arrays()[0].tolist() == list(range(50, 150)) and lost.dropped == 50
+    (tmp_path / "file").write_text("")
+    full = TokenStore(cap=10, spill=tmp_path / "file" / "m.tokens")  # cannot be written: as a full disk
+    full.append(range(20), np.arange(20))
+    with pytest.warns(UserWarning, match="cannot write"):
+        full.arrays()
+    assert full.spill is None and full.dropped == 10 and full.arrays()[0].tolist() == list(range(10, 20))
+
+
 def test_memory_settings_are_checked():
     with pytest.raises(ValueError, match="ranking"):
         MemoryConfig(ranking="psychic")
+    with pytest.raises(ValueError, match="store"):
+        MemoryConfig(store="cloud")
     with pytest.raises(ValueError, match="half the budget"):
         Memory(MemoryConfig(reserve=300), budget=512)
     with pytest.raises(ValueError, match="hold a block"):
@@ -169,16 +201,32 @@ def test_memory_brings_an_evicted_needle_back(default_model, filler):
 
 
 def test_memory_is_saved_with_the_session(default_model, filler, tmp_path):
-    memory = MemoryConfig(window=48, reserve=96)
+    """A disk memory (most of it in the file, 500 tokens in RAM) saved and restored answers alike;
+    its file outlives the session that saved it, a session that did not save deletes its own, and
+    a restore whose file was lost warns and goes on with the RAM part."""
+    memory = MemoryConfig(window=48, reserve=96, cap=500, store="disk", directory=str(tmp_path / "memory"))
     with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2, memory=memory) as s:
         stream_with_needle(s, filler)
         s.save(tmp_path / "s.npz")
         ids, indices = s.memory.store.arrays()
+        assert s.memory.stats.tokens_on_disk == ids.size - 500 > 1000
         reply = ask(s, QUESTION, 8)
     with StreamSession.restore(tmp_path / "s.npz", default_model, n_threads=2) as r:
         assert r.memory is not None and r.memory.config == memory
         assert [a.tolist() for a in r.memory.store.arrays()] == [ids.tolist(), indices.tolist()]
         assert ask(r, QUESTION, 8) == reply
+    files = list((tmp_path / "memory").iterdir())
+    assert len(files) == 1  # the saved one; the restored session's own was never written
+    with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2, memory=memory) as other:
+        stream_with_needle(other, filler)
+        assert len(list((tmp_path / "memory").iterdir())) == 2
+    assert list((tmp_path / "memory").iterdir()) == files  # not saved: deleted with its session
+    files[0].unlink()
+    with pytest.warns(UserWarning, match="does not hold what was saved"):
+        lost = StreamSession.restore(tmp_path / "s.npz", default_model, n_threads=2)
+    with lost:
+        assert lost.memory.stats.tokens_stored == 500
+        ask(lost, QUESTION, 8)  # goes on
     with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2) as plain:
         with pytest.raises(ValueError, match="memory"):
             plain.load(tmp_path / "s.npz")

@@ -1,6 +1,7 @@
 """The memory tier beyond the budget: the stream's evicted text comes back when a prompt needs it."""
-from .ranking import attention_mass, block_starts, bm25, choose
-from .tier import RANKINGS, Memory, MemoryConfig, MemoryStats, TokenStore
+from .ranking import block_starts, bm25, choose
+from .store import TokenStore
+from .tier import RANKINGS, STORES, Memory, MemoryConfig, MemoryStats
 
-__all__ = ["RANKINGS", "Memory", "MemoryConfig", "MemoryStats", "TokenStore", "attention_mass", "block_starts",
-           "bm25", "choose"]
+__all__ = ["RANKINGS", "STORES", "Memory", "MemoryConfig", "MemoryStats", "TokenStore", "block_starts", "bm25",
+           "choose"]

@@ -9,8 +9,7 @@ rankings (docs/METHOD.md, "Memory beyond the budget"):
   and a block share (a name, a label) weigh most.
 - `attention`: the lexical shortlist re-read into the cache, then ranked by the attention the
   prompt's own queries give each block (the paper's retrieval window), as InfLLM ranks its blocks
-  by the current queries (Xiao et al., "InfLLM", 2024); `attention_mass` here, the re-reading in
-  `Memory`.
+  by the current queries (Xiao et al., "InfLLM", 2024); the re-reading is `Memory`'s.
 """
 from __future__ import annotations
 
@@ -55,14 +54,6 @@ def bm25(tokens: np.ndarray, starts: np.ndarray, window: int, query: np.ndarray)
     idf = np.log1p((n_blocks - df + 0.5) / (df + 0.5))
     score = (tf * (K1 + 1) / (tf + norm[:, None]) * idf).sum(axis=1)
     return score, np.count_nonzero(tf, axis=1)
-
-
-def attention_mass(scores: np.ndarray, positions: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """The attention each re-read span got from the prompt's captured queries: `scores` [n_layer, n]
-    over the cells at `positions`, summed over layers and over the span's cells at positions
-    [a, b) (float64[len(spans)])."""
-    total = np.asarray(scores, dtype=np.float64).sum(axis=0)
-    return np.array([total[(positions >= a) & (positions < b)].sum() for a, b in spans])
 
 
 def choose(order: np.ndarray, starts: np.ndarray, window: int, n_tokens: int, room: int) -> list[tuple[int, int]]:

@@ -17,33 +17,42 @@ not ids): a recalled passage comes back as text only.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .ranking import block_starts, bm25, choose
+from .store import TokenStore
 
 if TYPE_CHECKING:
     from ..cache import CacheController
 
 RANKINGS = ("lexical", "attention")
+STORES = ("ram", "disk")
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """How the memory ranks and re-reads. `reserve`: cells of the budget that re-read blocks may
     take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
-    every half window (0: 64, or the reserve if smaller); `cap`: tokens kept at most (the oldest go
-    first beyond it)."""
+    every half window (0: 64, or the reserve if smaller); `cap`: tokens kept in RAM (12 bytes
+    each), the oldest beyond it dropped (`store` "ram") or appended to a file in `directory`
+    (`store` "disk"; default: <cache>/memory), deleted with the session unless a save names it."""
     ranking: str = "lexical"
     reserve: int = 0
     window: int = 0
     cap: int = 4_000_000
+    store: str = "ram"
+    directory: str | None = None
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
             raise ValueError(f"unknown memory ranking {self.ranking!r}: pass --memory-ranking {' or '.join(RANKINGS)}")
+        if self.store not in STORES:
+            raise ValueError(f"unknown memory store {self.store!r}: pass --memory-store {' or '.join(STORES)}")
         if self.window == 1 or self.window < 0:
             raise ValueError(f"a memory block must hold at least 2 tokens (got window {self.window})")
         if self.reserve < 0 or self.cap < max(self.window, 2):
@@ -59,8 +68,9 @@ class MemoryConfig:
 
 @dataclass
 class MemoryStats:
-    tokens_stored: int = 0      # held now
-    tokens_dropped: int = 0     # the oldest, beyond the cap
+    tokens_stored: int = 0      # held now, in RAM and on disk
+    tokens_on_disk: int = 0
+    tokens_dropped: int = 0     # the oldest, beyond the cap (or a failed disk)
     prompts: int = 0            # prompts that ranked the memory
     tokens_recalled: int = 0    # re-read, all prompts together
     spans_recalled: int = 0
@@ -70,78 +80,8 @@ class MemoryStats:
 
     @property
     def host_bytes(self) -> int:
-        return self.tokens_stored * TokenStore.BYTES_PER_TOKEN
-
-
-class TokenStore:
-    """The stream's text tokens in order: ids and stream indices, appended in pieces and joined
-    when read, the oldest dropped beyond `cap`. `copies` maps the stream indices of re-read tokens
-    to the stored tokens they copy, so a block the cache holds as a copy is not re-read again."""
-
-    BYTES_PER_TOKEN = 12  # int32 id + int64 stream index
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self.dropped = 0
-        self._pieces: list[tuple[np.ndarray, np.ndarray]] = []
-        self.copy_indices = np.zeros(0, dtype=np.int64)  # stream indices of re-read tokens
-        self.copy_of = np.zeros(0, dtype=np.int64)       # the stream index each one copies
-
-    def __len__(self) -> int:
-        return sum(ids.size for ids, _ in self._pieces)
-
-    def append(self, ids: Sequence[int], indices: np.ndarray) -> None:
-        self._pieces.append((np.asarray(ids, dtype=np.int32), np.asarray(indices, dtype=np.int64)))
-        if len(self._pieces) > 64:
-            self.arrays()
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32[n], stream indices int64[n]) of every stored token, oldest first."""
-        if len(self._pieces) != 1:
-            ids = np.concatenate([p[0] for p in self._pieces]) if self._pieces else np.zeros(0, np.int32)
-            indices = np.concatenate([p[1] for p in self._pieces]) if self._pieces else np.zeros(0, np.int64)
-            self._pieces = [(ids, indices)]
-        ids, indices = self._pieces[0]
-        if ids.size > self.cap:
-            self.dropped += ids.size - self.cap
-            ids, indices = ids[-self.cap:].copy(), indices[-self.cap:].copy()
-            self._pieces = [(ids, indices)]
-        return ids, indices
-
-    def add_copies(self, copy_indices: np.ndarray, originals: np.ndarray) -> None:
-        self.copy_indices = np.concatenate((self.copy_indices, copy_indices))
-        self.copy_of = np.concatenate((self.copy_of, originals))
-
-    def held(self, indices: np.ndarray, cached: np.ndarray) -> np.ndarray:
-        """bool[n]: whether the cache holds each stored token (`indices`), itself or a copy of it.
-        Copies no longer cached are forgotten."""
-        live = np.isin(self.copy_indices, cached)
-        self.copy_indices, self.copy_of = self.copy_indices[live], self.copy_of[live]
-        return np.isin(indices, cached) | np.isin(indices, self.copy_of)
-
-    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        ids, indices = self.arrays()
-        return {"dropped": self.dropped}, {"ids": ids, "indices": indices, "copy_indices": self.copy_indices,
-                                          "copy_of": self.copy_of}
-
-    @staticmethod
-    def check_state(meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        ids, indices = arrays.get("ids"), arrays.get("indices")
-        if ids is None or indices is None or ids.ndim != 1 or ids.shape != indices.shape:
-            raise ValueError("the saved memory's token ids and stream indices are missing or do not match")
-        if indices.size and np.any(np.diff(indices) <= 0):
-            raise ValueError("the saved memory's stream indices are not increasing")
-        copies, of = arrays.get("copy_indices"), arrays.get("copy_of")
-        if copies is None or of is None or copies.shape != of.shape:
-            raise ValueError("the saved memory's copies are missing or do not match")
-        if not isinstance(meta.get("dropped"), int):
-            raise ValueError("the saved memory lacks its count of dropped tokens")
-
-    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        self._pieces = [(arrays["ids"].astype(np.int32), arrays["indices"].astype(np.int64))]
-        self.copy_indices = arrays["copy_indices"].astype(np.int64)
-        self.copy_of = arrays["copy_of"].astype(np.int64)
-        self.dropped = meta["dropped"]
+        """RAM that the stored tokens take (the disk's part aside)."""
+        return (self.tokens_stored - self.tokens_on_disk) * TokenStore.BYTES_PER_TOKEN
 
 
 class Memory:
@@ -156,18 +96,30 @@ class Memory:
             raise ValueError(f"the memory reserve ({self.reserve} cells) must hold a block ({self.window} tokens) "
                              f"and at most half the budget ({budget // 2}): pass another --memory-reserve, a larger "
                              "--budget, or --memory off")
-        self.store = TokenStore(config.cap)
+        spill = None
+        if config.store == "disk":
+            from ..models import cache_dir
+
+            spill = Path(config.directory or cache_dir() / "memory") / f"{uuid.uuid4().hex}.tokens"
+        self.store = TokenStore(config.cap, spill)
+        self.keep_file = False  # a save names the file: it outlives the session
         self._stats = MemoryStats()
         self._rereading: np.ndarray | None = None  # the stream indices being re-read now
 
     def reset(self) -> None:
-        self.store = TokenStore(self.config.cap)
+        self.store = TokenStore(self.config.cap, self.store.spill)
         self._stats = MemoryStats()
+
+    def close(self) -> None:
+        """Delete the file of a disk store that no save names."""
+        if self.store.spill is not None and not self.keep_file:
+            self.store.spill.unlink(missing_ok=True)
 
     @property
     def stats(self) -> MemoryStats:
-        self.store.arrays()  # applies the cap
+        self.store._join()  # applies the cap
         self._stats.tokens_stored = len(self.store)
+        self._stats.tokens_on_disk = self.store.spilled
         self._stats.tokens_dropped = self.store.dropped
         return self._stats
 
@@ -286,5 +238,8 @@ class Memory:
                              f"{self.config.config()}")
 
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        own = self.store.spill
         self.store.load_state(meta["store"], arrays)
+        if self.store.spill != own:  # a saved session's file: its save still names it
+            self.keep_file = True
         self._stats = MemoryStats(**meta["stats"])
