@@ -241,10 +241,10 @@ def test_attention_probe_puts_the_cache_back(default_model, filler):
                        memory=MemoryConfig(ranking="attention", window=48, reserve=96)) as s:
         stream_with_needle(s, filler)
         query = s.model.tokenize(QUESTION, add_special=False)
-        order, starts, _ = s.memory.rank(s.cache, query)
-        ids, _ = s.memory.store.arrays()
+        ids, indices = s.memory.store.arrays()
+        order, starts = s.memory.rank(s.cache, query, ids, indices)
         cells, logits = s.runtime._get_cells(), s.runtime.logits()
-        reranked = s.memory._rerank_by_attention(s.cache, order, starts, ids, query, len(query), s.chunk)
+        reranked = s.memory._rerank_by_attention(s.cache, order, starts, ids, query)
         assert np.array_equal(s.runtime._get_cells(), cells) and np.array_equal(s.runtime.logits(), logits)
         assert sorted(reranked.tolist()) == sorted(order.tolist()) and reranked.tolist() != order.tolist()
         assert s.cache.n_cached == s.runtime.n_cached() == 256

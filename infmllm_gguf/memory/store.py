@@ -47,10 +47,10 @@ class TokenStore:
         # joined now and then, not at each append (a join copies the RAM part): RAM holds at most
         # cap + max(cap / 8, 1024) tokens and 64 pieces
         if len(self._pieces) > 64 or self.in_ram > self.cap + max(self.cap // 8, 1024):
-            self._join()
+            self.join()
 
-    def _join(self) -> tuple[np.ndarray, np.ndarray]:
-        """The RAM part as one piece, the oldest beyond the cap moved to the file or dropped."""
+    def join(self) -> tuple[np.ndarray, np.ndarray]:
+        """The RAM part as one piece (returned), the oldest beyond the cap moved to the file or dropped."""
         if len(self._pieces) != 1:
             ids = np.concatenate([p[0] for p in self._pieces]) if self._pieces else np.zeros(0, np.int32)
             indices = np.concatenate([p[1] for p in self._pieces]) if self._pieces else np.zeros(0, np.int64)
@@ -87,7 +87,7 @@ class TokenStore:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32[n], stream indices int64[n]) of every stored token, oldest first (the file's
         part read from it)."""
-        ids, indices = self._join()
+        ids, indices = self.join()
         if not self.spilled:
             return ids, indices
         disk = np.fromfile(self.spill, dtype=RECORD, count=self.spilled)
@@ -107,7 +107,7 @@ class TokenStore:
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The RAM part as arrays; the file by name, length and SHA-256 (it is not copied)."""
-        ids, indices = self._join()
+        ids, indices = self.join()
         meta = {"dropped": self.dropped, "spill": None if self.spill is None else str(self.spill),
                 "spilled": self.spilled, "sha256": self._digest.hexdigest()}
         return meta, {"ids": ids, "indices": indices, "copy_indices": self.copy_indices, "copy_of": self.copy_of}

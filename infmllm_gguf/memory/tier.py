@@ -117,7 +117,7 @@ class Memory:
 
     @property
     def stats(self) -> MemoryStats:
-        self.store._join()  # applies the cap
+        self.store.join()  # applies the cap
         self._stats.tokens_stored = len(self.store)
         self._stats.tokens_on_disk = self.store.spilled
         self._stats.tokens_dropped = self.store.dropped
@@ -134,11 +134,12 @@ class Memory:
             self.store.append(ids, indices)
 
     # -- recall -----------------------------------------------------------------------------
-    def rank(self, cache: "CacheController", query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The blocks worth re-reading for `query`, best first: (order, block starts, held mask).
-        A block qualifies when the cache holds less than half of it and it shares at least two
-        distinct tokens with the query (one if the query has one), with a positive score."""
-        ids, indices = self.store.arrays()
+    def rank(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray,
+             indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks of the stored tokens (`ids`, `indices`: `store.arrays()`) worth re-reading for
+        `query`, best first: (order, block starts). A block qualifies when the cache holds less
+        than half of it and it shares at least two distinct tokens with the query (one if the
+        query has one), with a positive score."""
         window = self.window
         starts = block_starts(ids.size, window)
         held = self.store.held(indices, np.unique(cache.held_by_layer))
@@ -148,8 +149,7 @@ class Memory:
         score, matched = bm25(ids, starts, window, np.asarray(query))
         need = min(2, np.unique(np.asarray(query)).size)
         eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > 0))
-        order = eligible[np.argsort(-score[eligible], kind="stable")]
-        return order, starts, held
+        return eligible[np.argsort(-score[eligible], kind="stable")], starts
 
     def recall(self, cache: "CacheController", query: Sequence[int], n_prompt: int, chunk: int) -> int:
         """Re-read the blocks `query` ranks best into the cache, with room left for a prompt of
@@ -162,9 +162,9 @@ class Memory:
         if room < 1 or ids.size == 0:
             self._stats.last_recall_s = time.perf_counter() - t0
             return 0
-        order, starts, _ = self.rank(cache, query)
+        order, starts = self.rank(cache, query, ids, indices)
         if order.size and self.config.ranking == "attention":
-            order = self._rerank_by_attention(cache, order, starts, ids, query, n_prompt, chunk)
+            order = self._rerank_by_attention(cache, order, starts, ids, query)
         spans = choose(order, starts, self.window, ids.size, room)
         n = sum(b - a for a, b in spans)
         if n:
@@ -184,7 +184,7 @@ class Memory:
         return n
 
     def _rerank_by_attention(self, cache: "CacheController", order: np.ndarray, starts: np.ndarray,
-                             ids: np.ndarray, query: Sequence[int], n_prompt: int, chunk: int) -> np.ndarray:
+                             ids: np.ndarray, query: Sequence[int]) -> np.ndarray:
         """The lexical shortlist that fits the context's free cells, re-read with the query after it
         and ordered by the attention the query's tokens give each block (its cells' scores summed
         over layers, heads and queries); the cache is put back as it was. Blocks beyond the
