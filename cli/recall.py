@@ -28,7 +28,9 @@ def checkpoint_name(label: str) -> str:
 
 
 def run_key(policy: dict, cache_type_k: str, memory: Optional[dict]) -> str:
-    """What identifies a run in the JSON file: a rerun skips the runs it holds."""
+    """What identifies a run in the JSON file: a rerun skips the runs it holds. The granularity is
+    left out: a run records what "auto" settled on, and the other options tell runs apart."""
+    policy = {k: v for k, v in policy.items() if k != "granularity"}
     return json.dumps([policy, cache_type_k, memory], sort_keys=True)
 
 
