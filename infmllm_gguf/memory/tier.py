@@ -162,13 +162,14 @@ class Memory:
         if room < 1 or ids.size == 0:
             self._stats.last_recall_s = time.perf_counter() - t0
             return 0
-        order, starts = self.rank(cache, query, ids, indices)
-        if order.size and self.config.ranking == "attention":
-            order = self._rerank_by_attention(cache, order, starts, ids, query)
-        spans = choose(order, starts, self.window, ids.size, room)
+        spans = self._choose(cache, query, ids, indices, room)
         n = sum(b - a for a, b in spans)
+        if n and cache.make_room(n + n_prompt):
+            # what the policy just evicted for the room may be what the query wants (a fact it
+            # still held): rank again, for the room made
+            spans = self._choose(cache, query, ids, indices, n)
+            n = sum(b - a for a, b in spans)
         if n:
-            cache.make_room(n + n_prompt)
             for a, b in spans:
                 first = cache.stats.tokens_seen
                 self._rereading = indices[a:b]
@@ -182,6 +183,14 @@ class Memory:
         self._stats.last_recall_s = time.perf_counter() - t0
         self._stats.recall_s += self._stats.last_recall_s
         return n
+
+    def _choose(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
+                room: int) -> list[tuple[int, int]]:
+        """The stored token ranges to re-read for `query` in `room` tokens, by the configured ranking."""
+        order, starts = self.rank(cache, query, ids, indices)
+        if order.size and self.config.ranking == "attention":
+            order = self._rerank_by_attention(cache, order, starts, ids, query)
+        return choose(order, starts, self.window, ids.size, room)
 
     def _rerank_by_attention(self, cache: "CacheController", order: np.ndarray, starts: np.ndarray,
                              ids: np.ndarray, query: Sequence[int]) -> np.ndarray:
