@@ -200,7 +200,7 @@ class Memory:
         shortlist keep their lexical order after it."""
         runtime = cache.runtime
         window = self.window
-        free = runtime.n_ctx - runtime.n_cached() - len(query)
+        free = runtime.n_ctx - runtime.n_cached() - len(query) - 1  # putting the cells back takes one
         spans = choose(order, starts, window, ids.size, free)
         if not spans:
             return order
