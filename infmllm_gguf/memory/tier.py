@@ -138,8 +138,10 @@ class Memory:
              indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The blocks of the stored tokens (`ids`, `indices`: `store.arrays()`) worth re-reading for
         `query`, best first: (order, block starts). A block qualifies when the cache holds less
-        than half of it and it shares at least two distinct tokens with the query (one if the
-        query has one), with a positive score."""
+        than half of it, it shares at least two distinct tokens with the query (one if the query
+        has one), and it scores above every block the cache holds: a weaker match than what the
+        cache already has would only distract (a fact still cached, and another needle with the
+        same words re-read right before the question, which the model then answers from)."""
         window = self.window
         starts = block_starts(ids.size, window)
         held = self.store.held(indices, np.unique(cache.held_by_layer))
@@ -148,7 +150,8 @@ class Memory:
         mostly_gone = (count[ends] - count[starts]) * 2 < ends - starts
         score, matched = bm25(ids, starts, window, np.asarray(query))
         need = min(2, np.unique(np.asarray(query)).size)
-        eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > 0))
+        best_held = score[~mostly_gone].max(initial=0.0)
+        eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > best_held))
         return eligible[np.argsort(-score[eligible], kind="stable")], starts
 
     def recall(self, cache: "CacheController", query: Sequence[int], n_prompt: int, chunk: int) -> int:
