@@ -38,6 +38,9 @@ def test_needles_have_distinct_labels():
 
 
 def test_log_distances():
+    from infmllm_gguf.recall.report import distance_label
+
+    assert [distance_label(d) for d in (256, 1500, 4096, 200_000)] == ["256", "1500", "4k", "200k"]
     assert log_distances(256, 2048) == (256, 512, 1024, 2048)
     assert log_distances(256, 3000) == (256, 512, 1024, 2048, 3000)
 

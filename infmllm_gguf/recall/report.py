@@ -9,7 +9,10 @@ from .run import RecallRun
 
 
 def distance_label(d: int) -> str:
-    return f"{d // 1024}k" if d >= 1024 and d % 1024 == 0 else str(d)
+    for unit in (1024, 1000):  # 4096 -> 4k, 200000 -> 200k
+        if d >= unit and d % unit == 0:
+            return f"{d // unit}k"
+    return str(d)
 
 
 def cell(right: int, n: int) -> str:
