@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +23,7 @@ from ..policies import DEFAULT_POLICY, Policy, from_config
 from ..runtime import Model
 from ..session import StreamSession
 from .needles import KINDS, Needle, NeedleMaker, exact_match
-from .run import ask
+from .run import ask, run_from_json
 
 PROBE_ROUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 300)
 PASSAGE_CHARS = 400
@@ -114,9 +114,7 @@ class ChatRecallRun:
 
     @classmethod
     def from_json(cls, data: dict) -> "ChatRecallRun":
-        names = {f.name for f in fields(cls)} - {"answers"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   answers=[ChatAnswer(**a) for a in data.get("answers", [])])
+        return run_from_json(cls, ChatAnswer, data)
 
 
 def run_chat_recall(plan: ChatPlan, *, model: Model | str | os.PathLike | None = None,

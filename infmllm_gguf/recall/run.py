@@ -91,9 +91,15 @@ class RecallRun(PolicyRun):
 
     @classmethod
     def from_json(cls, data: dict) -> "RecallRun":
-        names = {f.name for f in fields(cls)} - {"answers"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   answers=[Answer(**a) for a in data.get("answers", [])])
+        return run_from_json(cls, Answer, data)
+
+
+def run_from_json(cls: type, answer: type, data: dict):
+    """A run record (`cls`, a dataclass with a list of `answer` records in `answers`) from its
+    JSON; keys it does not know are left out."""
+    names = {f.name for f in fields(cls)} - {"answers"}
+    return cls(**{k: v for k, v in data.items() if k in names},
+               answers=[answer(**a) for a in data.get("answers", [])])
 
 
 def ask(session: StreamSession, prompt: str, answer_tokens: int, *, recall: bool = True) -> str:
