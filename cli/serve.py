@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from infmllm_gguf.server.limits import Limits
+
 from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_memory_options,
                      with_policy_options)
 
@@ -31,6 +33,15 @@ def serve(
     parallel: int = typer.Option(1, "--parallel", min=1, help="requests served at once (1 suits a CPU)"),
     queue: int = typer.Option(16, "--queue", min=0, help="requests waiting beyond those; more get 503"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require Authorization: Bearer KEY (not on /health)"),
+    max_tokens: int = typer.Option(Limits.max_tokens, "--max-tokens", min=1,
+                                   help="most tokens one reply may generate; a request asking more gets 400"),
+    max_prompt_tokens: int = typer.Option(Limits.max_prompt_tokens, "--max-prompt-tokens", min=1,
+                                          help="most tokens of new messages one request may feed (400 beyond)"),
+    max_body_mib: float = typer.Option(Limits.max_body_bytes / 2 ** 20, "--max-body-mib", min=0.001,
+                                       help="largest request body, images included (413 beyond)"),
+    request_timeout: float = typer.Option(Limits.timeout_s, "--request-timeout", min=0.1,
+                                          help="seconds of work one request may take (408 beyond, the "
+                                               "conversation left at its last completed turn)"),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per request (default: all)"),
     n_gpu_layers: int = NGL_OPT,
@@ -62,7 +73,10 @@ def serve(
         per_session = store.measure_session()
     except (ModelError, ProjectorError, UnpatchedLlamaError, ValueError, OSError) as exc:
         fail(str(exc))
-    server = create_app(store, model_name=loaded.path.stem, api_key=api_key, per_session_mib=per_session)
+    limits = Limits(max_tokens=max_tokens, max_body_bytes=int(max_body_mib * 2 ** 20),
+                    max_prompt_tokens=max_prompt_tokens, timeout_s=request_timeout)
+    server = create_app(store, model_name=loaded.path.stem, api_key=api_key, per_session_mib=per_session,
+                        limits=limits)
     typer.echo(f"serving {loaded.name} on http://{host}:{port} ({settings.policy.label()}, {max_sessions} live "
                f"conversations, {per_session:.0f} MiB each); conversations saved in {store.state_dir}", err=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (saving the conversations), then raises the signal

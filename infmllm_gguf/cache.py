@@ -132,10 +132,9 @@ class CacheController:
 
     @property
     def stats(self) -> CacheStats:
-        """The counters, with the cached cells counted from the cache state (it changes on decode and evict)."""
-        self._stats.cells_cached = int(self.stream_indices.size)
-        self._stats.image_cells_cached = self.image_stream_indices().size
-        return self._stats
+        """A copy of the counters, the cached cells counted from the cache state."""
+        return replace(self._stats, cells_cached=int(self.stream_indices.size),
+                       image_cells_cached=int(self.image_stream_indices().size))
 
     @property
     def n_cached(self) -> int:
@@ -153,16 +152,16 @@ class CacheController:
         runtime's (`Runtime.state`)."""
         arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
         arrays["recent_tokens"] = np.array(self.recent_tokens, dtype=np.int64)
-        return {"stats": asdict(self._stats), "reindex": self.reindex, "unseen": self.unseen}, arrays
+        return {"stats": asdict(self.stats), "reindex": self.reindex, "unseen": self.unseen}, arrays
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Raise ValueError unless `state()`'s output fits this controller: every array's shape
         and type, the counters' names."""
         if meta.get("reindex") != self.reindex:
             raise ValueError("the saved stream was re-indexed and this model cannot be (or the reverse)")
-        names = {f.name for f in fields(CacheStats)}
-        if set(meta.get("stats", {})) != names:
-            raise ValueError(f"the saved counters are {sorted(meta.get('stats', {}))}, expected {sorted(names)}")
+        counters = meta.get("stats")
+        if not isinstance(counters, dict) or not all(isinstance(v, (int, float)) for v in counters.values()):
+            raise ValueError("the saved counters are not a record of numbers")
         indices = arrays.get("stream_indices")
         if indices is None or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
             raise ValueError("the saved stream indices are missing or not a 1-D integer array")
@@ -203,7 +202,8 @@ class CacheController:
         for name in ("attention", "visibility", "carried"):
             value = arrays.get(name)
             setattr(self, name, None if value is None else value.astype(np.float64))
-        self._stats = CacheStats(**meta["stats"])
+        names = {f.name for f in fields(CacheStats)}  # counters added since start at 0; unknown ones are a newer file's
+        self._stats = CacheStats(**{k: v for k, v in meta["stats"].items() if k in names})
         self.unseen = meta.get("unseen", 0)
         self.recent_tokens = collections.deque(arrays.get("recent_tokens", np.zeros(0, np.int64)).tolist(),
                                                maxlen=self.history)

@@ -73,7 +73,7 @@ class ChatTranscript:
 
     @staticmethod
     def check_state(state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"system", "last", "fed"} or \
+        if not isinstance(state, dict) or not {"system", "last", "fed"} <= set(state) or \
                 not isinstance(state["fed"], str) or len(state["last"]) > 4 or \
                 not all(len(m) == 2 and m[0] in ROLES and isinstance(m[1], str) for m in state["last"]):
             raise ValueError("the saved chat transcript is not one this version writes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import inspect
 import itertools
 import os
 import warnings
@@ -24,7 +25,7 @@ from .generation import Reply, Sampler, StreamingDetokenizer, generate_tokens, m
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
 from .runtime import Model, Runtime, check_cache_types
-from .state import read_state, write_state
+from .state import read_header, read_state, write_state
 from .video import VideoParts
 
 try:  # glibc: see `return_freed_memory`
@@ -65,6 +66,19 @@ def saved_policy(path: str | os.PathLike, config: dict) -> Policy:
         return from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
+
+
+def known_settings(path: str | os.PathLike, saved: dict, known: Iterable[str]) -> dict:
+    """The settings of a saved file that this version knows (a newer version's additions are left
+    out with a warning; those the file lacks take their defaults)."""
+    known = set(known)
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        warnings.warn(f"{path} was saved with settings this version does not know ({', '.join(unknown)}): "
+                      "they are ignored", stacklevel=3)
+    if "policy" not in saved:
+        raise ValueError(f"{path} names no policy")
+    return {k: v for k, v in saved.items() if k in known}
 
 
 class StreamSession:
@@ -234,7 +248,7 @@ class StreamSession:
         returns the `extra` data saved with it. Everything is checked before anything changes: a
         file that does not fit leaves the session as it was."""
         header, components = read_state(path)
-        saved_settings = dict(header.get("settings", {}))
+        saved_settings = known_settings(path, header.get("settings", {}), self._settings())
         if "policy" in saved_settings:  # a file older than some option ran with its `absent` value
             saved_settings["policy"] = saved_policy(path, saved_settings["policy"]).config()
         for what, mine, saved in (("identity", self._identity(), header.get("identity", {})),
@@ -282,8 +296,7 @@ class StreamSession:
         """A new session continuing the stream saved at `path`, with the settings it was saved with
         (`mmproj` to go on feeding images; the images already in the stream need none). Files saved
         before the cache types were settings ran with f16."""
-        header, _ = read_state(path)
-        settings = dict(header["settings"])
+        settings = known_settings(path, read_header(path).get("settings", {}), inspect.signature(cls).parameters)
         policy = saved_policy(path, settings.pop("policy"))
         session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, history=history,
                       rpc=rpc, **settings)

@@ -4,6 +4,11 @@ Each component of a session gives and takes its own state as (JSON-able metadata
 as mlx-lm's caches do: the runtime (llama.cpp's cells and the last logits), the cache controller
 (stream indices, image flags, scores, counters), the chat transcript and the sampler. This module
 only writes and reads them; `StreamSession` checks every component before it applies any.
+
+Compatibility: a component reads the fields it knows and fills those a file lacks with their
+defaults (a counter or an option added later does not make older files unreadable), so
+`STATE_VERSION` changes only when an existing field changes meaning; a file of a newer version
+is refused with a message saying so.
 """
 from __future__ import annotations
 
@@ -13,23 +18,56 @@ from pathlib import Path
 
 import numpy as np
 
-STATE_VERSION = 2
+STATE_VERSION = 2  # 1: the single-file format before the session was split into components
 
 #: a component's state: JSON-able metadata and named arrays
 ComponentState = tuple[dict, dict[str, np.ndarray]]
 
 
 def write_state(path: str | os.PathLike, header: dict, components: dict[str, ComponentState]) -> Path:
-    """Write `header` and the `components` to `path`, replaced atomically: a crash mid-save
-    leaves the previous file intact."""
+    """Write `header` and the `components` to `path`, replaced atomically and durably: a crash
+    mid-save leaves the previous file intact, and the new one is on disk when this returns."""
     path = Path(path)
     meta = {"version": STATE_VERSION, **header, "components": {name: m for name, (m, _) in components.items()}}
     arrays = {f"{name}.{key}": value for name, (_, named) in components.items() for key, value in named.items()}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
     return path
+
+
+def _checked_header(path: Path, meta) -> dict:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a session saved by infmllm-gguf (its header is not a record)")
+    version = meta.get("version")
+    if isinstance(version, int) and version > STATE_VERSION:
+        raise ValueError(f"{path} was saved by a newer infmllm-gguf (state format {version}; this one reads up to "
+                         f"{STATE_VERSION}): upgrade to continue it")
+    if version != STATE_VERSION:
+        raise ValueError(f"{path} was saved in state format {version}, from before this format: this version "
+                         f"reads format {STATE_VERSION}")
+    return meta
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The header of a file from `write_state` (its arrays are not read)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no saved session at {path}") from None
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a session saved by infmllm-gguf ({exc})") from None
+    return _checked_header(path, meta)
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, ComponentState]]:
@@ -44,9 +82,7 @@ def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, ComponentState]
         meta = json.loads(arrays.pop("meta").tobytes())
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a session saved by infmllm-gguf ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
-        version = meta.get("version") if isinstance(meta, dict) else None
-        raise ValueError(f"{path} was saved in state format {version}, this version reads {STATE_VERSION}")
+    _checked_header(path, meta)
     if not isinstance(meta.get("components"), dict):
         raise ValueError(f"{path} holds no component states")
     components = {name: (m, {}) for name, m in meta.pop("components").items()}

@@ -154,3 +154,39 @@ def test_a_failed_load_leaves_the_session_as_it_was(tiny_llama, tmp_path, compon
         for session in (s, untouched):  # and it streams on as if nothing had happened
             session.feed_tokens(stream(60, seed=6))
         np.testing.assert_array_equal(s.runtime.logits(), untouched.runtime.logits())
+
+
+def test_files_with_fields_added_or_removed_since_load_and_newer_ones_are_refused(tiny_llama, tmp_path):
+    """A counter or an option this version does not know (a newer file's) is ignored, one it knows
+    that the file lacks (an older file's) takes its default; a newer format version is refused."""
+    with StreamSession(tiny_llama, "streaming-llm", budget=96, chunk=40, memory=True) as s:
+        "".join(s.generate("Hello there.", max_tokens=3, temperature=0))
+        s.save(tmp_path / "s.npz")
+        stats = s.stats
+    header, components = read_state(tmp_path / "s.npz")
+    header["settings"]["speculative_draft"] = "tiny.gguf"           # a newer version's option
+    header["extra"] = {"note": "kept"}
+    components["cache"][0]["stats"]["tokens_drafted"] = 7            # a newer version's counter
+    del components["cache"][0]["stats"]["image_cells_evicted"]       # a counter this file predates
+    del components["memory"][0]["stats"]["spans_recalled"]
+    components["memory"][0]["config"]["future_option"] = 1
+    components["chat"][0]["speaker_names"] = {}
+    write_state(tmp_path / "mixed.npz", header, components)
+    with pytest.warns(UserWarning, match="settings this version does not know \\(speculative_draft\\)"):
+        with StreamSession.restore(tmp_path / "mixed.npz", tiny_llama) as r:
+            assert r.stats.tokens_seen == stats.tokens_seen and r.stats.image_cells_evicted == 0
+            assert r.memory.stats.spans_recalled == 0 and r.memory.stats.tokens_stored == stats.tokens_seen
+            assert "".join(r.generate("And again.", max_tokens=3, temperature=0))  # it goes on
+
+    header["version"] = 99
+    write_state(tmp_path / "newer.npz", header, components)
+    with pytest.raises(ValueError, match="saved by a newer infmllm-gguf \\(state format 99"):
+        StreamSession.restore(tmp_path / "newer.npz", tiny_llama)
+
+
+def test_a_stats_read_is_a_copy(tiny_llama):
+    with StreamSession(tiny_llama, "streaming-llm", budget=96, chunk=40, memory=True) as s:
+        s.feed_text("One two three.")
+        cache, memory = s.stats, s.memory.stats
+        s.feed_text("Four five six.")
+        assert s.stats.tokens_seen > cache.tokens_seen and s.memory.stats.tokens_stored > memory.tokens_stored

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -117,11 +117,10 @@ class Memory:
 
     @property
     def stats(self) -> MemoryStats:
+        """A copy of the counters, the store's sizes counted now."""
         self.store.join()  # applies the cap
-        self._stats.tokens_stored = len(self.store)
-        self._stats.tokens_on_disk = self.store.spilled
-        self._stats.tokens_dropped = self.store.dropped
-        return self._stats
+        return replace(self._stats, tokens_stored=len(self.store), tokens_on_disk=self.store.spilled,
+                       tokens_dropped=self.store.dropped, last_recalled=list(self._stats.last_recalled))
 
     # -- recording --------------------------------------------------------------------------
     def record(self, ids: Sequence[int], indices: np.ndarray) -> None:
@@ -245,13 +244,14 @@ class Memory:
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         TokenStore.check_state(meta.get("store", {}), arrays)
-        if meta.get("config") != self.config.config():
-            raise ValueError(f"the saved memory ran with {meta.get('config')}, this session's with "
-                             f"{self.config.config()}")
+        saved, mine = meta.get("config") or {}, self.config.config()
+        if any(saved[k] != mine[k] for k in saved.keys() & mine.keys()):  # options added since: their defaults
+            raise ValueError(f"the saved memory ran with {saved}, this session's with {mine}")
 
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         own = self.store.spill
         self.store.load_state(meta["store"], arrays)
         if self.store.spill != own:  # a saved session's file: its save still names it
             self.keep_file = True
-        self._stats = MemoryStats(**meta["stats"])
+        names = {f.name for f in fields(MemoryStats)}  # counters added since start at 0
+        self._stats = MemoryStats(**{k: v for k, v in meta.get("stats", {}).items() if k in names})

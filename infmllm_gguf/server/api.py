@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..multimodal import load_image
+from .limits import DEFAULT_MAX_TOKENS
 
 #: parameters of OpenAI's API that this server does not implement: refused when set, never ignored
 UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "tools": None,
@@ -72,6 +73,15 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
+    def reply_tokens(self, cap: int) -> int:
+        """The most tokens the reply may have: as asked (default `DEFAULT_MAX_TOKENS`), at most `cap`."""
+        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if asked is not None and asked > cap:
+            param = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(400, f"{param} is {asked}; this server generates at most {cap} tokens per reply "
+                                "(serve --max-tokens)", param=param, code="max_tokens_too_large")
+        return asked or min(DEFAULT_MAX_TOKENS, cap)
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
@@ -99,10 +109,11 @@ class CompletionRequest(Sampling):
 
 @dataclass(frozen=True)
 class Turn:
-    """One message, checked: its role, its text, and its images decoded (PIL), in order."""
+    """One message, checked: its role, its text, and its images (each file's bytes, checked to
+    decode), in order."""
     role: str
     text: str
-    images: tuple = ()
+    images: tuple[bytes, ...] = ()
     image_digests: tuple[str, ...] = ()
 
     def digest_part(self) -> bytes:
@@ -111,8 +122,9 @@ class Turn:
         return b"\0".join([self.role.encode(), self.text.strip().encode(), *(d.encode() for d in self.image_digests)])
 
 
-def decode_image(url: str, where: str):
-    """The PIL image of a base64 `data:` URL; ApiError (400) for anything else."""
+def decode_image(url: str, where: str) -> tuple[bytes, str]:
+    """The image file of a base64 `data:` URL, checked to decode, and its SHA-256; ApiError (400)
+    for anything else."""
     match = DATA_URL.match(url)
     if match is None:
         raise ApiError(400, f"{where}: only base64 data: URLs are accepted (the server never reads a path or "
@@ -124,10 +136,10 @@ def decode_image(url: str, where: str):
     except (binascii.Error, ValueError) as exc:
         raise ApiError(400, f"{where}: undecodable base64 ({exc})", param=where, code="invalid_image") from None
     try:
-        image = load_image(data)
+        load_image(data)
     except ValueError as exc:
         raise ApiError(400, f"{where}: {exc}", param=where, code="invalid_image") from None
-    return image, hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def checked_turns(messages: list[Message], *, images_allowed: bool) -> list[Turn]:

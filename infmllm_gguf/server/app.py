@@ -3,13 +3,15 @@ health, Prometheus metrics, a session view and the web page, over a `Conversatio
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -23,25 +25,84 @@ from ..generation import log_softmax, make_sampler
 from ..probes import rss_mib
 from ..session import StreamSession
 from .api import ApiError, ChatRequest, CompletionRequest, Turn, chain, checked_turns, error_from_validation
-from .conversations import Busy, Conversation, ConversationStore
+from .conversations import Busy, Conversation, ConversationStore, read_history
+from .journal import turn_to_json
+from .limits import Limits
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
 class Metrics:
-    requests: dict
+    """The server's counters, changed from request threads and read by /metrics: under a lock."""
+    requests: dict = field(default_factory=dict)
     tokens_in: int = 0
     tokens_out: int = 0
     evictions: int = 0
     cells_evicted: int = 0
     refused: int = 0
+    timeouts: int = 0
     tokens_recalled: int = 0   # re-read from the memory tier before prompts
     recall_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, route: str) -> None:
-        self.requests[route] = self.requests.get(route, 0) + 1
+        with self.lock:
+            self.requests[route] = self.requests.get(route, 0) + 1
+
+    def add(self, **amounts) -> None:
+        with self.lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self) if f.name != "lock"}
+
+
+class RequestTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request ran past this server's limit of {seconds:g} s (serve --request-timeout); "
+                              "the conversation is as it was before it", code="timeout")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused (413) before anything parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # the body is read whole here anyway (JSON): counted as it comes
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, given = b"".join(chunks), False
+
+        async def replay():
+            nonlocal given
+            if given:
+                return await receive()  # a disconnect, for streamed replies
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send):
+        err = ApiError(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
+                            "(serve --max-body-mib)", code="body_too_large")
+        await JSONResponse(err.body(), status_code=413)(scope, receive, send)
 
 
 class LogprobRecorder:
@@ -65,19 +126,21 @@ class LogprobRecorder:
 
 
 def create_app(store: ConversationStore, *, model_name: str, api_key: str | None = None,
-               per_session_mib: float | None = None) -> FastAPI:
-    metrics = Metrics(requests={})
+               per_session_mib: float | None = None, limits: Limits = Limits()) -> FastAPI:
+    metrics = Metrics()
     started = time.time()
     # one thread per admitted request at most: requests beyond are refused before they get here
     workers = ThreadPoolExecutor(max_workers=store.parallel + store.queue, thread_name_prefix="request")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        store.start_snapshots()
         yield
         workers.shutdown(wait=True)  # the requests in flight finish first
         await run_in_threadpool(store.save_all)  # a restarted server continues every conversation
 
     app = FastAPI(title="infmllm-gguf", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -101,11 +164,6 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
             return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
-    def cache_of(session: StreamSession) -> dict:
-        st = session.stats
-        return {"cells_cached": st.cells_cached, "budget": session.policy.budget, "tokens_seen": st.tokens_seen,
-                "cells_evicted": st.cells_evicted}
-
     def memory_counters(session: StreamSession) -> tuple[int, float]:
         """Tokens the memory re-read and its seconds so far (zeros without a memory)."""
         if session.memory is None:
@@ -113,82 +171,85 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         st = session.memory.stats
         return st.tokens_recalled, st.recall_s
 
-    def memory_of(session: StreamSession) -> dict | None:
-        """What the session view shows of the memory: its size and the text re-read at the last prompt."""
-        if session.memory is None:
-            return None
-        st = session.memory.stats
-        return {"ranking": session.memory.config.ranking, "tokens_stored": st.tokens_stored,
-                "host_bytes": st.host_bytes, "tokens_recalled": st.tokens_recalled, "recall_s": round(st.recall_s, 3),
-                "last_recalled": st.last_recalled}
-
     # -- the work of one request, in a worker thread ----------------------------------------
+    def prompt_tokens(session: StreamSession, texts: list[str]) -> int:
+        n = sum(len(session.model.tokenize(t, add_special=False, parse_special=False)) for t in texts)
+        if n > limits.max_prompt_tokens:
+            raise ApiError(400, f"the request's new messages are {n} tokens; this server reads at most "
+                                f"{limits.max_prompt_tokens} per request (serve --max-prompt-tokens): send them "
+                                "in several requests", param="messages", code="prompt_too_long")
+        return n
+
     def run_turns(conv: Conversation, turns: list[Turn], held: int, body, emit: Callable[[str], None],
-                  cancelled: threading.Event) -> dict:
+                  cancelled: threading.Event, deadline: float, kept: bool) -> dict:
         """Feed what the stream has not read of the request (its new messages, or a completion's
-        prompt), generate the reply and hand each piece to `emit`."""
+        prompt), generate the reply and hand each piece to `emit`; a conversation that is `kept`
+        has the request logged before this returns. Fails without changing the conversation."""
+        completion = isinstance(body, CompletionRequest)
+        new = turns[held:]
+        max_tokens = body.reply_tokens(limits.max_tokens)
         session = store.live(conv)
+        prompt_tokens(session, [body.prompt] if completion else [t.text for t in new])
         st = session.stats
         before, evictions_before, evicted_before = st.tokens_seen, st.evictions, st.cells_evicted
         memory_before = memory_counters(session)
-        completion = isinstance(body, CompletionRequest)
         rng = np.random.default_rng(body.seed) if body.seed is not None else session.rng
         sampler = make_sampler(body.temperature, body.top_p, rng)
         top = body.logprobs if completion else (body.top_logprobs or 0) if body.logprobs else None
         recorder = None if top is None else LogprobRecorder(sampler, session.model.token_bytes, top)
-        options = dict(max_tokens=getattr(body, "max_completion_tokens", None) or body.max_tokens or DEFAULT_MAX_TOKENS,
-                       stop=body.stops(), sampler=recorder or sampler)
-        if completion:
-            pieces = session.generate(body.prompt, **options)
-        else:
-            new = turns[held:]
-            system = new.pop(0).text if new[0].role == "system" else None
-            i = 0
-            while i < len(new) - 1:  # history this stream has not read: replayed, not sampled
-                t = new[i]
-                answered = new[i + 1].role == "assistant"
-                session.user_turn(t.text, media=list(t.images) or None, system=system, add_assistant=answered)
-                if answered:
-                    session.assistant_turn(new[i + 1].text)
-                i += 2 if answered else 1
-                system = None
-            pieces = session.chat_stream(new[-1].text, media=list(new[-1].images) or None, system=system, **options)
+        options = dict(max_tokens=max_tokens, stop=body.stops(), sampler=recorder or sampler)
         text = ""
         try:
-            for piece in pieces:
-                text += piece
-                emit(piece)
-                if cancelled.is_set():
-                    break
-        finally:
-            pieces.close()  # a reply cut short stays part of the conversation
+            if completion:
+                pieces = session.generate(body.prompt, **options)
+            else:
+                system = new[0].text if new[0].role == "system" else None
+                history = new[1:-1] if system is not None else new[:-1]
+                read_history(session, history, system)
+                pieces = session.chat_stream(new[-1].text, media=list(new[-1].images) or None,
+                                             system=None if history else system, **options)
+            try:
+                for piece in pieces:
+                    text += piece
+                    emit(piece)
+                    if cancelled.is_set():
+                        break  # a client that left: the reply so far stays in the conversation
+                    if time.monotonic() > deadline:
+                        raise RequestTimeout(limits.timeout_s)
+            finally:
+                pieces.close()
+            if completion:
+                fed = [Turn("user", body.prompt + text)]
+                entry = {"kind": "completion", "prompt": body.prompt, "reply": text}
+            else:
+                fed = new + [Turn("assistant", text)]
+                entry = {"kind": "chat", "turns": [turn_to_json(t) for t in new], "reply": text}
+            store.record(conv, chain(fed, start=conv.digest)[-1], conv.n_messages + len(fed), entry if kept else None)
+        except BaseException:
+            store.rollback(conv)  # back to its last completed request, on disk
+            raise
         reply, st = session.last_reply, session.stats
-        if completion:
-            store.record(conv, chain([Turn("user", body.prompt + text)], start=conv.digest)[-1], conv.n_messages + 1)
-        else:
-            fed = turns[held:] + [Turn("assistant", text)]
-            store.record(conv, chain(fed, start=conv.digest)[-1], conv.n_messages + len(fed))
         recalled, recall_s = (after - b for after, b in zip(memory_counters(session), memory_before))
         usage = {"prompt_tokens": st.tokens_seen - before - reply.n_tokens - recalled,
                  "completion_tokens": reply.n_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        metrics.tokens_in += usage["prompt_tokens"]
-        metrics.tokens_out += usage["completion_tokens"]
-        metrics.evictions += st.evictions - evictions_before
-        metrics.cells_evicted += st.cells_evicted - evicted_before
-        metrics.tokens_recalled += recalled
-        metrics.recall_s += recall_s
-        return {"text": text, "finish_reason": reply.finish_reason, "usage": usage, "cache": cache_of(session),
+        metrics.add(tokens_in=usage["prompt_tokens"], tokens_out=usage["completion_tokens"],
+                    evictions=st.evictions - evictions_before, cells_evicted=st.cells_evicted - evicted_before,
+                    tokens_recalled=recalled, recall_s=recall_s)
+        cache = {k: conv.published[k] for k in ("cells_cached", "budget", "tokens_seen", "cells_evicted")}
+        return {"text": text, "finish_reason": reply.finish_reason, "usage": usage, "cache": cache,
                 "logprobs": recorder.content if recorder else None, "session_id": conv.id}
 
     def work(body, turns: list[Turn], session_id: str | None, put: Callable[[object], None],
              cancelled: threading.Event) -> None:
         """A request's whole life in its worker thread: a slot, its conversation's lock, the turns."""
         completion = isinstance(body, CompletionRequest)
-        digests = chain(turns)
+        kept = not (completion and session_id is None)  # a later request can continue it
         conv = None
         try:
+            digests = chain(turns)
             with store.slot():
+                deadline = time.monotonic() + limits.timeout_s
                 while True:
                     conv = store.new() if completion and session_id is None else store.find(digests, session_id)
                     with conv.lock:
@@ -198,14 +259,20 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                         if not completion and held == 0 and conv.n_messages and turns[0].role == "system":
                             raise ApiError(400, "this conversation has begun: send its whole history, or only its "
                                                 "new messages without a system message", param="messages")
-                        put(run_turns(conv, turns, held, body, put, cancelled))
+                        put(run_turns(conv, turns, held, body, put, cancelled, deadline, kept))
                         break
+        except RequestTimeout as exc:
+            metrics.add(timeouts=1)
+            put(exc)
         except ApiError as exc:
             put(exc)
         except (ValueError, RuntimeError, OSError) as exc:  # the model or the stream could not go on
             put(ApiError(500, str(exc), kind="server_error", code="internal"))
+        except Exception as exc:  # a bug: said to the client and in the log, never lost in the thread pool
+            traceback.print_exc()
+            put(ApiError(500, f"internal error ({type(exc).__name__}: {exc})", kind="server_error", code="internal"))
         finally:
-            if conv is not None and (conv.n_messages == 0 or (completion and session_id is None)):
+            if conv is not None and (conv.n_messages == 0 or not kept):
                 store.discard(conv)
             store.leave()
             put(None)  # the end
@@ -215,7 +282,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         try:
             store.admit()
         except Busy:
-            metrics.refused += 1
+            metrics.add(refused=1)
             raise ApiError(503, "the server is busy: every slot and the queue are taken; retry shortly",
                            kind="server_error", code="busy", headers={"Retry-After": "1"}) from None
         loop = asyncio.get_running_loop()
@@ -291,6 +358,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         metrics.count("chat")
         body.refuse_unsupported()
         body.stops()
+        body.reply_tokens(limits.max_tokens)
         turns = checked_turns(body.messages, images_allowed=store.settings.mmproj is not None)
         return await serve(request, body, turns)
 
@@ -299,6 +367,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         metrics.count("completions")
         body.refuse_unsupported()
         body.stops()
+        body.reply_tokens(limits.max_tokens)
         if not body.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         return await serve(request, body, [])
@@ -311,18 +380,13 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
 
     @app.get("/v1/sessions/{session_id}")
     async def session_view(session_id: str):
-        """A conversation's cache and the end of its stream, cached cells marked (the web page's view)."""
+        """A conversation's cache and the end of its stream, cached cells marked (the web page's view),
+        as its last completed request left them."""
         metrics.count("sessions")
-        conv = store.conversations.get(session_id)
-        if conv is None:
+        view = store.view(session_id)
+        if view is None:
             raise ApiError(404, f"no conversation {session_id!r}", param="session_id", code="not_found")
-        session = conv.session
-        if session is None:
-            return {"id": conv.id, "live": False, "messages": conv.n_messages}
-        st = session.stats
-        return {"id": conv.id, "live": True, "messages": conv.n_messages, **cache_of(session),
-                "evictions": st.evictions, "image_tokens_seen": st.image_tokens_seen,
-                "memory": memory_of(session), "view": session.recent_view()}
+        return view
 
     @app.get("/health")
     async def health():
@@ -339,23 +403,25 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
 
     @app.get("/metrics")
     async def prometheus():
-        st = store.stats()
+        st, m = store.stats(), metrics.snapshot()
         lines = ["# TYPE infmllm_requests_total counter"]
-        lines += [f'infmllm_requests_total{{route="{k}"}} {v}' for k, v in sorted(metrics.requests.items())]
+        lines += [f'infmllm_requests_total{{route="{k}"}} {v}' for k, v in sorted(m["requests"].items())]
         for name, kind, value in [
-                ("infmllm_requests_refused_total", "counter", metrics.refused),
-                ("infmllm_tokens_in_total", "counter", metrics.tokens_in),
-                ("infmllm_tokens_out_total", "counter", metrics.tokens_out),
-                ("infmllm_evictions_total", "counter", metrics.evictions),
-                ("infmllm_cells_evicted_total", "counter", metrics.cells_evicted),
-                ("infmllm_memory_tokens_recalled_total", "counter", metrics.tokens_recalled),
-                ("infmllm_memory_recall_seconds_total", "counter", round(metrics.recall_s, 6)),
+                ("infmllm_requests_refused_total", "counter", m["refused"]),
+                ("infmllm_requests_timed_out_total", "counter", m["timeouts"]),
+                ("infmllm_tokens_in_total", "counter", m["tokens_in"]),
+                ("infmllm_tokens_out_total", "counter", m["tokens_out"]),
+                ("infmllm_evictions_total", "counter", m["evictions"]),
+                ("infmllm_cells_evicted_total", "counter", m["cells_evicted"]),
+                ("infmllm_memory_tokens_recalled_total", "counter", m["tokens_recalled"]),
+                ("infmllm_memory_recall_seconds_total", "counter", round(m["recall_s"], 6)),
                 ("infmllm_memory_tokens_stored", "gauge", st.get("memory_tokens", 0)),
                 ("infmllm_sessions_live", "gauge", st["sessions_live"]),
                 ("infmllm_sessions_on_disk", "gauge", st["sessions_on_disk"]),
                 ("infmllm_cells_cached", "gauge", st["cells_cached"]),
                 ("infmllm_session_saves_total", "counter", st["saves"]),
                 ("infmllm_session_restores_total", "counter", st["restores"]),
+                ("infmllm_requests_replayed_total", "counter", st["replays"]),
                 ("infmllm_resident_memory_mib", "gauge", rss_mib() or 0)]:
             lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
