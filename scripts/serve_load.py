@@ -328,7 +328,8 @@ def run_level(k: int, minutes: float, model: Path | None, threads: int, extra: l
                                         refresh=True)
                     time.sleep(0.5)
             wall = time.monotonic() - started
-            rss_end = server.health()["rss_mib"]
+            health = server.health()
+            rss_end = health["rss_mib"]
         except BaseException:
             stop.set()
             abort.set()  # streams close at their next chunk
@@ -355,6 +356,10 @@ def run_level(k: int, minutes: float, model: Path | None, threads: int, extra: l
         "ttft_s": {"n": len(tally.ttft_s), "p50": percentile(tally.ttft_s, 50), "p99": percentile(tally.ttft_s, 99)},
         "latency_s": {"n": len(tally.latency_s), "p50": percentile(tally.latency_s, 50),
                       "p99": percentile(tally.latency_s, 99)},
+        # what durability cost: each logged request's fsync'd append; each snapshot (off the request path)
+        "durability": {"requests_logged": health["logged"], "log_ms_per_request": 1000 * health["log_s"] /
+                       max(health["logged"], 1), "snapshots": health["saves"],
+                       "ms_per_snapshot": 1000 * health["snapshot_s"] / max(health["saves"], 1)},
         "rss_mib": {"start": rss_start, "end": rss_end,
                     "max": max((v for v in [*rss_mib, rss_start, rss_end] if v is not None), default=None),
                     "slope_per_minute": slope, "samples": rss},
@@ -369,17 +374,19 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(levels: list[dict]) -> None:
     head = ["K", "attempted", "served", "503", "errors", "4xx", "disconn", "ttft p50", "ttft p99", "lat p50",
-            "lat p99", "tok/s", "rss start", "rss end", "rss max", "MiB/min", "exit"]
+            "lat p99", "tok/s", "rss start", "rss end", "rss max", "MiB/min", "log ms", "snap ms", "exit"]
     rows = [[str(r["clients"]), str(r["attempted"]), str(r["served"]), str(r["busy_503"]), str(r["errors"]),
              str(r["client_errors_4xx"]), str(r["disconnects"]), fmt(r["ttft_s"]["p50"], ".2f"),
              fmt(r["ttft_s"]["p99"], ".2f"), fmt(r["latency_s"]["p50"], ".2f"), fmt(r["latency_s"]["p99"], ".2f"),
              f"{r['tokens_per_s']:.1f}", fmt(r["rss_mib"]["start"], ".0f"), fmt(r["rss_mib"]["end"], ".0f"),
              fmt(r["rss_mib"]["max"], ".0f"), fmt(r["rss_mib"]["slope_per_minute"], "+.1f"),
+             f"{r['durability']['log_ms_per_request']:.2f}", f"{r['durability']['ms_per_snapshot']:.0f}",
              "killed" if r["server_exit_code"] is None else str(r["server_exit_code"])] for r in levels]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     for line in [head, *rows]:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
-    print("times in seconds (ttft: streamed requests, lat: non-streamed); RSS in MiB from /health")
+    print("times in seconds (ttft: streamed requests, lat: non-streamed); RSS in MiB from /health; log ms: the "
+          "fsync'd turn-log append per request; snap ms: one snapshot, written between requests")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -422,6 +422,9 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                 ("infmllm_session_saves_total", "counter", st["saves"]),
                 ("infmllm_session_restores_total", "counter", st["restores"]),
                 ("infmllm_requests_replayed_total", "counter", st["replays"]),
+                ("infmllm_requests_logged_total", "counter", st["logged"]),
+                ("infmllm_request_log_seconds_total", "counter", round(st["log_s"], 6)),
+                ("infmllm_snapshot_seconds_total", "counter", round(st["snapshot_s"], 6)),
                 ("infmllm_resident_memory_mib", "gauge", rss_mib() or 0)]:
             lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -134,7 +134,8 @@ class ConversationStore:
         self._admitted = 0
         self.conversations: dict[str, Conversation] = {}
         self.by_digest: dict[str, str] = {}
-        self.saves = self.restores = self.replays = 0
+        self.saves = self.restores = self.replays = self.logged = 0
+        self.log_s = self.snapshot_s = 0.0  # what durability costs: the turn log's appends, the snapshots
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self._load_index()
@@ -171,6 +172,7 @@ class ConversationStore:
         clear its log (a crash in between leaves entries that `continuing` skips)."""
         if conv.snapshot_messages == conv.n_messages and self._path(conv.id).exists():
             return  # the snapshot is current
+        t0 = time.perf_counter()
         conv.session.save(self._path(conv.id), extra={"conversation": {"n_messages": conv.n_messages,
                                                                        "digest": conv.digest}})
         IndexEntry(conv.id, conv.n_messages, conv.digest).write(self._path(conv.id, ".json"))
@@ -178,6 +180,7 @@ class ConversationStore:
         conv.snapshot_messages = conv.n_messages
         with self._lock:
             self.saves += 1
+            self.snapshot_s += time.perf_counter() - t0
 
     def _close(self, conv: Conversation) -> None:
         conv.session.close()
@@ -269,10 +272,14 @@ class ConversationStore:
         reads it) goes to the conversation's log first, fsync'd; None for a conversation that
         is not kept (a completion without a session id)."""
         if entry is not None:
+            t0 = time.perf_counter()
             index = self._path(conv.id, ".json")
             if not index.exists():
                 IndexEntry(conv.id).write(index)
             self._log(conv.id).append({**entry, "before": conv.n_messages, "after": n_messages, "digest": digest})
+            with self._lock:
+                self.logged += 1
+                self.log_s += time.perf_counter() - t0
         published = published_state(conv.session)
         with self._lock:
             if self.by_digest.get(conv.digest) == conv.id:
@@ -377,11 +384,12 @@ class ConversationStore:
         """Counts over the conversations, from what each last published."""
         with self._lock:
             convs = list(self.conversations.values())
-            saves, restores, replays = self.saves, self.restores, self.replays
+            counters = {"saves": self.saves, "restores": self.restores, "replays": self.replays,
+                        "logged": self.logged, "log_s": self.log_s, "snapshot_s": self.snapshot_s}
         live = [c.published for c in convs if c.session is not None and c.published]
         return {"sessions_live": sum(c.session is not None for c in convs),
                 "sessions_on_disk": sum(c.session is None and c.n_messages > 0 for c in convs),
                 "cells_cached": sum(p["cells_cached"] for p in live),
                 "cells_evicted": sum(p["cells_evicted"] for p in live),
-                "evictions": sum(p["evictions"] for p in live), "saves": saves, "restores": restores,
-                "replays": replays, "memory_tokens": sum(p["memory"]["tokens_stored"] for p in live if p["memory"])}
+                "evictions": sum(p["evictions"] for p in live), **counters,
+                "memory_tokens": sum(p["memory"]["tokens_stored"] for p in live if p["memory"])}
