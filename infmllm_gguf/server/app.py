@@ -395,9 +395,10 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                 "policy": store.settings.policy.config(), "max_sessions": store.max_sessions,
                 "parallel": store.parallel, "in_flight": store.in_flight, **store.stats(), "rss_mib": rss,
                 "per_session_mib": per_session_mib,
-                # each live conversation, and each slot's copy of a state being saved or restored
+                # each live conversation, and the copy of a state being saved or restored by each
+                # slot and by the snapshot thread
                 "rss_bound_mib": None if per_session_mib is None else
-                base_rss + (store.max_sessions + store.parallel) * per_session_mib}
+                base_rss + (store.max_sessions + store.parallel + 1) * per_session_mib}
 
     base_rss = rss_mib() or 0.0
 

@@ -358,8 +358,8 @@ class ConversationStore:
     def measure_session(self) -> float:
         """Resident MiB one conversation adds: a session made, its cache filled, saved and restored
         (the copies a save and a restore make included), kept. Run once before serving; the
-        server's memory is bounded by its resident size then plus `max_sessions + parallel` of
-        these (a slot may hold the copy of a state being saved or restored)."""
+        server's memory is bounded by its resident size then plus `max_sessions + parallel + 1` of
+        these (each slot and the snapshot thread may hold the copy of a state being saved or restored)."""
         s = self.settings
         before = rss_mib() or 0.0
         with tempfile.TemporaryDirectory() as tmp:
