@@ -253,8 +253,8 @@ class CacheController:
             self.layer_indices = np.concatenate((self.layer_indices, np.broadcast_to(new, (len(self.layer_indices), n))),
                                                 axis=1)
         self.is_image = np.concatenate((self.is_image, np.full(self.is_image.shape[:-1] + (n,), is_image)), axis=-1)
-        if self.memory is not None and not is_image:
-            self.memory.record(tokens, new)
+        if self.memory is not None:
+            self.memory.record(tokens, new, causal=causal)
         if self.history:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n

@@ -124,7 +124,7 @@ class StreamSession:
         if memory:
             if self.policy.name == "full":
                 raise ValueError("policy 'full' evicts nothing: it needs no memory (turn --memory off)")
-            config = MemoryConfig(**memory) if isinstance(memory, dict) else memory  # a saved file's settings
+            config = MemoryConfig.from_config(memory) if isinstance(memory, dict) else memory  # a saved file's
             self.memory = Memory(MemoryConfig() if config is True else config, self.policy.budget)
         self._owns_model = not isinstance(model, Model)
         self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) if self._owns_model else model
@@ -251,6 +251,8 @@ class StreamSession:
         saved_settings = known_settings(path, header.get("settings", {}), self._settings())
         if "policy" in saved_settings:  # a file older than some option ran with its `absent` value
             saved_settings["policy"] = saved_policy(path, saved_settings["policy"]).config()
+        if saved_settings.get("memory"):  # likewise: options added since ran with their defaults
+            saved_settings["memory"] = MemoryConfig.from_config(saved_settings["memory"]).config()
         for what, mine, saved in (("identity", self._identity(), header.get("identity", {})),
                                   ("settings", self._settings(), saved_settings)):
             diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}

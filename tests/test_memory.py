@@ -9,6 +9,7 @@ import pytest
 
 from infmllm_gguf.cache import CacheController
 from infmllm_gguf.memory import Memory, MemoryConfig, TokenStore, block_starts, bm25, choose
+from infmllm_gguf.memory.images import IMAGE_ID, ImageStore, whole_images
 from infmllm_gguf.policies import make_policy
 from infmllm_gguf.recall.needles import exact_match
 from infmllm_gguf.recall.run import ask
@@ -269,3 +270,64 @@ def test_recall_on_sliding_window_and_quantized_caches(request, model, kv, ranki
         assert s.cache.n_cached <= 128 - 8 and s.runtime.n_cached() >= s.cache.n_cached
         s.feed_tokens([11] * 8)
         assert s.cache.n_cached <= 128
+
+
+def test_images_come_back_whole_or_not_at_all():
+    """Ranges that touch an image take all its cells if they fit, else none; a dropped image's
+    cells are skipped; a causal image decoded in chunks is one image."""
+    images = ImageStore(cap_bytes=10 ** 6)
+    images.add(np.ones((6, 4)), 10, non_causal=False)
+    images.add(np.ones((4, 4)), 16, non_causal=False)  # the next chunk of the same image
+    images.add(np.ones((5, 4)), 30, non_causal=True)
+    assert [(i.first, i.end) for i in images.images] == [(10, 20), (30, 35)]
+    indices = np.arange(40)
+    ids = np.arange(40)
+    ids[10:20] = ids[30:35] = IMAGE_ID
+    assert whole_images([(5, 12)], ids, indices, images, room=100) == [(5, 20)]
+    assert whole_images([(5, 12)], ids, indices, images, room=10) == [(5, 10)]  # no room for the image: its text
+    assert whole_images([(18, 33)], ids, indices, images, room=100) == [(10, 35)]
+    assert whole_images([(18, 33)], ids, indices, images, room=12) == [(10, 22)]  # the image, text while room lasts
+    small = ImageStore(cap_bytes=2000)
+    for k, first in enumerate((0, 10, 20)):
+        small.add(np.full((10, 40), k), first, non_causal=True)  # 800 bytes each in float16
+    assert [i.first for i in small.images] == [10, 20] and small.dropped == 1
+    ids = np.full(30, IMAGE_ID)
+    assert whole_images([(0, 30)], ids, np.arange(30), small, room=100) == [(10, 30)]  # the dropped one skipped
+
+
+@pytest.fixture(scope="module")
+def mmproj(tmp_path_factory):
+    from infmllm_gguf.synthetic_mmproj import write_mmproj
+
+    return write_mmproj(tmp_path_factory.mktemp("mm") / "mmproj.gguf", 576, image_size=32, patch_size=8)
+
+
+def test_an_evicted_image_comes_back_with_the_words_that_name_it(default_model, mmproj, filler, tmp_path):
+    """A photo shown in a user turn, 1,500 tokens of text later evicted; a question that names the
+    photo re-reads it whole (its 16 cells) with its turn's words. With memory
+    off nothing of it comes back; a save keeps the memory's images."""
+    from PIL import Image
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    image_cells = {}
+    for memory in (None, MemoryConfig(window=48, reserve=96)):
+        with StreamSession(default_model, "streaming-llm", budget=256, chunk=64, n_threads=2, mmproj=mmproj,
+                           memory=memory) as s:
+            s.user_turn("Here is a photo of my red bicycle.", media=[photo], system="You are a helpful assistant.")
+            s.assistant_turn("What a nice bicycle!")
+            s.feed_text(filler[3000:9000])
+            assert s.stats.image_cells_cached == 0
+            s.user_turn("Which colour is the bicycle in my photo?")
+            image_cells[memory is not None] = s.stats.image_cells_cached
+            if memory is None:
+                continue
+            st = s.memory.stats
+            assert st.images_stored == 1 and st.images_recalled == 1 and st.image_bytes == 16 * s.model.n_embd * 2
+            stored = s.memory.images.images[0]
+            assert np.isin(np.arange(stored.first, stored.end), s.memory.store.copy_of).all()  # whole
+            s.save(tmp_path / "s.npz")
+    assert image_cells == {False: 0, True: 16}, image_cells
+    with StreamSession.restore(tmp_path / "s.npz", default_model, n_threads=2, mmproj=mmproj) as r:
+        again = r.memory.images.images[0]
+        assert again.first == stored.first and np.array_equal(again.embeddings, stored.embeddings)
+        assert r.memory.stats.images_recalled == 1

@@ -170,6 +170,9 @@ def test_files_with_fields_added_or_removed_since_load_and_newer_ones_are_refuse
     del components["cache"][0]["stats"]["image_cells_evicted"]       # a counter this file predates
     del components["memory"][0]["stats"]["spans_recalled"]
     components["memory"][0]["config"]["future_option"] = 1
+    header["settings"]["memory"]["future_option"] = 1
+    del header["settings"]["memory"]["image_cap_mib"]                # an option this file predates
+    del components["memory"][0]["config"]["image_cap_mib"]
     components["chat"][0]["speaker_names"] = {}
     write_state(tmp_path / "mixed.npz", header, components)
     with pytest.warns(UserWarning, match="settings this version does not know \\(speculative_draft\\)"):

@@ -11,8 +11,8 @@ again, and competes for the cache like any other cells afterwards.
 
 Re-reading computes a block's keys and values again in a new context (the cells before it in the
 cache), not the ones it had in the stream: it costs a prefill of the recalled tokens (at most
-`reserve`), and llama.cpp's cells need no export. Images are not kept (their tokens are embeddings,
-not ids): a recalled passage comes back as text only.
+`reserve`), and llama.cpp's cells need no export. Images are kept as their embeddings (`images`,
+float16, up to `image_cap_mib`): ranked by the text around them, they come back whole or not at all.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .images import IMAGE_ID, ImageStore, whole_images
 from .ranking import block_starts, bm25, choose
 from .store import TokenStore
 
@@ -40,13 +41,15 @@ class MemoryConfig:
     take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
     every half window (0: 64, or the reserve if smaller); `cap`: tokens kept in RAM (12 bytes
     each), the oldest beyond it dropped (`store` "ram") or appended to a file in `directory`
-    (`store` "disk"; default: <cache>/memory), deleted with the session unless a save names it."""
+    (`store` "disk"; default: <cache>/memory), deleted with the session unless a save names it;
+    `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond."""
     ranking: str = "lexical"
     reserve: int = 0
     window: int = 0
     cap: int = 4_000_000
     store: str = "ram"
     directory: str | None = None
+    image_cap_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
@@ -61,6 +64,13 @@ class MemoryConfig:
 
     def config(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MemoryConfig":
+        """The config of a saved record: options added since take their defaults, a newer
+        version's are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in known})
 
     def reserve_for(self, budget: int) -> int:
         return self.reserve or budget // 4
@@ -77,11 +87,15 @@ class MemoryStats:
     recall_s: float = 0.0       # ranking and re-reading, all prompts together
     last_recalled: list = field(default_factory=list)  # [first stream index, last + 1] of each span at the last prompt
     last_recall_s: float = 0.0
+    images_stored: int = 0      # kept now (their cells are counted in tokens_stored too)
+    image_bytes: int = 0        # their embeddings
+    images_dropped: int = 0     # the oldest, beyond image_cap_mib
+    images_recalled: int = 0    # re-read whole, all prompts together
 
     @property
     def host_bytes(self) -> int:
-        """RAM that the stored tokens take (the disk's part aside)."""
-        return (self.tokens_stored - self.tokens_on_disk) * TokenStore.BYTES_PER_TOKEN
+        """RAM that the stored tokens and images take (the disk's part aside)."""
+        return (self.tokens_stored - self.tokens_on_disk) * TokenStore.BYTES_PER_TOKEN + self.image_bytes
 
 
 class Memory:
@@ -102,12 +116,14 @@ class Memory:
 
             spill = Path(config.directory or cache_dir() / "memory") / f"{uuid.uuid4().hex}.tokens"
         self.store = TokenStore(config.cap, spill)
+        self.images = ImageStore(config.image_cap_mib * 2 ** 20)
         self.keep_file = False  # a save names the file: it outlives the session
         self._stats = MemoryStats()
         self._rereading: np.ndarray | None = None  # the stream indices being re-read now
 
     def reset(self) -> None:
         self.store = TokenStore(self.config.cap, self.store.spill)
+        self.images = ImageStore(self.config.image_cap_mib * 2 ** 20)
         self._stats = MemoryStats()
 
     def close(self) -> None:
@@ -120,17 +136,23 @@ class Memory:
         """A copy of the counters, the store's sizes counted now."""
         self.store.join()  # applies the cap
         return replace(self._stats, tokens_stored=len(self.store), tokens_on_disk=self.store.spilled,
-                       tokens_dropped=self.store.dropped, last_recalled=list(self._stats.last_recalled))
+                       tokens_dropped=self.store.dropped, last_recalled=list(self._stats.last_recalled),
+                       images_stored=len(self.images.images), image_bytes=self.images.nbytes,
+                       images_dropped=self.images.dropped)
 
     # -- recording --------------------------------------------------------------------------
-    def record(self, ids: Sequence[int], indices: np.ndarray) -> None:
-        """Text tokens just decoded, with their stream indices; a re-read block is kept as copies."""
+    def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True) -> None:
+        """Token ids or an image's embeddings just decoded, with their stream indices; a re-read
+        block is kept as copies."""
         if self._rereading is not None:
             n = len(indices)
             self.store.add_copies(np.asarray(indices, dtype=np.int64), self._rereading[:n])
             self._rereading = self._rereading[n:]
+        elif isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
+            self.images.add(tokens, int(indices[0]), non_causal=not causal)
+            self.store.append(np.full(len(indices), IMAGE_ID), indices)
         else:
-            self.store.append(ids, indices)
+            self.store.append(tokens, indices)
 
     # -- recall -----------------------------------------------------------------------------
     def rank(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray,
@@ -176,7 +198,7 @@ class Memory:
                 first = cache.stats.tokens_seen
                 self._rereading = indices[a:b]
                 try:
-                    cache.feed(ids[a:b].tolist(), chunk)
+                    self._reread(cache, ids, indices, a, b, chunk)
                 finally:
                     self._rereading = None
                 self._stats.last_recalled.append([first, first + b - a])
@@ -186,13 +208,35 @@ class Memory:
         self._stats.recall_s += self._stats.last_recall_s
         return n
 
+    def _reread(self, cache: "CacheController", ids: np.ndarray, indices: np.ndarray, a: int, b: int,
+                chunk: int) -> None:
+        """Decode stored tokens a..b-1 again: text as token ids, each image (whole: `whole_images`)
+        as its embeddings, the way it was first decoded."""
+        while a < b:
+            if ids[a] != IMAGE_ID:
+                image_at = np.flatnonzero(ids[a:b] == IMAGE_ID)
+                end = a + int(image_at[0]) if image_at.size else b
+                cache.feed(ids[a:end].tolist(), chunk)
+                a = end
+                continue
+            image = self.images.at(int(indices[a]))
+            embeddings = image.embeddings.astype(np.float32)
+            if image.non_causal:
+                cache.decode(embeddings, causal=False)
+            else:
+                cache.feed(embeddings, chunk)
+            self._stats.images_recalled += 1
+            a += len(embeddings)
+
     def _choose(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
                 room: int) -> list[tuple[int, int]]:
-        """The stored token ranges to re-read for `query` in `room` tokens, by the configured ranking."""
+        """The stored token ranges to re-read for `query` in `room` tokens, by the configured
+        ranking, images whole."""
         order, starts = self.rank(cache, query, ids, indices)
         if order.size and self.config.ranking == "attention":
             order = self._rerank_by_attention(cache, order, starts, ids, query)
-        return choose(order, starts, self.window, ids.size, room)
+        spans = choose(order, starts, self.window, ids.size, room)
+        return whole_images(spans, ids, indices, self.images, room) if np.any(ids == IMAGE_ID) else spans
 
     def _rerank_by_attention(self, cache: "CacheController", order: np.ndarray, starts: np.ndarray,
                              ids: np.ndarray, query: Sequence[int]) -> np.ndarray:
@@ -207,6 +251,7 @@ class Memory:
         if not spans:
             return order
         probe = np.concatenate([np.arange(a, b) for a, b in spans])  # stored token numbers, in order
+        probe = probe[ids[probe] != IMAGE_ID]  # the probe reads the blocks' text
         meta, saved = runtime.state()
         try:
             first = runtime.pos_max() + 1
@@ -239,11 +284,14 @@ class Memory:
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta, arrays = self.store.state()
+        images_meta, image_arrays = self.images.state()
         stats = asdict(self.stats)
-        return {"store": meta, "stats": stats, "config": self.config.config()}, arrays
+        return {"store": meta, "images": images_meta, "stats": stats, "config": self.config.config()}, \
+            {**arrays, **image_arrays}
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         TokenStore.check_state(meta.get("store", {}), arrays)
+        ImageStore.check_state(arrays)
         saved, mine = meta.get("config") or {}, self.config.config()
         if any(saved[k] != mine[k] for k in saved.keys() & mine.keys()):  # options added since: their defaults
             raise ValueError(f"the saved memory ran with {saved}, this session's with {mine}")
@@ -251,6 +299,7 @@ class Memory:
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         own = self.store.spill
         self.store.load_state(meta["store"], arrays)
+        self.images.load_state(meta.get("images", {}), arrays)
         if self.store.spill != own:  # a saved session's file: its save still names it
             self.keep_file = True
         names = {f.name for f in fields(MemoryStats)}  # counters added since start at 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import sys
 import threading
 import time
 import traceback
@@ -267,6 +268,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         except ApiError as exc:
             put(exc)
         except (ValueError, RuntimeError, OSError) as exc:  # the model or the stream could not go on
+            sys.stderr.write(f"error: a request failed: {exc}\n")
             put(ApiError(500, str(exc), kind="server_error", code="internal"))
         except Exception as exc:  # a bug: said to the client and in the log, never lost in the thread pool
             traceback.print_exc()

@@ -109,6 +109,7 @@ def published_state(session: StreamSession) -> dict:
         m = session.memory.stats
         memory = {"ranking": session.memory.config.ranking, "tokens_stored": m.tokens_stored,
                   "host_bytes": m.host_bytes, "tokens_recalled": m.tokens_recalled, "recall_s": round(m.recall_s, 3),
+                  "images_stored": m.images_stored, "images_recalled": m.images_recalled,
                   "last_recalled": m.last_recalled}
     return {"cells_cached": st.cells_cached, "budget": session.policy.budget, "tokens_seen": st.tokens_seen,
             "cells_evicted": st.cells_evicted, "evictions": st.evictions, "image_tokens_seen": st.image_tokens_seen,
