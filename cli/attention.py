@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, app, fail, with_backend_options
+from .common import MODEL_ARG, NGL_OPT, app, check_plot, fail, with_backend_options
 
 
 @app.command()
@@ -25,6 +25,7 @@ def attention(
     backend: dict = None,
 ) -> None:
     """Decode a text and report how much attention each token receives from the last W queries."""
+    check_plot(png, "--png")
     from infmllm_gguf.attention import plot_heatmap, text_attention
     from infmllm_gguf.models import ModelError
     from infmllm_gguf.runtime import UnpatchedLlamaError

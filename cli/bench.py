@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_backend_options, with_policy_options
+from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, check_plot, fail, split, with_backend_options,
+                     with_policy_options)
 
 PARTS = ("capture", "stream", "kv", "rpc", "memory")
 
@@ -93,7 +94,13 @@ def bench(
     """Capture overhead (prefill and decode, capture off vs on) and streaming speed, eviction time and memory
     over stream length per policy beside plain llama.cpp; with --only kv, quantized KV caches against f16;
     with --only rpc, a stream over local rpc-servers. Interleaved, medians of the repeats with [min, max]."""
-    from infmllm_gguf import bench as b
+    check_plot(plot_out, "--plot")
+    from infmllm_gguf.bench.capture import capture_overhead
+    from infmllm_gguf.bench.figures import figures
+    from infmllm_gguf.bench.kv import kv_cache_bench, parse_cache_types
+    from infmllm_gguf.bench.memory import memory_cost
+    from infmllm_gguf.bench.rpc import rpc_bench
+    from infmllm_gguf.bench.stream import plot, stream_bench
     from infmllm_gguf.models import ModelError
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.synthetic import DTYPES, cached_model
@@ -117,27 +124,26 @@ def bench(
             model = cached_model(synthetic, synthetic_dtype)
         capture = stream = kv = rpc = memory = None
         if "capture" in parts:
-            capture = b.capture_overhead(model, prompt_tokens=prompt_tokens, chunk=chunk, decode_tokens=decode_tokens,
+            capture = capture_overhead(model, prompt_tokens=prompt_tokens, chunk=chunk, decode_tokens=decode_tokens,
                                          capture_queries=capture_queries, repeats=repeats, n_gpu_layers=n_gpu_layers,
                                          flash_attn=flash_attn, n_threads=threads, **backend)
             typer.echo(capture.table())
         if "stream" in parts:
-            stream = b.stream_bench(model, policies=grid, tokens=tokens, chunk=chunk, segment=segment,
+            stream = stream_bench(model, policies=grid, tokens=tokens, chunk=chunk, segment=segment,
                                     repeats=repeats, source="random" if synthetic else "shakespeare", reindex=reindex,
                                     baseline=baseline, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                     n_threads=threads, progress=True, **backend)
             typer.echo(stream.table())
         if "kv" in parts:
-            kv = b.kv_cache_bench(model, types=b.parse_cache_types(split(kv_types, str, "--kv-types")),
+            kv = kv_cache_bench(model, types=parse_cache_types(split(kv_types, str, "--kv-types")),
                                   budget=kv_budget, tokens=kv_tokens, chunk=chunk,
                                   flash_attn=True if flash_attn is None else flash_attn, n_gpu_layers=n_gpu_layers,
                                   n_threads=threads, rpc=backend["rpc"], progress=True)
             typer.echo(kv.table())
         if "rpc" in parts:
-            rpc = b.rpc_bench(model, servers=rpc_servers, tokens=tokens, chunk=chunk, repeats=repeats, n_threads=threads)
+            rpc = rpc_bench(model, servers=rpc_servers, tokens=tokens, chunk=chunk, repeats=repeats, n_threads=threads)
             typer.echo(rpc.table())
         if "memory" in parts:
-            from infmllm_gguf.memory.cost import memory_cost
 
             memory = memory_cost(model, budget=policy_options["budget"][0], tokens=tokens, memory_tokens=memory_tokens,
                                  questions=questions, chunk=chunk, repeats=repeats, ranking=memory_ranking,
@@ -145,10 +151,10 @@ def bench(
             typer.echo(memory.table())
     except (ModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc))
-    goals = against_targets(b.figures(capture, stream, memory))
+    goals = against_targets(figures(capture, stream, memory))
     typer.echo(targets_table(goals))
     if plot_out is not None:
-        b.plot(stream, plot_out)
+        plot(stream, plot_out)
     if json_out is not None:
         json_out.write_text(json.dumps({
             "capture": capture.to_json() if capture else None,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
+from infmllm_gguf.extras import MissingExtra, pyplot
 from infmllm_gguf.policies import POLICIES, declared_options
 
 # no markup: help texts are plain (rich would eat "[min, max]" as a tag)
@@ -22,6 +24,15 @@ SHORT_FLAGS = {"budget": "-b", "window": "-w"}  # as the commands always had the
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def check_plot(path: Optional[Path], flag: str) -> None:
+    """Before any work: a plot asked for (`flag`) needs matplotlib (the [plot] extra)."""
+    if path is not None:
+        try:
+            pyplot(flag)
+        except MissingExtra as exc:
+            fail(str(exc))
 
 
 def split(text: str, kind: type, flag: str) -> list:

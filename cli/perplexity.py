@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, split, with_backend_options, with_policy_options
+from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, check_plot, fail, split, with_backend_options,
+                     with_policy_options)
 
 
 @app.command()
@@ -37,6 +38,7 @@ def perplexity(
     """Stream a text chunk by chunk and score every token given the bounded cache, for each
     combination of policy and option values; `full` runs while the text fits its budget and the
     model's context."""
+    check_plot(plot, "--plot")
     from tqdm import tqdm
 
     from infmllm_gguf.models import ModelError

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import MEMORY_HELP, MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, memory_config, split, with_policy_options
+from .common import (MEMORY_HELP, MODEL_ARG, NGL_OPT, POLICY_NAMES, app, check_plot, fail, memory_config, split,
+                     with_policy_options)
 
 ALL_POLICIES = "inf-mllm,h2o,streaming-llm,recent-only,context-shift,full"
 FILLER_HELP = "filler text: shakespeare, kjv (`make data`), or a UTF-8 text file"
@@ -88,6 +89,7 @@ def recall(
     stream at controlled distances before snapshot points, stream it through each policy and
     budget, and ask every needle's question from the exact state at its snapshot: greedy answer,
     exact match. One stream per policy gives every trial."""
+    check_plot(png, "--png")
     from tqdm import tqdm
 
     from infmllm_gguf.perplexity import TextFileError, check_text_file
@@ -169,6 +171,7 @@ def recall_chat(
 ) -> None:
     """Tell facts in round 1 of a conversation, go on for N rounds through the chat template, and
     ask each fact after the probe rounds: how many rounds until a round-1 fact is lost?"""
+    check_plot(png, "--png")
     from tqdm import tqdm
 
     from infmllm_gguf.perplexity import TextFileError, check_text_file

@@ -52,8 +52,13 @@ def serve(
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with a
     web page at /. Each conversation streams through a cache of --budget cells: any length continues, and a
     client that resends the whole history is recognised, so only the new messages are read."""
-    import uvicorn
+    from infmllm_gguf.extras import MissingExtra, require
 
+    try:
+        uvicorn = require("uvicorn", "serve")
+        require("fastapi", "serve")
+    except MissingExtra as exc:
+        fail(str(exc))
     from infmllm_gguf.models import ModelError, cache_dir
     from infmllm_gguf.multimodal import ProjectorError
     from infmllm_gguf.policies import make_policy

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .extras import pyplot
 from .runtime import AttentionScores, Model, Runtime
 
 
@@ -70,9 +71,7 @@ def text_attention(text: str, *, model=None, window: int = 32, n_gpu_layers: int
 
 def plot_heatmap(result: TextAttention, path: str | Path) -> Path:
     """Layers x positions heatmap (log colour scale) over the mean share per position."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the attention heatmap (--png)")
     from matplotlib.colors import LogNorm
 
     scores = result.capture.scores

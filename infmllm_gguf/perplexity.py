@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .extras import pyplot
 from .policies import DEFAULT_POLICY, Full, Policy, declared_options, from_config
 from .probes import rss_mib
 from .runtime import Model
@@ -287,9 +288,7 @@ def cumulative_ppl(run: PerplexityRun) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_runs(runs: Sequence[PerplexityRun], path: str | os.PathLike, title: str = "") -> None:
     """Perplexity (so far) and resident memory against stream length, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("a perplexity plot (--png)")
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(2, 1))
     for r in runs:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from .extras import require
 from .multimodal import load_image
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def _sample(timeline: Iterable[tuple[float, float, T]], fps: float, start: float
 
 
 def _video_timeline(path: Path, start: float) -> Iterator[tuple[float, float, object]]:
-    import av
+    av = require("av", "reading a video file")
 
     try:
         container = av.open(str(path))
@@ -173,7 +174,7 @@ def expected_frames(source: str | os.PathLike, *, fps: float = 1.0, max_frames: 
     if path.is_dir():
         duration = len(_image_files(path)) / fps
     elif path.is_file() and not _is_animated(path):
-        import av
+        av = require("av", "reading a video file")
 
         try:
             with av.open(str(path)) as c:

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infmllm_gguf import StreamSession  # noqa: E402
+from infmllm_gguf.extras import pyplot  # noqa: E402
 from infmllm_gguf.perplexity import file_tokens, slice_tokens  # noqa: E402
 from infmllm_gguf.policies import declared_options, from_config  # noqa: E402
 
@@ -96,10 +97,7 @@ def ppl_blocks(run: dict, block: int) -> dict[int, float]:
 def plot(paths: list[str], out: str, curves: list[str], block: int) -> None:
     """Top: the old cells' share in each census. Bottom: from perplexity records (`curves`), each
     policy's perplexity per block minus streaming-llm's at the same budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the census plot")
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for r in (json.loads(Path(p).read_text()) for p in paths):

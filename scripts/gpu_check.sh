@@ -41,10 +41,10 @@ LLAMA_1B=$INFMLLM_GGUF_HOME/synthetic/llama-1b-q8_0.gguf  # where `bench --synth
 python3 -m infmllm_gguf.synthetic $LLAMA_1B --shape llama-1b --dtype q8_0
 INFMLLM_GPU_MODEL=$LLAMA_1B timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
 for fa in --flash-attn --no-flash-attn; do
-    timeout 120 python3 -m cli.main bench $LLAMA_1B --only capture -ngl -1 $fa --prompt-tokens 1024 --chunk 512 \
+    timeout 120 python3 -m infmllm_gguf.cli.main bench $LLAMA_1B --only capture -ngl -1 $fa --prompt-tokens 1024 --chunk 512 \
         --decode-tokens 64 --repeats 3 --json "$OUT/bench_1b${fa#--}.json"
 done
-timeout 240 python3 -m cli.main bench --synthetic llama-1b --only stream -ngl -1 --policy inf-mllm,h2o,streaming-llm,full \
+timeout 240 python3 -m infmllm_gguf.cli.main bench --synthetic llama-1b --only stream -ngl -1 --policy inf-mllm,h2o,streaming-llm,full \
     --budget 1024 --tokens 30000 --chunk 512 --segment 1024 --repeats 2 \
     --json "$OUT/stream_1b.json" --plot "$OUT/stream_1b.png"
 echo "== total ${SECONDS}s"

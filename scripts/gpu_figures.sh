@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_figures.log") 2>&1
 export PYTHONPATH=/tmp/site:$PWD/.gpu:$PWD PYTHONUNBUFFERED=1 INFMLLM_GGUF_HOME=/tmp/infmllm
 export LLAMA_CPP_LIB_PATH=$PWD/.gpu/build/bin
-bench() { python3 -m cli.main bench -ngl -1 "$@"; }
+bench() { python3 -m infmllm_gguf.cli.main bench -ngl -1 "$@"; }
 
 SECONDS=0
 for fa in --flash-attn --no-flash-attn; do

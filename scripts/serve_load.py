@@ -3,7 +3,7 @@
     python scripts/serve_load.py [MODEL] --clients 1,4,16 --minutes 3 [--json OUT.json] [-- extra serve args...]
     e.g.  python scripts/serve_load.py --clients 1,4,16 --minutes 3 --json load.json -- --budget 256 --memory off
 
-For each K in --clients a fresh server process starts (`python -m cli.main serve` on a free port, a
+For each K in --clients a fresh server process starts (`python -m infmllm_gguf.cli.main serve` on a free port, a
 temporary --state-dir, --threads N, then the extra args, which win over --threads), and K client
 threads, each with the official `openai` client (max_retries=0: every retry here is counted), loop
 over conversations until the time is up:
@@ -112,7 +112,7 @@ class Server:
     def __init__(self, model: Path | None, threads: int, extra: list[str], state_dir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "cli.main", "serve", *([str(model)] if model else []), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "infmllm_gguf.cli.main", "serve", *([str(model)] if model else []), "--port", str(self.port),
                "--state-dir", str(state_dir / "sessions"), "--threads", str(threads), *extra]
         self.log = open(state_dir / "server.log", "w+")
         # a session of its own: Ctrl-C reaches this script only, which stops the server after its clients

@@ -44,7 +44,7 @@ def tiny_gemma3(tmp_path_factory):
 
 def run_cli(*args, input=None, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """`infmllm-gguf ARGS...` in a subprocess, as a user runs it; never a traceback on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], input=input, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "infmllm_gguf.cli.main", *map(str, args)], input=input, capture_output=True,
                           text=True, timeout=timeout, env=None if env is None else {**os.environ, **env})
     assert "Traceback" not in proc.stderr, proc.stderr
     if check:

@@ -21,7 +21,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port), "--state-dir", str(state_dir),
+        cmd = [sys.executable, "-m", "infmllm_gguf.cli.main", "serve", "--port", str(self.port), "--state-dir", str(state_dir),
                *args, *(["--api-key", api_key] if api_key else [])]
         self.log = open(state_dir.parent / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

@@ -160,7 +160,7 @@ def test_a_killed_rpc_server_ends_the_stream_with_a_clear_error(tiny_llama):
 
 def test_rpc_server_command_and_unreachable_servers(default_model, tmp_path):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cli.main", "rpc-server", "--port", str(port), "--threads", "1"],
+    server = subprocess.Popen([sys.executable, "-m", "infmllm_gguf.cli.main", "rpc-server", "--port", str(port), "--threads", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening("127.0.0.1", port, process=server)

@@ -8,10 +8,10 @@ import gguf
 import numpy as np
 import pytest
 
-from cli.bench import TARGETS, against_targets
 from conftest import run_cli
-from infmllm_gguf.bench import (StreamBench, StreamRun, StreamSummary, bounded_by_context, figures, stream_bench,
-                                 unshifted)
+from infmllm_gguf.bench.figures import figures
+from infmllm_gguf.bench.stream import StreamBench, StreamRun, StreamSummary, bounded_by_context, stream_bench, unshifted
+from infmllm_gguf.cli.bench import TARGETS, against_targets
 from infmllm_gguf.policies import make_policy, policy_grid
 from infmllm_gguf.runtime import Runtime
 from infmllm_gguf.segments import Segment

@@ -96,7 +96,7 @@ def test_on_a_terminal_replies_stream_after_a_prompt(media):
         import pexpect
     except ImportError:
         pytest.fail("pexpect is missing: run `make setup`")
-    child = pexpect.spawn(sys.executable, ["-m", "cli.main", "chat", "--mmproj", str(media / "mmproj.gguf"), *OPTIONS],
+    child = pexpect.spawn(sys.executable, ["-m", "infmllm_gguf.cli.main", "chat", "--mmproj", str(media / "mmproj.gguf"), *OPTIONS],
                           encoding="utf-8", timeout=300, dimensions=(40, 200))
     try:
         child.expect("/help lists commands")

@@ -101,7 +101,7 @@ def words(text: str) -> str:
 @pytest.mark.parametrize("command", ["attention", "perplexity", "bench", "chat"])
 def test_help_shows_the_whole_description(command):
     """Every word of the command's description reaches --help (markup once ate "[min, max]")."""
-    from cli.main import app
+    from infmllm_gguf.cli.main import app
 
     doc = next(c.callback.__doc__ for c in app.registered_commands if c.callback.__name__ == command)
     shown = run(command, "--help").stdout

@@ -1,7 +1,11 @@
 """The package's shape, read from its source: llama.cpp behind one door, and no import cycles,
 lazy imports inside functions included (they once hid two)."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "infmllm_gguf"
 
@@ -58,3 +62,21 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert "infmllm_gguf.session" in edges and "infmllm_gguf.cache" in edges["infmllm_gguf.session"]
+
+
+def test_each_layer_imports_only_those_below_it():
+    """The import-linter contract in pyproject.toml (the layers of docs/ARCHITECTURE.md), lazy
+    imports inside functions included."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--no-cache"], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 kept, 0 broken" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_installed_packages_are_every_package_here():
+    """pyproject.toml lists the packages (the repository's cli/ installs as infmllm_gguf.cli): a new
+    one left out would be missing from an installed copy."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    here = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("*.py")} | {"infmllm_gguf.cli"}
+    here |= {module_name(p / "x.py").rsplit(".", 1)[0] for p in PACKAGE.rglob("static")}  # data-only folders
+    assert listed == here

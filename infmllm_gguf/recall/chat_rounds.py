@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..extras import pyplot
 from ..memory import MemoryConfig
 from ..perplexity import text_blocks
 from ..policies import DEFAULT_POLICY, Policy, from_config
@@ -164,9 +165,7 @@ def run_chat_recall(plan: ChatPlan, *, model: Model | str | os.PathLike | None =
 
 def plot_chat(runs: Sequence[ChatRecallRun], path: str | os.PathLike, title: str = "") -> None:
     """Share of round-1 facts recalled against the rounds since, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("a chat recall plot (--png)")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in runs:

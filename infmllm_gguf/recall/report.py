@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ..extras import pyplot
 from .run import RecallRun
 
 
@@ -40,10 +41,9 @@ def table(runs: Sequence[RecallRun], distances: Sequence[int]) -> str:
 def heatmap(runs: Sequence[RecallRun], distances: Sequence[int], path: str | os.PathLike, title: str = "") -> None:
     """Accuracy per (run, distance) as colours, correct/trials written in each cell; a distance a run
     did not reach (full past the model's context) is left grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot("a recall heatmap (--png)")
 
     grid = np.full((len(runs), len(distances)), np.nan)
     text = [["" for _ in distances] for _ in runs]
@@ -55,7 +55,7 @@ def heatmap(runs: Sequence[RecallRun], distances: Sequence[int], path: str | os.
                 grid[i, j] = right / n
                 text[i][j] = cell(right, n)
     fig, ax = plt.subplots(figsize=(1.1 * len(distances) + 3.5, 0.42 * len(runs) + 1.6))
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
+    cmap = plt.colormaps["RdYlGn"].copy()
     cmap.set_bad("#d0d0d0")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i in range(len(runs)):

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..bench import Rate, stream_tokens
 from ..generation import make_sampler
 from ..recall.needles import NeedleMaker, exact_match
 from ..runtime import Model
 from ..session import StreamSession
-from .tier import MemoryConfig, TokenStore
+from ..memory import MemoryConfig, TokenStore
+from .common import Rate, stream_tokens
 
 
 @dataclass(frozen=True)
