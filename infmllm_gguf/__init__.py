@@ -1,6 +1,6 @@
 """infmllm-gguf: streaming inference through llama.cpp in a KV cache of fixed size (Inf-MLLM)."""
 
-__all__ = ["StreamSession"]
+__all__ = ["Llama", "StreamSession"]
 
 
 def __getattr__(name: str):
@@ -8,4 +8,7 @@ def __getattr__(name: str):
     if name == "StreamSession":
         from .session import StreamSession
         return StreamSession
+    if name == "Llama":  # llama-cpp-python's class, over a bounded stream
+        from .llama_compat import Llama
+        return Llama
     raise AttributeError(f"module 'infmllm_gguf' has no attribute {name!r}")

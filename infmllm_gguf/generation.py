@@ -22,18 +22,26 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def make_sampler(temperature: float, top_p: float, rng: np.random.Generator) -> Sampler:
-    """Greedy at temperature 0; else nucleus sampling (the smallest set of tokens whose
-    probability reaches `top_p`) at `temperature`, drawn from `rng`."""
-    if temperature < 0 or not 0 <= top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and top_p in [0, 1] (got {temperature}, {top_p})")
+def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, top_k: int = 0,
+                 min_p: float = 0.0) -> Sampler:
+    """Greedy at temperature 0; else, at `temperature`, the `top_k` likeliest tokens (0: all), of
+    those the ones at least `min_p` times as likely as the likeliest, and of those the smallest set
+    whose probability reaches `top_p` (nucleus sampling), drawn from `rng`."""
+    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_p and min_p in [0, 1] and top_k >= 0 (got {temperature}, "
+                         f"{top_p}, {min_p}, {top_k})")
     if temperature == 0:
         return lambda logits: int(np.argmax(logits))
 
     def sample(logits: np.ndarray) -> int:
         p = np.exp(log_softmax(logits / temperature))
         order = np.argsort(-p)
-        cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+        if top_k:
+            order = order[:top_k]
+        if min_p:
+            order = order[p[order] >= min_p * p[order[0]]]
+        kept = p[order] / p[order].sum() if top_k or min_p else p[order]
+        cut = int(np.searchsorted(np.cumsum(kept), top_p)) + 1
         top = order[:cut]
         return int(rng.choice(top, p=p[top] / p[top].sum()))
     return sample

@@ -464,6 +464,21 @@ class StreamSession:
         `chat` asks about it. Returns the number of image tokens fed."""
         return self.user_turn("", media=media, system=system, add_assistant=False)
 
+    def read_turns(self, turns: Sequence[tuple[str, str, Sequence[MediaPart]]], system: str | None = None) -> None:
+        """Feed a conversation's messages that this stream has not read, without sampling: each
+        (role, text, media) user message, and the assistant's answer to it where one follows."""
+        i = 0
+        while i < len(turns):
+            answered = i + 1 < len(turns) and turns[i + 1][0] == "assistant"
+            role, text, media = turns[i]
+            if role != "user":
+                raise ValueError(f"message {i} of the history is the {role}'s: an assistant message follows a user one")
+            self.user_turn(text, media=list(media) or None, system=system, add_assistant=answered)
+            if answered:
+                self.assistant_turn(turns[i + 1][1])
+            i += 2 if answered else 1
+            system = None
+
     def assistant_turn(self, text: str) -> int:
         """Feed an assistant message that was not generated here (a conversation's history, replayed)
         as the reply to the last user turn; returns the number of tokens fed."""

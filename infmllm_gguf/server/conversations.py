@@ -78,16 +78,8 @@ class SessionSettings:
 
 
 def read_history(session: StreamSession, turns: list[Turn], system: str | None = None) -> None:
-    """Feed messages the stream has not read, without sampling: each user message, and the
-    assistant's answer to it where one follows."""
-    i = 0
-    while i < len(turns):
-        answered = i + 1 < len(turns) and turns[i + 1].role == "assistant"
-        session.user_turn(turns[i].text, media=list(turns[i].images) or None, system=system, add_assistant=answered)
-        if answered:
-            session.assistant_turn(turns[i + 1].text)
-        i += 2 if answered else 1
-        system = None
+    """Feed messages the stream has not read, without sampling (`StreamSession.read_turns`)."""
+    session.read_turns([(t.role, t.text, t.images) for t in turns], system)
 
 
 def replay(session: StreamSession, entry: dict) -> None:

@@ -1,0 +1,227 @@
+"""`Llama`: llama-cpp-python's class of the same name, over a bounded `StreamSession`, so that code
+written for llama-cpp-python switches by changing one import and never runs out of context.
+
+    from infmllm_gguf import Llama        # was: from llama_cpp import Llama
+    llm = Llama(model_path="model.gguf", n_ctx=2048)
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}])
+
+The constructor, `create_completion` (and `__call__`), `create_chat_completion`, `tokenize`,
+`detokenize` and `n_ctx` take llama-cpp-python's arguments and return its dicts and stream chunks.
+`n_ctx` becomes the cache's budget: where llama-cpp-python raises "Requested tokens (N) exceed
+context window of M", this one evicts with the policy (`policy=`, default inf-mllm) and keeps what
+it evicts in its memory (`memory=`, on by default). Like llama-cpp-python, a prompt that extends the
+previous prompt and reply (a chat resent with its history) reads only its new part; any other
+starts the stream again.
+
+Sampling: temperature, top_p, top_k, min_p and seed as llama-cpp-python reads them; options this
+class does not implement (penalties, grammars, logit biases, tools) are refused with ValueError when
+set to anything but their defaults, never ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .generation import make_sampler
+from .memory import MemoryConfig
+from .session import StreamSession
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's: a random seed
+
+#: llama-cpp-python's constructor options about speed, memory mapping or logging: accepted, no effect here
+IGNORED_OPTIONS = {"n_batch", "n_ubatch", "n_threads_batch", "use_mmap", "use_mlock", "main_gpu", "split_mode",
+                   "offload_kqv", "numa", "last_n_tokens_size", "verbose"}
+
+#: sampling options of llama-cpp-python that this class does not implement, with their defaults
+UNSUPPORTED = {"suffix": None, "echo": False, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+               "repeat_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logprobs": None,
+               "top_logprobs": None, "stopping_criteria": None, "logits_processor": None, "grammar": None,
+               "logit_bias": None, "functions": None, "function_call": None, "tools": None, "tool_choice": None,
+               "response_format": None}
+
+
+def _digest(previous: str, message: dict) -> str:
+    return hashlib.sha256((previous + json.dumps([message.get("role"), message.get("content")])).encode()).hexdigest()
+
+
+class Llama:
+    """See the module. Extra keywords: `policy` (a name or `Policy`), `memory` (a `MemoryConfig`,
+    True or False), `chunk` (tokens per decode)."""
+
+    def __init__(self, model_path: str, *, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 seed: int = LLAMA_DEFAULT_SEED, flash_attn: bool = False, chat_format: str | None = None,
+                 policy: str = "inf-mllm", memory: MemoryConfig | bool = True, chunk: int = 256, **options):
+        unknown = sorted(set(options) - IGNORED_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (this Llama takes llama-cpp-python's "
+                            "model_path, n_ctx, n_threads, n_gpu_layers, seed, flash_attn and ignores "
+                            f"{', '.join(sorted(IGNORED_OPTIONS))})")
+        if chat_format is not None:
+            raise ValueError("chat_format: this Llama always uses the model's own chat template (leave it None)")
+        self.model_path = str(model_path)
+        self._seed = None if seed == LLAMA_DEFAULT_SEED else seed
+        self._session = StreamSession(model_path, policy, budget=n_ctx, chunk=min(chunk, n_ctx),
+                                      n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn,
+                                      memory=memory if policy != "full" else None)
+        self._session.rng = np.random.default_rng(self._seed)
+        self._held_text = ""      # the completion text the stream holds (prompts and replies)
+        self._held_chat: list[str] = []  # digests of the chat messages it holds, in order
+
+    # -- llama-cpp-python's small methods ---------------------------------------------------
+    def n_ctx(self) -> int:
+        return self._session.policy.budget
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._session.model.tokenize(text.decode("utf-8", errors="replace"), add_special=add_bos,
+                                            parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None,
+                   special: bool = False) -> bytes:
+        return b"".join(self._session.model.token_bytes(t) for t in tokens)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- completions -------------------------------------------------------------------------
+    def __call__(self, prompt: str, **options):
+        return self.create_completion(prompt, **options)
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, min_p: float = 0.05, stop: str | list[str] | None = None,
+                          top_k: int = 40, stream: bool = False, seed: int | None = None, model: str | None = None,
+                          **options):
+        """Text after `prompt`: a `text_completion` dict, or an iterator of its chunks (`stream`)."""
+        refuse_unsupported(options)
+        if not isinstance(prompt, str):
+            raise ValueError("prompt: this Llama takes text (token-id prompts are not supported)")
+        session = self._session
+        if self._held_chat or not prompt.startswith(self._held_text) or not self._held_text:
+            session.reset()  # not a continuation of what the stream holds: read the prompt from the start
+            self._held_chat, self._held_text = [], ""
+        new = prompt[len(self._held_text):]
+        n_prompt = len(session.model.tokenize(prompt, add_special=True))
+        pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed),
+                                  special=False)
+        head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+                "model": model or self.model_path}
+
+        def remember(text: str) -> None:
+            self._held_text = prompt + text
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        if stream:
+            return self._stream(pieces, head, choice, remember)
+        text = "".join(pieces)
+        remember(text)
+        reply = session.last_reply
+        return {**head, "choices": [choice(text, reply.finish_reason)],
+                "usage": usage(n_prompt, reply.n_tokens)}
+
+    def create_chat_completion(self, messages: list[dict], temperature: float = 0.2, top_p: float = 0.95,
+                               top_k: int = 40, min_p: float = 0.05, stream: bool = False,
+                               stop: str | list[str] | None = None, seed: int | None = None,
+                               max_tokens: int | None = None, model: str | None = None, **options):
+        """The assistant's reply to `messages`: a `chat.completion` dict, or an iterator of
+        `chat.completion.chunk` dicts (`stream`)."""
+        refuse_unsupported(options)
+        turns = checked_messages(messages)
+        session = self._session
+        digests = [""]
+        for m in messages:
+            digests.append(_digest(digests[-1], m))
+        held = len(self._held_chat)
+        if self._held_text or not held or held >= len(messages) or self._held_chat != digests[1:held + 1]:
+            session.reset()  # not a continuation of what the stream holds: read the whole conversation
+            self._held_chat, self._held_text, held = [], "", 0
+        system = turns[0][1] if turns[0][0] == "system" and held == 0 else None
+        new = turns[held:]
+        if new and new[0][0] == "system":
+            new = new[1:]
+        session.read_turns(new[:-1], system)
+        pieces = session.chat_stream(new[-1][1], system=system if len(new) == 1 else None,
+                                     **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed))
+        head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
+
+        def remember(text: str) -> None:
+            self._held_chat = digests[1:] + [_digest(digests[-1], {"role": "assistant", "content": text})]
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {"index": 0, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+                    "finish_reason": finish}
+        if stream:
+            start = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+            return self._stream(pieces, {**head, "object": "chat.completion.chunk"}, choice, remember, first=start)
+        text = "".join(pieces)
+        remember(text)
+        reply = session.last_reply
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": reply.finish_reason}],
+                # the whole conversation read so far, as llama-cpp-python counts its prompt
+                "usage": usage(session.stats.tokens_seen - reply.n_tokens, reply.n_tokens)}
+
+    # -- shared ------------------------------------------------------------------------------
+    def _sampling(self, max_tokens, temperature, top_p, top_k, min_p, stop, seed) -> dict:
+        rng = self._session.rng if seed is None else np.random.default_rng(seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        limit = max_tokens if max_tokens is not None and max_tokens > 0 else self.n_ctx()  # as llama-cpp-python
+        return {"max_tokens": limit, "stop": stops,
+                "sampler": make_sampler(temperature, top_p, rng, top_k=top_k, min_p=min_p)}
+
+    def _stream(self, pieces: Iterator[str], head: dict, choice, remember, first: dict | None = None) -> Iterator[dict]:
+        text = ""
+        try:
+            if first is not None:
+                yield first
+            for piece in pieces:
+                text += piece
+                yield {**head, "choices": [choice(piece, None)]}
+        finally:
+            pieces.close()
+            remember(text)
+        yield {**head, "choices": [choice("", self._session.last_reply.finish_reason)]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def refuse_unsupported(options: dict) -> None:
+    for name, value in options.items():
+        if name not in UNSUPPORTED:
+            raise TypeError(f"unexpected keyword argument {name!r}")
+        if value not in (UNSUPPORTED[name], None, [], {}):
+            raise ValueError(f"{name}={value!r}: this Llama does not implement {name} (leave it at its default)")
+
+
+def checked_messages(messages: list[dict]) -> list[tuple[str, str, list]]:
+    """(role, text, media) of each message: text content only, a system message first, the last
+    message the user's."""
+    turns = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: a system, user or assistant message with text content is needed "
+                             f"(got role {role!r}, content of type {type(content).__name__})")
+        if role == "system" and i > 0:
+            raise ValueError(f"messages[{i}]: a system message goes first")
+        turns.append((role, content, []))
+    if not turns or turns[-1][0] != "user":
+        raise ValueError("the last message must be the user's")
+    return turns
