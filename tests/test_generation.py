@@ -110,3 +110,14 @@ def test_generate_with_a_sampler_callable_streams_the_text_it_chose(default_mode
                 assert s.stats.tokens_seen > start
             assert "".join(pieces) == MULTILINGUAL and not any("\ufffd" in p for p in pieces)
             assert s.stats.tokens_seen == start + len(script)
+
+
+def test_top_k_and_min_p_keep_only_the_likeliest_tokens():
+    logits = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05]))
+    for options, allowed in (({"top_k": 2}, {1, 2}), ({"min_p": 0.6}, {1, 2}), ({"min_p": 0.4}, {1, 2, 3}),
+                             ({"top_k": 3, "min_p": 0.6}, {1, 2})):
+        draw = make_sampler(1.0, 1.0, np.random.default_rng(0), **options)
+        drawn = {draw(logits) for _ in range(400)}
+        assert drawn == allowed, options
+    with pytest.raises(ValueError):
+        make_sampler(1.0, 0.9, np.random.default_rng(0), top_k=-1)
