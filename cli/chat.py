@@ -11,6 +11,8 @@ from typing import Callable, Optional, TextIO
 
 import typer
 
+from infmllm_gguf.generation import DEFAULTS
+
 from .common import MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_options, with_memory_options, with_policy_options
 
 HELP = """\
@@ -184,9 +186,9 @@ def chat(
     policy: str = typer.Option("inf-mllm", "--policy", help=POLICY_NAMES),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     system: Optional[str] = typer.Option(None, "--system", help="system message"),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="longest reply"),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0: greedy"),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    max_tokens: int = typer.Option(DEFAULTS.max_tokens, "--max-tokens", min=1, help="longest reply"),
+    temperature: float = typer.Option(DEFAULTS.temperature, "--temperature", min=0.0, help="0: greedy"),
+    top_p: float = typer.Option(DEFAULTS.top_p, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per input line on stdout"),
     flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="default: llama.cpp's choice"),

@@ -1,19 +1,59 @@
 """Generation in layers, as mlx-lm's `generate_step` and `stream_generate`: `generate_tokens`
 samples token ids through the cache controller with any sampler callable; `StreamingDetokenizer`
 turns token ids into text, holding back a character whose bytes are split across tokens;
-`text_pieces` adds stop strings on top."""
+`text_pieces` adds stop strings on top; `Piece` is what `StreamSession.generate` yields."""
 from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .cache import CacheController
+if TYPE_CHECKING:
+    from .cache import CacheController
 
 #: a sampler takes the next-token logits (float32 [n_vocab]) and returns a token id
 Sampler = Callable[[np.ndarray], int]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling defaults of every entry point (`StreamSession.generate`, `chat`, `chat_stream`,
+    the `chat` command, `serve`): declared once, here."""
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+
+
+DEFAULTS = Sampling()
+
+
+class Piece(str):
+    """A piece of generated text: a `str` (joined, the pieces are the reply) that also carries what
+    mlx-lm's `GenerationResponse` does. `token`: the id of the token that completed the piece;
+    `finish_reason`: None but on the last piece, which has no text ("stop": an end-of-generation
+    token or a stop string; "length": `max_tokens`); `prompt_tokens` and `prompt_tps`: the prompt
+    fed before the reply; `generation_tokens` and `generation_tps`: the reply's tokens so far."""
+
+    token: int | None
+    finish_reason: str | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+
+    def __new__(cls, text: str, *, token: int | None, finish_reason: str | None, prompt_tokens: int,
+                prompt_tps: float, generation_tokens: int, generation_tps: float) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.__dict__.update(token=token, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                              prompt_tps=prompt_tps, generation_tokens=generation_tokens,
+                              generation_tps=generation_tps)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return str(self)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .generation import make_sampler
+from .generation import Piece, make_sampler
 from .memory import MemoryConfig
 from .session import StreamSession
 
@@ -183,18 +183,20 @@ class Llama:
         return {"max_tokens": limit, "stop": stops,
                 "sampler": make_sampler(temperature, top_p, rng, top_k=top_k, min_p=min_p)}
 
-    def _stream(self, pieces: Iterator[str], head: dict, choice, remember, first: dict | None = None) -> Iterator[dict]:
-        text = ""
+    def _stream(self, pieces: Iterator[Piece], head: dict, choice, remember, first: dict | None = None) -> Iterator[dict]:
+        text, finish = "", None
         try:
             if first is not None:
                 yield first
             for piece in pieces:
                 text += piece
-                yield {**head, "choices": [choice(piece, None)]}
+                finish = piece.finish_reason
+                if piece:
+                    yield {**head, "choices": [choice(piece.text, None)]}
         finally:
             pieces.close()
             remember(text)
-        yield {**head, "choices": [choice("", self._session.last_reply.finish_reason)]}
+        yield {**head, "choices": [choice("", finish)]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -12,6 +12,7 @@ import ctypes
 import inspect
 import itertools
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -21,7 +22,8 @@ import numpy as np
 from .cache import CacheController, CacheStats
 from .chat import ChatTranscript
 from .memory import Memory, MemoryConfig
-from .generation import Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler, text_pieces
+from .generation import (DEFAULTS, Piece, Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler,
+                         text_pieces)
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
 from .runtime import Model, Runtime, check_cache_types
@@ -180,6 +182,12 @@ class StreamSession:
         """The stream indices (token numbers in the stream) of the tokens cached now, ascending (with
         per-layer eviction: those that at least one layer holds)."""
         return np.unique(self.cache.held_by_layer)
+
+    def cached_positions(self) -> np.ndarray:
+        """Deprecated name of `cached_stream_indices` (until the next release)."""
+        warnings.warn("StreamSession.cached_positions() is now cached_stream_indices()", DeprecationWarning,
+                      stacklevel=2)
+        return self.cached_stream_indices()
 
     def recent_view(self) -> list[tuple[int, str, bool]]:
         """The last `history` tokens of the stream as (stream index, text, still cached): text in
@@ -406,28 +414,49 @@ class StreamSession:
         return np.concatenate(out) if out else np.zeros(0)
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, prompt: str | None = None, *, max_tokens: int = 128, temperature: float = 0.7,
-                 top_p: float = 0.95, stop: Sequence[str] = (), special: bool = False,
-                 sampler: Sampler | None = None) -> Iterator[str]:
-        """Feed `prompt` (if any), then sample up to `max_tokens` tokens, yielding text pieces.
+    def generate(self, prompt: str | None = None, *, max_tokens: int = DEFAULTS.max_tokens,
+                 temperature: float = DEFAULTS.temperature, top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
+                 special: bool = False, sampler: Sampler | None = None) -> Iterator[Piece]:
+        """Feed `prompt` (if any) now, then return an iterator that samples up to `max_tokens`
+        tokens and yields the reply in `Piece`s (text with counts, speeds and, on the last one, an
+        empty text and the `finish_reason`).
 
         `sampler` (logits -> token id) replaces the temperature and top-p sampler. Stops at an
         end-of-generation token or when a `stop` string appears (not yielded); `last_reply` then
         says how many tokens were sampled and why it stopped. While generating, the cache may hold
         up to budget + generation_headroom cells; at the end it is brought back to the budget.
         """
-        if prompt:
-            self.feed_prompt(prompt, special=special)
+        t0 = time.perf_counter()
+        n_prompt = self.feed_prompt(prompt, special=special) if prompt else 0
+        prompt_tps = n_prompt / max(time.perf_counter() - t0, 1e-9)
         sampler = sampler or make_sampler(temperature, top_p, self.rng)
         self.last_reply = Reply()
+        return self._pieces(sampler, max_tokens, stop, n_prompt, prompt_tps)
+
+    def _pieces(self, sampler: Sampler, max_tokens: int, stop: Sequence[str], n_prompt: int,
+                prompt_tps: float) -> Iterator[Piece]:
+        reply, last = self.last_reply, [None]
+
+        def tokens_seen() -> Iterator[int]:
+            for token in tokens:
+                last[0] = token
+                yield token
+
+        def piece(text: str, finish_reason: str | None) -> Piece:
+            return Piece(text, token=last[0], finish_reason=finish_reason, prompt_tokens=n_prompt,
+                         prompt_tps=prompt_tps, generation_tokens=reply.n_tokens,
+                         generation_tps=reply.n_tokens / max(time.perf_counter() - t0, 1e-9))
+        t0 = time.perf_counter()
         tokens = generate_tokens(self.cache, sampler, max_tokens=max_tokens, is_end=self.model.is_end_of_generation,
-                                 reply=self.last_reply)
+                                 reply=reply)
         try:
-            yield from text_pieces(tokens, StreamingDetokenizer(self.model.token_bytes), stop)
+            for text in text_pieces(tokens_seen(), StreamingDetokenizer(self.model.token_bytes), stop):
+                yield piece(text, None)
         finally:
             tokens.close()
             if self.cache.n_cached > self.policy.budget:
                 self.cache.evict()
+        yield piece("", reply.finish_reason)
 
     # -- chat -------------------------------------------------------------------------------
     def chat_template(self) -> str:
@@ -438,25 +467,31 @@ class StreamSession:
         return template
 
     def chat(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
-             max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95) -> str:
-        """One round through the model's chat template; the conversation stays in the stream.
-        `media`: images (paths as `Path`, bytes, PIL images) and text (`str`, e.g. timestamps),
-        shown in the user turn before `message`."""
+             max_tokens: int = DEFAULTS.max_tokens, temperature: float = DEFAULTS.temperature,
+             top_p: float = DEFAULTS.top_p) -> str:
+        """Add a user turn (with `media`, if any, where the template puts them) and return the
+        model's reply, generated into the same stream (the reply's end marker is fed at the next turn)."""
         return "".join(self.chat_stream(message, media=media, system=system, max_tokens=max_tokens,
                                         temperature=temperature, top_p=top_p))
 
     def chat_stream(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
-                    max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95, stop: Sequence[str] = (),
-                    sampler: Sampler | None = None) -> Iterator[str]:
-        """`chat`, yielding the reply in pieces as it is sampled (`stop` and `sampler` as in `generate`)."""
+                    max_tokens: int = DEFAULTS.max_tokens, temperature: float = DEFAULTS.temperature,
+                    top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
+                    sampler: Sampler | None = None) -> Iterator[Piece]:
+        """`chat`, the user turn fed now, the reply yielded in `Piece`s as it is sampled (`stop`
+        and `sampler` as in `generate`)."""
         self.user_turn(message, media=media, system=system)
+        return self._reply(self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                         sampler=sampler))
+
+    def _reply(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
         reply = ""
         try:
-            for piece in self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                       sampler=sampler):
+            for piece in pieces:
                 reply += piece
                 yield piece
         finally:  # a reply cut short (the caller stopped reading) is still part of the conversation
+            pieces.close()
             self.transcript.reply(reply)
 
     def chat_media(self, media: Iterable[MediaPart], *, system: str | None = None) -> int:

@@ -121,3 +121,19 @@ def test_top_k_and_min_p_keep_only_the_likeliest_tokens():
         assert drawn == allowed, options
     with pytest.raises(ValueError):
         make_sampler(1.0, 0.9, np.random.default_rng(0), top_k=-1)
+
+
+def test_generate_feeds_its_prompt_when_called_and_yields_pieces_that_say_how_it_went(default_model):
+    with StreamSession(default_model, budget=128, n_threads=1) as s:
+        pieces = s.generate("Once upon a time", max_tokens=6, temperature=0)
+        fed = s.stats.tokens_seen
+        assert fed == len(s.model.tokenize("Once upon a time", add_special=True))  # before any piece is read
+        out = list(pieces)
+        assert all(isinstance(p, str) for p in out) and "".join(out) == "".join(p.text for p in out)
+        *text, last = out
+        assert last == "" and last.finish_reason == "length" and all(p.finish_reason is None for p in text)
+        assert last.generation_tokens == 6 == s.stats.tokens_seen - fed and last.prompt_tokens == fed
+        assert [p.token for p in text] == [p.token for p in text if p.token is not None] and text[-1].token >= 0
+        assert last.prompt_tps > 0 and last.generation_tps > 0
+        with pytest.warns(DeprecationWarning, match="cached_stream_indices"):
+            assert np.array_equal(s.cached_positions(), s.cached_stream_indices())

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation import DEFAULTS
 from ..multimodal import load_image
 from .limits import DEFAULT_MAX_TOKENS
 
@@ -65,8 +66,8 @@ class Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    temperature: float = Field(DEFAULTS.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULTS.top_p, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False

@@ -199,7 +199,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         top = body.logprobs if completion else (body.top_logprobs or 0) if body.logprobs else None
         recorder = None if top is None else LogprobRecorder(sampler, session.model.token_bytes, top)
         options = dict(max_tokens=max_tokens, stop=body.stops(), sampler=recorder or sampler)
-        text = ""
+        text, finish = "", None
         try:
             if completion:
                 pieces = session.generate(body.prompt, **options)
@@ -212,7 +212,9 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
             try:
                 for piece in pieces:
                     text += piece
-                    emit(piece)
+                    finish = piece.finish_reason
+                    if piece:
+                        emit(piece)
                     if cancelled.is_set():
                         break  # a client that left: the reply so far stays in the conversation
                     if time.monotonic() > deadline:
@@ -238,7 +240,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                     evictions=st.evictions - evictions_before, cells_evicted=st.cells_evicted - evicted_before,
                     tokens_recalled=recalled, recall_s=recall_s)
         cache = {k: conv.published[k] for k in ("cells_cached", "budget", "tokens_seen", "cells_evicted")}
-        return {"text": text, "finish_reason": reply.finish_reason, "usage": usage, "cache": cache,
+        return {"text": text, "finish_reason": finish or reply.finish_reason, "usage": usage, "cache": cache,
                 "logprobs": recorder.content if recorder else None, "session_id": conv.id}
 
     def work(body, turns: list[Turn], session_id: str | None, put: Callable[[object], None],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MAX_TOKENS = 256  # a reply's length when the request names none
+from ..generation import DEFAULTS
+
+DEFAULT_MAX_TOKENS = DEFAULTS.max_tokens  # a reply's length when the request names none
 
 
 @dataclass(frozen=True)
