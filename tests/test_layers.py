@@ -80,3 +80,22 @@ def test_the_installed_packages_are_every_package_here():
     here = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("*.py")} | {"infmllm_gguf.cli"}
     here |= {module_name(p / "x.py").rsplit(".", 1)[0] for p in PACKAGE.rglob("static")}  # data-only folders
     assert listed == here
+
+
+def test_ggml_libraries_are_opened_at_first_use_not_at_import():
+    code = """
+import ctypes
+import llama_cpp
+opened, real = [], ctypes.CDLL
+class Spy(real):
+    def __init__(self, name, *args, **kwargs):
+        opened.append(str(name))
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Spy
+import infmllm_gguf.runtime
+print(sum('ggml' in o for o in opened))
+infmllm_gguf.runtime.ggml.rpc_available()
+print(sum('ggml' in o for o in opened))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "1"], out

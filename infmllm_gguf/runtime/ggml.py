@@ -3,11 +3,13 @@ devices (`ggml-rpc.h`, `ggml-backend.h`) and ggml's abort hook (`ggml.h`).
 
 As in `native`, each binding carries its C prototype as a comment. The libraries are those that
 llama-cpp-python loaded (the `lib` folder beside its package); `make setup` builds them with
-`-DGGML_RPC=ON`, so `libggml-rpc` is there.
+`-DGGML_RPC=ON`, so `libggml-rpc` is there. They are opened (with `RTLD_GLOBAL`) at the first
+call of a binding that needs them, not at import.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -20,18 +22,41 @@ __all__ = ["ggml_abort_callback_t", "ggml_set_abort_callback", "ggml_backend_rpc
 _LIB_DIR = Path(llama._lib._name).parent
 
 
-def _load(name: str) -> ctypes.CDLL | None:
-    """The library by the name libllama links (its SONAME, lib*.so.0): the wheel holds lib*.so as a
-    copy, not a link, and loading that one would give a second ggml with state of its own."""
-    for path in (_LIB_DIR / f"lib{name}.so.0", _LIB_DIR / f"lib{name}.so"):
-        if path.exists():
-            return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    return None
+class _Library:
+    """A ggml library, opened on first use (not at import), by the name libllama links (its
+    SONAME, lib*.so.0): the wheel holds lib*.so as a copy, not a link, and loading that one would
+    give a second ggml with state of its own."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @functools.cached_property
+    def cdll(self) -> ctypes.CDLL | None:
+        for path in (_LIB_DIR / f"lib{self.name}.so.0", _LIB_DIR / f"lib{self.name}.so"):
+            if path.exists():
+                return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        return None
 
 
-_base = _load("ggml-base")
-_registry = _load("ggml")  # the backend registry
-_rpc = _load("ggml-rpc")
+_BASE, _REGISTRY, _RPC = _Library("ggml-base"), _Library("ggml"), _Library("ggml-rpc")
+
+
+def _binding(library: _Library, name: str, argtypes: list, restype):
+    """The C function `name` of `library`, looked up and typed at its first call."""
+    @functools.cache
+    def function():
+        if library.cdll is None:
+            raise RuntimeError(f"this llama.cpp build ({_LIB_DIR}) has no lib{library.name}: run `make setup`, "
+                               "which builds it (the RPC backend with -DGGML_RPC=ON)")
+        fn = getattr(library.cdll, name)
+        fn.argtypes, fn.restype = argtypes, restype
+        return fn
+
+    def call(*args):
+        return function()(*args)
+    call.__name__ = name
+    return call
+
 
 ggml_backend_reg_t = ctypes.c_void_p
 ggml_backend_dev_t = ctypes.c_void_p
@@ -40,40 +65,29 @@ ggml_backend_dev_t = ctypes.c_void_p
 ggml_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
 # GGML_API ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
-ggml_set_abort_callback = _base.ggml_set_abort_callback
-ggml_set_abort_callback.argtypes = [ggml_abort_callback_t]
-ggml_set_abort_callback.restype = ctypes.c_void_p
+ggml_set_abort_callback = _binding(_BASE, "ggml_set_abort_callback", [ggml_abort_callback_t], ctypes.c_void_p)
 
 # GGML_API size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
-ggml_backend_reg_dev_count = _base.ggml_backend_reg_dev_count
-ggml_backend_reg_dev_count.argtypes = [ggml_backend_reg_t]
-ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+ggml_backend_reg_dev_count = _binding(_BASE, "ggml_backend_reg_dev_count", [ggml_backend_reg_t], ctypes.c_size_t)
 
 # GGML_API ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
-ggml_backend_reg_dev_get = _base.ggml_backend_reg_dev_get
-ggml_backend_reg_dev_get.argtypes = [ggml_backend_reg_t, ctypes.c_size_t]
-ggml_backend_reg_dev_get.restype = ggml_backend_dev_t
+ggml_backend_reg_dev_get = _binding(_BASE, "ggml_backend_reg_dev_get", [ggml_backend_reg_t, ctypes.c_size_t],
+                                    ggml_backend_dev_t)
 
 # GGML_API const char * ggml_backend_dev_name(ggml_backend_dev_t device);
-ggml_backend_dev_name = _base.ggml_backend_dev_name
-ggml_backend_dev_name.argtypes = [ggml_backend_dev_t]
-ggml_backend_dev_name.restype = ctypes.c_char_p
-
+ggml_backend_dev_name = _binding(_BASE, "ggml_backend_dev_name", [ggml_backend_dev_t], ctypes.c_char_p)
 
 # GGML_API size_t ggml_backend_dev_count(void);
-ggml_backend_dev_count = _registry.ggml_backend_dev_count
-ggml_backend_dev_count.argtypes = []
-ggml_backend_dev_count.restype = ctypes.c_size_t
+ggml_backend_dev_count = _binding(_REGISTRY, "ggml_backend_dev_count", [], ctypes.c_size_t)
 
 # GGML_API ggml_backend_dev_t ggml_backend_dev_get(size_t index);
-ggml_backend_dev_get = _registry.ggml_backend_dev_get
-ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-ggml_backend_dev_get.restype = ggml_backend_dev_t
+ggml_backend_dev_get = _binding(_REGISTRY, "ggml_backend_dev_get", [ctypes.c_size_t], ggml_backend_dev_t)
 
 # GGML_API enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
-ggml_backend_dev_type = _base.ggml_backend_dev_type
-ggml_backend_dev_type.argtypes = [ggml_backend_dev_t]
-ggml_backend_dev_type.restype = ctypes.c_int
+ggml_backend_dev_type = _binding(_BASE, "ggml_backend_dev_type", [ggml_backend_dev_t], ctypes.c_int)
+
+# GGML_BACKEND_API ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
+ggml_backend_rpc_add_server = _binding(_RPC, "ggml_backend_rpc_add_server", [ctypes.c_char_p], ggml_backend_reg_t)
 
 # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL, ...
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
@@ -89,18 +103,7 @@ def local_gpus() -> int:
 
 def rpc_available() -> bool:
     """Whether this llama.cpp build has the RPC backend (`make setup` builds it)."""
-    return _rpc is not None
-
-
-if _rpc is not None:
-    # GGML_BACKEND_API ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
-    ggml_backend_rpc_add_server = _rpc.ggml_backend_rpc_add_server
-    ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    ggml_backend_rpc_add_server.restype = ggml_backend_reg_t
-else:
-    def ggml_backend_rpc_add_server(endpoint: bytes) -> None:
-        raise RuntimeError(f"this llama.cpp build ({_LIB_DIR}) has no RPC backend: run `make setup`, which "
-                           "builds it with -DGGML_RPC=ON")
+    return _RPC.cdll is not None
 
 
 def _exit_on_abort(message: bytes) -> None:
