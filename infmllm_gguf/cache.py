@@ -72,15 +72,15 @@ class CacheController:
     `is_image[l, i]` flags layer l's cell i; the image counters count image tokens that some layer
     holds. It needs a plain (not sliding-window) cache whose positions can be shifted: the
     policy's granularity "auto" settles on "layer" there and on "token" elsewhere.
-    With `history` > 0, `recent_tokens` keeps the token ids of the last `history` tokens of the
+    With `view_tokens` > 0, `recent_tokens` keeps the token ids of the last `view_tokens` tokens of the
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
 
-    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, history: int = 0):
+    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, view_tokens: int = 0):
         self.runtime = runtime
         self.policy = policy
         self.generation_headroom = generation_headroom
-        self.history = history
+        self.view_tokens = view_tokens
         self.memory = None  # a `Memory` that records each decoded text token (the session sets it)
         self.reindex = runtime.can_shift()
         compactable = self.reindex and not runtime.model.sliding_window
@@ -107,7 +107,7 @@ class CacheController:
         self.attention: np.ndarray | None = None   # float64 [n_layer, n]
         self.visibility: np.ndarray | None = None  # float64 [n]
         self.carried: np.ndarray | None = None     # float64 [n] ([n_layer, n] per layer)
-        self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.history)
+        self.recent_tokens: collections.deque[int] = collections.deque(maxlen=self.view_tokens)
         self.unseen = 0  # newest cells that no captured query saw (uncaptured generation steps)
         self._captured_queries = -1  # what the runtime is set to capture; -1: not set since a load
 
@@ -206,7 +206,7 @@ class CacheController:
         self._stats = CacheStats(**{k: v for k, v in meta["stats"].items() if k in names})
         self.unseen = meta.get("unseen", 0)
         self.recent_tokens = collections.deque(arrays.get("recent_tokens", np.zeros(0, np.int64)).tolist(),
-                                               maxlen=self.history)
+                                               maxlen=self.view_tokens)
         self._captured_queries = -1  # the capture setting is not part of llama.cpp's state: set it again
 
     # -- decoding ---------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class CacheController:
         self.is_image = np.concatenate((self.is_image, np.full(self.is_image.shape[:-1] + (n,), is_image)), axis=-1)
         if self.memory is not None:
             self.memory.record(tokens, new, causal=causal)
-        if self.history:
+        if self.view_tokens:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n
         self._stats.image_tokens_seen += n if is_image else 0

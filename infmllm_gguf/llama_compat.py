@@ -183,7 +183,8 @@ class Llama:
         return {"max_tokens": limit, "stop": stops,
                 "sampler": make_sampler(temperature, top_p, rng, top_k=top_k, min_p=min_p)}
 
-    def _stream(self, pieces: Iterator[Piece], head: dict, choice, remember, first: dict | None = None) -> Iterator[dict]:
+    def _stream(self, pieces: Iterator[Piece], head: dict, choice, remember,
+                first: dict | None = None) -> Iterator[dict]:
         text, finish = "", None
         try:
             if first is not None:

@@ -70,6 +70,15 @@ def saved_policy(path: str | os.PathLike, config: dict) -> Policy:
         raise ValueError(f"{path} names a policy this version cannot build ({exc})") from None
 
 
+def renamed_keyword(options: dict, old: str, new: str, value):
+    """`value`, or what `options` gives under a keyword's former name (taken out of it, with a
+    DeprecationWarning): old names keep working for one release."""
+    if old not in options:
+        return value
+    warnings.warn(f"the keyword {old}= is now {new}=", DeprecationWarning, stacklevel=3)
+    return options.pop(old)
+
+
 def known_settings(path: str | os.PathLike, saved: dict, known: Iterable[str]) -> dict:
     """The settings of a saved file that this version knows (a newer version's additions are left
     out with a warning; those the file lacks take their defaults)."""
@@ -92,8 +101,9 @@ class StreamSession:
     `budget + max(chunk, generation_headroom)` cells and never grows; generation evicts every
     `generation_headroom` tokens (default: the chunk, which costs no cell more). `mmproj`, the
     model's vision projector GGUF, enables `feed_image`, `feed_video` and media in `chat`.
-    `history` keeps the token ids of the stream's last `history` tokens for display
-    (`recent_view`). `cache_type_k`/`cache_type_v` (f16, q8_0, q4_0) quantize the KV cache;
+    `view_tokens` keeps the token ids of the stream's last `view_tokens` tokens for display
+    (`recent_view`; `history`, its former name, still works until the next release).
+    `cache_type_k`/`cache_type_v` (f16, q8_0, q4_0) quantize the KV cache;
     `rpc` (HOST:PORT of rpc-servers) puts the model's layers on other machines (`Model`).
     `memory` (a `MemoryConfig`, or True for the default one) keeps the stream's text beyond the
     budget and re-reads what each prompt needs (`infmllm_gguf.memory`).
@@ -102,9 +112,10 @@ class StreamSession:
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
                  chunk: int = 256, generation_headroom: int | None = None, n_gpu_layers: int = -1,
                  n_threads: int | None = None, flash_attn: bool | None = None, seed: int = 0,
-                 mmproj: str | os.PathLike | None = None, history: int = 0, cache_type_k: str = "f16",
+                 mmproj: str | os.PathLike | None = None, view_tokens: int = 0, cache_type_k: str = "f16",
                  cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | bool | None = None,
                  **policy_options):
+        view_tokens = renamed_keyword(policy_options, "history", "view_tokens", view_tokens)
         if isinstance(policy, Policy):
             if policy_options:
                 raise ValueError(f"options {', '.join(policy_options)} go with a policy name; a Policy object "
@@ -136,7 +147,7 @@ class StreamSession:
                                    n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads,
                                    cache_type_k=cache_type_k, cache_type_v=cache_type_v)
             self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
-                                         history=history)
+                                         view_tokens=view_tokens)
             self.policy = self.cache.policy  # with its granularity settled for this model
             self.cache.memory = self.memory
             if mmproj is not None:
@@ -190,7 +201,7 @@ class StreamSession:
         return self.cached_stream_indices()
 
     def recent_view(self) -> list[tuple[int, str, bool]]:
-        """The last `history` tokens of the stream as (stream index, text, still cached): text in
+        """The last `view_tokens` tokens of the stream as (stream index, text, still cached): text in
         whole characters (a character split across tokens shows on its last token; an image
         token as "[image]")."""
         tokens = list(self.cache.recent_tokens)
@@ -302,14 +313,18 @@ class StreamSession:
     @classmethod
     def restore(cls, path: str | os.PathLike, model: Model | str | os.PathLike | None = None, *,
                 n_gpu_layers: int = -1, n_threads: int | None = None,
-                mmproj: str | os.PathLike | None = None, history: int = 0, rpc: Sequence[str] = ()) -> "StreamSession":
+                mmproj: str | os.PathLike | None = None, view_tokens: int = 0, rpc: Sequence[str] = (),
+                **deprecated) -> "StreamSession":
         """A new session continuing the stream saved at `path`, with the settings it was saved with
         (`mmproj` to go on feeding images; the images already in the stream need none). Files saved
         before the cache types were settings ran with f16."""
+        view_tokens = renamed_keyword(deprecated, "history", "view_tokens", view_tokens)
+        if deprecated:
+            raise TypeError(f"restore() got an unexpected keyword argument {next(iter(deprecated))!r}")
         settings = known_settings(path, read_header(path).get("settings", {}), inspect.signature(cls).parameters)
         policy = saved_policy(path, settings.pop("policy"))
-        session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj, history=history,
-                      rpc=rpc, **settings)
+        session = cls(model, policy, n_gpu_layers=n_gpu_layers, n_threads=n_threads, mmproj=mmproj,
+                      view_tokens=view_tokens, rpc=rpc, **settings)
         try:
             session.load(path)
         except Exception:

@@ -137,3 +137,12 @@ def test_generate_feeds_its_prompt_when_called_and_yields_pieces_that_say_how_it
         assert last.prompt_tps > 0 and last.generation_tps > 0
         with pytest.warns(DeprecationWarning, match="cached_stream_indices"):
             assert np.array_equal(s.cached_positions(), s.cached_stream_indices())
+
+
+def test_a_renamed_keyword_still_works_for_a_release(default_model):
+    with pytest.warns(DeprecationWarning, match="history= is now view_tokens="):
+        s = StreamSession(default_model, budget=128, n_threads=1, history=16)
+    with s:
+        s.feed_text("One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+                    "seventeen eighteen.")
+        assert len(s.recent_view()) == 16

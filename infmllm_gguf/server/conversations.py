@@ -66,14 +66,15 @@ class SessionSettings:
     n_threads: int | None = None
     flash_attn: bool | None = None
     mmproj: str | os.PathLike | None = None
-    history: int = 4096  # stream tokens kept for the web page's view
+    view_tokens: int = 4096  # stream tokens kept for the web page's view
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     memory: MemoryConfig | None = None
 
-    def new_session(self, model: Model, *, history: int | None = None) -> StreamSession:
+    def new_session(self, model: Model, *, view_tokens: int | None = None) -> StreamSession:
         return StreamSession(model, self.policy, chunk=self.chunk, n_threads=self.n_threads, flash_attn=self.flash_attn,
-                             mmproj=self.mmproj, history=self.history if history is None else history,
+                             mmproj=self.mmproj,
+                             view_tokens=self.view_tokens if view_tokens is None else view_tokens,
                              cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, memory=self.memory)
 
 
@@ -330,7 +331,7 @@ class ConversationStore:
         entries = self._log(conv.id).entries()
         if path.exists() and conv.n_messages:
             session = StreamSession.restore(path, self.model, n_threads=s.n_threads, mmproj=s.mmproj,
-                                            history=s.history)
+                                            view_tokens=s.view_tokens)
             extra = read_header(path).get("extra", {}).get("conversation")
             # a snapshot from before the log (index schema 1) holds what its index entry says
             held = conv.snapshot_messages if extra is None else extra["n_messages"]
@@ -356,13 +357,13 @@ class ConversationStore:
         s = self.settings
         before = rss_mib() or 0.0
         with tempfile.TemporaryDirectory() as tmp:
-            with s.new_session(self.model, history=0) as probe:
+            with s.new_session(self.model, view_tokens=0) as probe:
                 probe.chat_template()
                 filler = self.model.tokenize("The quick brown fox jumps over the lazy dog. " * s.policy.budget)
                 probe.feed_tokens(filler[:s.policy.budget + s.chunk])
                 probe.save(Path(tmp) / "probe.npz")
             with StreamSession.restore(Path(tmp) / "probe.npz", self.model, n_threads=s.n_threads, mmproj=s.mmproj,
-                                       history=s.history):
+                                       view_tokens=s.view_tokens):
                 return max(0.0, (rss_mib() or 0.0) - before)
 
     def view(self, cid: str) -> dict | None:
