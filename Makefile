@@ -30,7 +30,7 @@ CUDA_ARCH ?=
 setup: .venv/.deps .browser
 	CUDA=$(CUDA) CUDA_ARCH=$(CUDA_ARCH) PYTHON=$(PY) scripts/build_llama.sh
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m infmllm_gguf.models fetch
+	$(PY) -m infmllm_gguf.model_files fetch
 	$(PY) -m infmllm_gguf.data fetch
 
 data: setup

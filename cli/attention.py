@@ -27,7 +27,7 @@ def attention(
     """Decode a text and report how much attention each token receives from the last W queries."""
     check_plot(png, "--png")
     from infmllm_gguf.attention import plot_heatmap, text_attention
-    from infmllm_gguf.models import ModelError
+    from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.runtime import UnpatchedLlamaError
 
     if (text is None) == (file is None):

@@ -101,7 +101,7 @@ def bench(
     from infmllm_gguf.bench.memory import memory_cost
     from infmllm_gguf.bench.rpc import rpc_bench
     from infmllm_gguf.bench.stream import plot, stream_bench
-    from infmllm_gguf.models import ModelError
+    from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.synthetic import DTYPES, cached_model
 

@@ -200,7 +200,7 @@ def chat(
 ) -> None:
     """Chat with a model whose KV cache never exceeds --budget cells. On a terminal: a prompt, replies streamed
     as sampled; otherwise each stdin line is one user turn and each reply is printed. /help lists commands."""
-    from infmllm_gguf.models import ModelError
+    from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.multimodal import ProjectorError
     from infmllm_gguf.runtime import UnpatchedLlamaError
     from infmllm_gguf.session import StreamSession

@@ -41,7 +41,7 @@ def perplexity(
     check_plot(plot, "--plot")
     from tqdm import tqdm
 
-    from infmllm_gguf.models import ModelError
+    from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.perplexity import TextFileError, check_text_file, plot_runs, stream_perplexity, table
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.runtime import UnpatchedLlamaError
@@ -84,7 +84,7 @@ def perplexity(
 
 
 def write_outputs(runs, model: Optional[Path], file: Path, json_out: Optional[Path], csv_out: Optional[Path]) -> None:
-    from infmllm_gguf.models import resolve_model
+    from infmllm_gguf.model_files import resolve_model
     from infmllm_gguf.perplexity import csv_fields, csv_row
 
     where = {"model": str(resolve_model(model)), "file": str(file)}

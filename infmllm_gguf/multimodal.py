@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .models import ModelError, check_gguf
+from .model_files import ModelError, check_gguf
 from .runtime import Model
 from .runtime.mtmd import ImageChunk, TextChunk, VisionEncoder, VisionEncoderError
 

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cache import CacheStats
+from .controller import CacheStats
 from .probes import GpuMemory, rss_mib
 
 

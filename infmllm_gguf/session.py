@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .cache import CacheController, CacheStats
+from .controller import CacheController, CacheStats
 from .chat import ChatTranscript
 from .memory import Memory, MemoryConfig
 from .generation import (DEFAULTS, Piece, Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler,

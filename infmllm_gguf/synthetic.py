@@ -442,7 +442,7 @@ def write_model(
 def cached_model(shape: str, dtype: str = "q8_0", directory: Union[str, os.PathLike, None] = None) -> Path:
     """A random-weight model of a named shape, written once into `directory` (default
     `<cache>/synthetic`) and reused: the same shape and dtype give the same bytes."""
-    from .models import cache_dir
+    from .model_files import cache_dir
 
     if shape not in SHAPES:
         raise ValueError(f"unknown synthetic shape {shape!r}: choose one of {', '.join(SHAPES)}")

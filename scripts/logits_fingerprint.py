@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from conftest import PROMPT  # noqa: E402
 from llama_cpp import llama_cpp as llama  # noqa: E402
 
-from infmllm_gguf.models import default_model_path  # noqa: E402
+from infmllm_gguf.model_files import default_model_path  # noqa: E402
 from infmllm_gguf.runtime import Runtime  # noqa: E402
 
 TOP = 50

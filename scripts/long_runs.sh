@@ -42,7 +42,7 @@ stream shakespeare-205k-agelimit-256 shakespeare -p inf-mllm -b 256 --granularit
 stream kjv-205k-agelimit-256 kjv -p inf-mllm -b 256 --granularity token -n $n
 
 # (d) a second architecture, Gemma 3 270M (base, sliding-window layers), on 50,176 tokens; its
-# model: `python -m infmllm_gguf.models fetch gemma3-270m`
+# model: `python -m infmllm_gguf.model_files fetch gemma3-270m`
 stream gemma3-shakespeare-50k shakespeare ~/.cache/infmllm-gguf/models/gemma-3-270m-q4_k_m.gguf \
     -p streaming-llm,inf-mllm -b 512 -n 50176
 

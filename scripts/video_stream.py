@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infmllm_gguf import StreamSession  # noqa: E402
-from infmllm_gguf.models import resolve_model  # noqa: E402
+from infmllm_gguf.model_files import resolve_model  # noqa: E402
 from infmllm_gguf.probes import rss_mib  # noqa: E402
 from infmllm_gguf.synthetic_mmproj import write_mmproj  # noqa: E402
 from infmllm_gguf.video import frame_parts, iter_frames  # noqa: E402

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from infmllm_gguf.models import default_model_path
+from infmllm_gguf.model_files import default_model_path
 from infmllm_gguf.probes import rss_mib
 from infmllm_gguf.synthetic import cached_model, write_model
 

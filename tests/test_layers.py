@@ -61,7 +61,7 @@ def test_no_import_cycles():
     for name in sorted(edges):
         if name not in state:
             visit(name, [name])
-    assert "infmllm_gguf.session" in edges and "infmllm_gguf.cache" in edges["infmllm_gguf.session"]
+    assert "infmllm_gguf.session" in edges and "infmllm_gguf.controller" in edges["infmllm_gguf.session"]
 
 
 def test_each_layer_imports_only_those_below_it():
@@ -99,3 +99,13 @@ print(sum('ggml' in o for o in opened))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0", "1"], out
+
+
+def test_renamed_modules_still_import_for_a_release():
+    for old, new, name in (("infmllm_gguf.cache", "infmllm_gguf.controller", "CacheController"),
+                           ("infmllm_gguf.models", "infmllm_gguf.model_files", "cache_dir")):
+        code = f"import {old}, {new}; assert {old}.{name} is {new}.{name}"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        warned = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {old}"],
+                                capture_output=True, text=True)
+        assert warned.returncode != 0 and f"{old} is now {new}" in warned.stderr

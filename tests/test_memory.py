@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from infmllm_gguf.cache import CacheController
+from infmllm_gguf.controller import CacheController
 from infmllm_gguf.memory import Memory, MemoryConfig, TokenStore, block_starts, bm25, choose
 from infmllm_gguf.memory.images import IMAGE_ID, ImageStore, whole_images
 from infmllm_gguf.policies import make_policy

@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as llama
 from PIL import Image
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.cache import queries_seen
+from infmllm_gguf.controller import queries_seen
 from infmllm_gguf.multimodal import ProjectorError, TextChunk
 from infmllm_gguf.synthetic import write_model
 from infmllm_gguf.synthetic_mmproj import n_image_tokens, write_mmproj

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import PROMPT
 from infmllm_gguf import StreamSession
-from infmllm_gguf.cache import queries_seen
+from infmllm_gguf.controller import queries_seen
 from infmllm_gguf.policies import InfMLLM
 from infmllm_gguf.runtime import Model, Runtime
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import runs
+from ..controller import runs
 
 K1, B = 1.2, 0.75  # BM25's usual constants
 

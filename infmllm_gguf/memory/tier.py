@@ -29,7 +29,7 @@ from .ranking import block_starts, bm25, choose
 from .store import TokenStore
 
 if TYPE_CHECKING:
-    from ..cache import CacheController
+    from ..controller import CacheController
 
 RANKINGS = ("lexical", "attention")
 STORES = ("ram", "disk")
@@ -112,7 +112,7 @@ class Memory:
                              "--budget, or --memory off")
         spill = None
         if config.store == "disk":
-            from ..models import cache_dir
+            from ..model_files import cache_dir
 
             spill = Path(config.directory or cache_dir() / "memory") / f"{uuid.uuid4().hex}.tokens"
         self.store = TokenStore(config.cap, spill)

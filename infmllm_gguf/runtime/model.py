@@ -9,7 +9,7 @@ from typing import Sequence
 
 from llama_cpp import llama_cpp as llama
 
-from ..models import diagnose_gguf, resolve_model
+from ..model_files import diagnose_gguf, resolve_model
 from . import ggml
 from .log import LOG
 
