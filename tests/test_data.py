@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from infmllm_gguf import models
+from infmllm_gguf import model_files as models
 from infmllm_gguf.data import kjv_verses_to_text, markdown_play_to_text
 
 
