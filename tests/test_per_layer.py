@@ -136,25 +136,31 @@ def test_compaction_refuses_positions_the_sequence_does_not_hold(default_model):
         assert rt.n_cached() == 64  # nothing changed
 
 
-def test_the_layer_rule_is_the_token_rule_on_each_layers_row():
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o"])
+def test_the_layer_rule_is_the_token_rule_on_each_layers_row(policy):
+    """Per layer is a capability of every scoring policy: each layer's row decided alone, with its
+    own carried score (H2O's accumulated attention)."""
     rng = np.random.default_rng(1)
     n_layer, n = 4, 40
     indices = np.stack([np.sort(rng.choice(200, n, replace=False)) for _ in range(n_layer)])
-    attention, visibility = rng.random((n_layer, n)), np.full(n, 8.0)
-    per_layer = make_policy("inf-mllm", budget=24, recent=4, sinks=0, granularity="layer")
-    token = make_policy("inf-mllm", budget=24, recent=4, sinks=0)
-    selection = per_layer.select(Observation(indices, attention, visibility))
+    attention, visibility, carried = rng.random((n_layer, n)), np.full(n, 8.0), rng.random((n_layer, n))
+    per_layer = make_policy(policy, budget=24, recent=4, sinks=0, granularity="layer")
+    token = make_policy(policy, budget=24, recent=4, sinks=0, granularity="token")
+    selection = per_layer.select(Observation(indices, attention, visibility, carried))
     assert selection.keep.shape == (n_layer, n) and (selection.keep.sum(axis=1) == 24).all()
     for layer in range(n_layer):
-        alone = token.select(Observation(indices[layer], attention[layer:layer + 1], visibility))
+        alone = token.select(Observation(indices[layer], attention[layer:layer + 1], visibility, carried[layer]))
         np.testing.assert_array_equal(selection.keep[layer], alone.keep)
         np.testing.assert_array_equal(selection.carried[layer], alone.carried)
+    shared = per_layer.select(Observation(np.arange(n), attention, visibility, carried))  # the same cells in each
+    assert len({tuple(k) for k in shared.keep}) > 1  # the layers chose differently
 
 
-def test_a_per_layer_stream_stays_bounded_and_restores(default_model, tmp_path):
+@pytest.mark.parametrize("policy", ["inf-mllm", "h2o"])
+def test_a_per_layer_stream_stays_bounded_and_restores(default_model, tmp_path, policy):
     with Model(default_model) as m:
         toks = m.tokenize(PROMPT * 30)[:1200]
-        with StreamSession(m, "inf-mllm", budget=128, chunk=64, recent=16, granularity="layer") as s:
+        with StreamSession(m, policy, budget=128, chunk=64, recent=16, sinks=4, granularity="layer") as s:
             s.feed_tokens(toks[:1000])
             rows = s.cache.layer_indices
             assert rows.shape == (m.n_layer, 128) and s.runtime.n_cached() == 128

@@ -360,7 +360,7 @@ def test_registry_and_declarations():
     declared = declared_options()
     assert list(declared) == ["budget", "recent", "sinks", "window", "bias", "decay", "layer_reduce", "max_age",
                               "granularity", "n_keep"]
-    assert declared["granularity"].defaults == {"inf-mllm": "auto"}
+    assert declared["granularity"].defaults == {"inf-mllm": "auto", "h2o": "token"}
     assert declared["recent"].defaults == {"inf-mllm": 64, "h2o": 64, "streaming-llm": 0, "recent-only": 0}
     assert declared["bias"].type is float and declared["layer_reduce"].type is str
     assert declared["sinks"].describe() == ("the first tokens of the stream, always kept while cached "

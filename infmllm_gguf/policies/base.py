@@ -247,11 +247,27 @@ def keep_top(keep: np.ndarray, score: np.ndarray, budget: int) -> np.ndarray:
     return out
 
 
+GRANULARITIES = ("auto", "token", "layer")
+
+
+def granularity_option(default: str) -> Any:
+    """The option of a scoring policy that reads attention: one eviction decision for all layers,
+    or one per layer (`ScoredPolicy.select`)."""
+    return option(default, "one eviction decision for all layers (token), one per layer (layer), or per layer "
+                  "where the cache allows it (auto)", choices=GRANULARITIES, absent="token")
+
+
 class ScoredPolicy(Policy):
     """A policy that ranks cells by a score (as kvpress's ``ScorerPress``): the base validates the
     observation, protects the sinks and the recent cells, keeps the best-scored others up to the
     budget (equal scores: the newer wins) and builds the `Selection`. A subclass implements
-    ``score`` only."""
+    ``score`` only.
+
+    Per layer: a subclass that declares ``granularity`` (`granularity_option`) decides for each
+    layer apart when it is "layer", or "auto" with ``stream_indices`` given per layer: the same
+    rule on each layer's own row (its cells, its attention, its carried score), ``keep`` and
+    ``carried`` returned per layer ([n_layer, n] and [n_layer, budget]); the controller settles
+    "auto" and compacts each layer's cache on its own (`Runtime.compact`)."""
 
     def score(self, obs: Observation, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(score[n], carried[n] or None) for the validated observation; `candidates` (bool[n]) are
@@ -259,8 +275,30 @@ class ScoredPolicy(Policy):
         raise NotImplementedError
 
     def select(self, observation: Observation) -> Selection:
+        granularity = getattr(self, "granularity", "token")
+        if granularity == "layer" or (granularity == "auto" and np.ndim(observation.stream_indices) == 2):
+            return self._select_per_layer(observation)
         obs = checked(self, observation)
         keep = protected(obs.stream_indices, self.recent, self.sinks)
         score, carried = self.score(obs, ~keep)
         keep = keep_top(keep, score, self.budget)
         return Selection(keep, None if carried is None else carried[keep])
+
+    def _select_per_layer(self, observation: Observation) -> Selection:
+        if observation.attention is None:
+            raise ValueError(f"policy '{self.name}' reads attention: pass the attention of the captured queries "
+                             "and their visibility")
+        n_layer = np.shape(observation.attention)[0]
+        indices, carried = np.asarray(observation.stream_indices), observation.carried
+        if indices.ndim == 1:  # every layer holds the same cells (before the first per-layer eviction)
+            indices = np.broadcast_to(indices, (n_layer, indices.size))
+        if carried is not None and np.ndim(carried) == 1:
+            carried = np.broadcast_to(carried, (n_layer, np.size(carried)))
+        if indices.shape[0] != n_layer or (carried is not None and np.shape(carried)[0] != n_layer):
+            raise ValueError(f"per-layer stream indices and carried scores must have one row per layer ({n_layer})")
+        one_decision = dataclasses.replace(self, granularity="token")
+        rows = [one_decision.select(Observation(indices[layer], observation.attention[layer:layer + 1],
+                                                observation.visibility, None if carried is None else carried[layer]))
+                for layer in range(n_layer)]
+        return Selection(np.stack([r.keep for r in rows]),
+                         None if rows[0].carried is None else np.stack([r.carried for r in rows]))

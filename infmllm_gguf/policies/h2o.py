@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Observation, ScoredPolicy
+from .base import Observation, ScoredPolicy, granularity_option
 
 
 @dataclass
@@ -21,7 +21,13 @@ class H2O(ScoredPolicy):
     No visibility average (H2O sums raw attention, so older cells, seen by more queries, are
     favoured) and no bias. The base keeps the ``recent`` newest, the sinks present (0 by default,
     as in H2O) and the best-scored others. ``Selection.carried`` is ``S`` of the kept cells.
+
+    ``granularity`` "layer" (or "auto", per layer where the cache allows it) runs the rule on each
+    layer's own attention and keeps each layer's own heavy hitters (`ScoredPolicy`); "token", the
+    default, is H2O's one decision for all layers.
     """
+    granularity: str = granularity_option("token")
+
     name: ClassVar[str] = "h2o"
     reads_attention: ClassVar[bool] = True
 

@@ -6,10 +6,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Observation, Policy, ScoredPolicy, Selection, age_rank, default_of, option
+from .base import Observation, Policy, ScoredPolicy, age_rank, default_of, granularity_option, option
 
 LAYER_REDUCTIONS = ("mean", "max")
-GRANULARITIES = ("auto", "token", "layer")
 
 
 @dataclass
@@ -35,13 +34,9 @@ class InfMLLM(ScoredPolicy):
     ``Selection.carried`` is ``S`` of the kept cells.
 
     With ``granularity`` "layer" each layer decides for itself (docs/METHOD.md): steps 2-7 run on
-    each layer's own row, with its own cells (``stream_indices`` [n_layer, n], or one row that
-    every layer shares), and ``keep`` and ``carried`` come back per layer ([n_layer, n] and
-    [n_layer, budget]); the controller then compacts each layer's cache on its own
-    (`Runtime.compact`). "auto" (the default) is "layer" where the cache can be compacted per
-    layer and "token" elsewhere (sliding-window layers, positions llama.cpp cannot shift): the
-    controller settles it (`CacheController`); given to ``select`` as such, it decides per layer
-    when ``stream_indices`` has a row per layer.
+    each layer's own row (`ScoredPolicy`, which any scoring policy shares). "auto" (the default)
+    is "layer" where the cache can be compacted per layer and "token" elsewhere (sliding-window
+    layers, positions llama.cpp cannot shift): the controller settles it (`CacheController`).
     """
     sinks: int = default_of(Policy, "sinks", 4)
     window: int = option(32, "retrieval window: the last W queries of each chunk are scored", minimum=1)
@@ -53,8 +48,7 @@ class InfMLLM(ScoredPolicy):
     max_age: float = option(2.0, "candidates older than this many budgets (in tokens) go first (0: no limit)",
                             minimum=0.0, absent=0.0)
     # docs/RESULTS.md, "Per-layer eviction in llama.cpp": ahead at every budget on 205k tokens
-    granularity: str = option("auto", "one eviction decision for all layers (token), one per layer (layer), or "
-                              "per layer where the cache allows it (auto)", choices=GRANULARITIES, absent="token")
+    granularity: str = granularity_option("auto")
 
     name: ClassVar[str] = "inf-mllm"
     reads_attention: ClassVar[bool] = True
@@ -69,26 +63,6 @@ class InfMLLM(ScoredPolicy):
     @property
     def accumulates_attention(self) -> bool:
         return self.decay > 0
-
-    def select(self, observation: Observation) -> Selection:
-        if self.granularity == "token" or (self.granularity == "auto" and np.ndim(observation.stream_indices) == 1):
-            return super().select(observation)
-        if observation.attention is None:
-            raise ValueError(f"policy '{self.name}' reads attention: pass the attention of the captured queries "
-                             "and their visibility")
-        n_layer = np.shape(observation.attention)[0]
-        indices, carried = np.asarray(observation.stream_indices), observation.carried
-        if indices.ndim == 1:  # every layer holds the same cells (before the first per-layer eviction)
-            indices = np.broadcast_to(indices, (n_layer, indices.size))
-        if carried is not None and np.ndim(carried) == 1:
-            carried = np.broadcast_to(carried, (n_layer, np.size(carried)))
-        if indices.shape[0] != n_layer or (carried is not None and np.shape(carried)[0] != n_layer):
-            raise ValueError(f"per-layer stream indices and carried scores must have one row per layer ({n_layer})")
-        rows = [super(InfMLLM, self).select(Observation(indices[layer], observation.attention[layer:layer + 1],
-                                                        observation.visibility,
-                                                        None if carried is None else carried[layer]))
-                for layer in range(n_layer)]
-        return Selection(np.stack([r.keep for r in rows]), np.stack([r.carried for r in rows]))
 
     def score(self, obs: Observation, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_layer = obs.attention / obs.visibility                                  # steps 1-2
