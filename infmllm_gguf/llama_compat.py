@@ -64,11 +64,10 @@ class Llama:
         if chat_format is not None:
             raise ValueError("chat_format: this Llama always uses the model's own chat template (leave it None)")
         self.model_path = str(model_path)
-        self._seed = None if seed == LLAMA_DEFAULT_SEED else seed
         self._session = StreamSession(model_path, policy, budget=n_ctx, chunk=min(chunk, n_ctx),
                                       n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn,
+                                      seed=None if seed == LLAMA_DEFAULT_SEED else seed,
                                       memory=memory if policy != "full" else None)
-        self._session.rng = np.random.default_rng(self._seed)
         self._held_text = ""      # the completion text the stream holds (prompts and replies)
         self._held_chat: list[str] = []  # digests of the chat messages it holds, in order
 
@@ -113,8 +112,7 @@ class Llama:
             self._held_chat, self._held_text = [], ""
         new = prompt[len(self._held_text):]
         n_prompt = len(session.model.tokenize(prompt, add_special=True))
-        pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed),
-                                  special=False)
+        pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed))
         head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
                 "model": model or self.model_path}
 

@@ -111,7 +111,7 @@ class StreamSession:
 
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
                  chunk: int = 256, generation_headroom: int | None = None, n_gpu_layers: int = -1,
-                 n_threads: int | None = None, flash_attn: bool | None = None, seed: int = 0,
+                 n_threads: int | None = None, flash_attn: bool | None = None, seed: int | None = 0,
                  mmproj: str | os.PathLike | None = None, view_tokens: int = 0, cache_type_k: str = "f16",
                  cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | bool | None = None,
                  **policy_options):
