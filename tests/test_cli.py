@@ -127,3 +127,12 @@ def test_importing_the_package_leaves_llama_cpp_alone(default_model):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "llama_model_loader" in proc.stderr
+
+
+def test_memory_flag_names_a_ranking_or_a_store():
+    from infmllm_gguf.cli.common import memory_config
+
+    assert memory_config("off") is None
+    assert (memory_config("attention").ranking, memory_config("attention").store) == ("attention", "ram")
+    assert (memory_config("disk").ranking, memory_config("disk").store) == ("lexical", "disk")
+    assert (memory_config("ram", cap=500).ranking, memory_config("ram", cap=500).cap) == ("lexical", 500)
