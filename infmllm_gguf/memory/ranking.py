@@ -60,11 +60,14 @@ def choose(order: np.ndarray, starts: np.ndarray, window: int, n_tokens: int, ro
     """Blocks taken in `order` (best first) while their union fits `room` tokens; returns the union
     as sorted, merged token ranges [a, b)."""
     taken = np.zeros(n_tokens, dtype=bool)
-    for k in order:
+    used = 0
+    for k in order:  # a block's cost is its tokens not taken yet: O(window) each, not O(n_tokens)
         a, b = int(starts[k]), int(min(starts[k] + window, n_tokens))
-        trial = taken.copy()
-        trial[a:b] = True
-        if np.count_nonzero(trial) > room:
+        new = (b - a) - int(np.count_nonzero(taken[a:b]))
+        if used + new > room:
             continue
-        taken = trial
+        taken[a:b] = True
+        used += new
+        if used == room:
+            break
     return runs(taken)

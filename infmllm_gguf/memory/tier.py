@@ -155,21 +155,27 @@ class Memory:
             self.store.append(tokens, indices)
 
     # -- recall -----------------------------------------------------------------------------
-    def rank(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray,
-             indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def blocks(self, ids: np.ndarray, query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The blocks of the stored tokens `ids` and their BM25 for `query`: (starts, score,
+        matched). The stored text does not change during one prompt's recall: computed once."""
+        starts = block_starts(ids.size, self.window)
+        score, matched = bm25(ids, starts, self.window, np.asarray(query))
+        return starts, score, matched
+
+    def rank(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
+             blocks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The blocks of the stored tokens (`ids`, `indices`: `store.arrays()`) worth re-reading for
         `query`, best first: (order, block starts). A block qualifies when the cache holds less
         than half of it, it shares at least two distinct tokens with the query (one if the query
         has one), and it scores above every block the cache holds: a weaker match than what the
         cache already has would only distract (a fact still cached, and another needle with the
-        same words re-read right before the question, which the model then answers from)."""
-        window = self.window
-        starts = block_starts(ids.size, window)
+        same words re-read right before the question, which the model then answers from).
+        `blocks`: `self.blocks(ids, query)`, when already computed."""
+        starts, score, matched = blocks if blocks is not None else self.blocks(ids, query)
         held = self.store.held(indices, np.unique(cache.held_by_layer))
         count = np.concatenate(([0], np.cumsum(held)))
-        ends = np.minimum(starts + window, ids.size)
+        ends = np.minimum(starts + self.window, ids.size)
         mostly_gone = (count[ends] - count[starts]) * 2 < ends - starts
-        score, matched = bm25(ids, starts, window, np.asarray(query))
         need = min(2, np.unique(np.asarray(query)).size)
         best_held = score[~mostly_gone].max(initial=0.0)
         eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > best_held))
@@ -186,12 +192,13 @@ class Memory:
         if room < 1 or ids.size == 0:
             self._stats.last_recall_s = time.perf_counter() - t0
             return 0
-        spans = self._choose(cache, query, ids, indices, room)
+        blocks = self.blocks(ids, query)
+        spans = self._choose(cache, query, ids, indices, room, blocks)
         n = sum(b - a for a, b in spans)
         if n and cache.make_room(n + n_prompt):
             # what the policy just evicted for the room may be what the query wants (a fact it
             # still held): rank again, for the room made
-            spans = self._choose(cache, query, ids, indices, n)
+            spans = self._choose(cache, query, ids, indices, n, blocks)
             n = sum(b - a for a, b in spans)
         if n:
             for a, b in spans:
@@ -229,10 +236,10 @@ class Memory:
             a += len(embeddings)
 
     def _choose(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
-                room: int) -> list[tuple[int, int]]:
+                room: int, blocks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[int, int]]:
         """The stored token ranges to re-read for `query` in `room` tokens, by the configured
         ranking, images whole."""
-        order, starts = self.rank(cache, query, ids, indices)
+        order, starts = self.rank(cache, query, ids, indices, blocks)
         if order.size and self.config.ranking == "attention":
             order = self._rerank_by_attention(cache, order, starts, ids, query)
         spans = choose(order, starts, self.window, ids.size, room)
