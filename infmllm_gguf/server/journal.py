@@ -18,18 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..state import fsync_directory
 from .api import ROOT, Turn
 
 INDEX_SCHEMA = 2  # 1: {"id", "digest", "n_messages"} with the snapshot always present (before the log)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new file in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
