@@ -1,7 +1,8 @@
 """Generation in layers, as mlx-lm's `generate_step` and `stream_generate`: `generate_tokens`
 samples token ids through the cache controller with any sampler callable; `StreamingDetokenizer`
 turns token ids into text, holding back a character whose bytes are split across tokens;
-`text_pieces` adds stop strings on top; `Piece` is what `StreamSession.generate` yields."""
+`text_pieces` adds stop strings on top; `Piece` is what `StreamSession.generate` yields, with
+each token's log-probability when asked (`LogprobSampler`)."""
 from __future__ import annotations
 
 import codecs
@@ -34,7 +35,11 @@ class Piece(str):
     mlx-lm's `GenerationResponse` does. `token`: the id of the token that completed the piece;
     `finish_reason`: None but on the last piece, which has no text ("stop": an end-of-generation
     token or a stop string; "length": `max_tokens`); `prompt_tokens` and `prompt_tps`: the prompt
-    fed before the reply; `generation_tokens` and `generation_tps`: the reply's tokens so far."""
+    fed before the reply; `generation_tokens` and `generation_tps`: the reply's tokens so far;
+    `logprobs`: None unless asked for, else a `TokenLogprob` for each token sampled since the
+    previous piece (a token's text may come in a later piece, held back at a split character or a
+    possible stop string); the last piece's are those of tokens whose text is not in the reply
+    (a stop string's), so that the other pieces' joined are the reply's."""
 
     token: int | None
     finish_reason: str | None
@@ -42,13 +47,15 @@ class Piece(str):
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
+    logprobs: tuple[TokenLogprob, ...] | None
 
     def __new__(cls, text: str, *, token: int | None, finish_reason: str | None, prompt_tokens: int,
-                prompt_tps: float, generation_tokens: int, generation_tps: float) -> "Piece":
+                prompt_tps: float, generation_tokens: int, generation_tps: float,
+                logprobs: tuple[TokenLogprob, ...] | None = None) -> "Piece":
         piece = super().__new__(cls, text)
         piece.__dict__.update(token=token, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                               prompt_tps=prompt_tps, generation_tokens=generation_tokens,
-                              generation_tps=generation_tps)
+                              generation_tps=generation_tps, logprobs=logprobs)
         return piece
 
     @property
@@ -85,6 +92,33 @@ def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, 
         top = order[:cut]
         return int(rng.choice(top, p=p[top] / p[top].sum()))
     return sample
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (its raw logits: before temperature,
+    top-p or any other sampling step) and the `top` likeliest tokens' (id, log-probability), best first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+class LogprobSampler:
+    """A sampler that also notes, for each token it picks, its `TokenLogprob` with the `n_top`
+    likeliest alternatives (`last`: the latest)."""
+
+    def __init__(self, sample: Sampler, n_top: int):
+        if n_top < 0:
+            raise ValueError(f"need logprobs >= 0 alternatives (got {n_top})")
+        self.sample, self.n_top = sample, n_top
+        self.last: TokenLogprob | None = None
+
+    def __call__(self, logits: np.ndarray) -> int:
+        token = self.sample(logits)
+        logp = log_softmax(logits)
+        best = np.argsort(-logp, kind="stable")[:self.n_top]
+        self.last = TokenLogprob(token, float(logp[token]), tuple((int(t), float(logp[t])) for t in best))
+        return token
 
 
 @dataclass

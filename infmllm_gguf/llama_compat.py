@@ -9,11 +9,15 @@ The constructor, `create_completion` (and `__call__`), `create_chat_completion`,
 `detokenize` and `n_ctx` take llama-cpp-python's arguments and return its dicts and stream chunks.
 `n_ctx` becomes the cache's budget: where llama-cpp-python raises "Requested tokens (N) exceed
 context window of M", this one evicts with the policy (`policy=`, default inf-mllm) and keeps what
-it evicts in its memory (`memory=`, on by default). Like llama-cpp-python, a prompt that extends the
+it evicts in its memory (`memory=`, on by default). Chats are rendered as llama-cpp-python renders
+them: the GGUF's Jinja template through its formatter (llama.cpp's own engine, which the rest of
+this package uses as llama-server does without --jinja, leaves out what some templates add, such
+as SmolLM2's default system message). Like llama-cpp-python, a prompt that extends the
 previous prompt and reply (a chat resent with its history) reads only its new part; any other
 starts the stream again.
 
-Sampling: temperature, top_p, top_k, min_p and seed as llama-cpp-python reads them; options this
+Sampling: temperature, top_p, top_k, min_p and seed as llama-cpp-python reads them, and `logprobs`
+(completions) or `logprobs` with `top_logprobs` (chat) in its format; options this
 class does not implement (penalties, grammars, logit biases, tools) are refused with ValueError when
 set to anything but their defaults, never ignored.
 """
@@ -27,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .generation import Piece, make_sampler
+from .generation import Piece, TokenLogprob, make_sampler
 from .memory import MemoryConfig
 from .session import StreamSession
 
@@ -35,12 +39,12 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's: a random seed
 
 #: llama-cpp-python's constructor options about speed, memory mapping or logging: accepted, no effect here
 IGNORED_OPTIONS = {"n_batch", "n_ubatch", "n_threads_batch", "use_mmap", "use_mlock", "main_gpu", "split_mode",
-                   "offload_kqv", "numa", "last_n_tokens_size", "verbose"}
+                   "offload_kqv", "numa", "last_n_tokens_size", "verbose", "logits_all"}
 
 #: sampling options of llama-cpp-python that this class does not implement, with their defaults
 UNSUPPORTED = {"suffix": None, "echo": False, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-               "repeat_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logprobs": None,
-               "top_logprobs": None, "stopping_criteria": None, "logits_processor": None, "grammar": None,
+               "repeat_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
+               "stopping_criteria": None, "logits_processor": None, "grammar": None,
                "logit_bias": None, "functions": None, "function_call": None, "tools": None, "tool_choice": None,
                "response_format": None}
 
@@ -68,6 +72,8 @@ class Llama:
                                       n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn,
                                       seed=None if seed == LLAMA_DEFAULT_SEED else seed,
                                       memory=memory if policy != "full" else None)
+        if self._session.model.chat_template() is not None:
+            self._session.transcript.render = self._session.model.render_chat_jinja
         self._held_text = ""      # the completion text the stream holds (prompts and replies)
         self._held_chat: list[str] = []  # digests of the chat messages it holds, in order
 
@@ -101,7 +107,7 @@ class Llama:
     def create_completion(self, prompt: str, max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, min_p: float = 0.05, stop: str | list[str] | None = None,
                           top_k: int = 40, stream: bool = False, seed: int | None = None, model: str | None = None,
-                          **options):
+                          logprobs: int | None = None, **options):
         """Text after `prompt`: a `text_completion` dict, or an iterator of its chunks (`stream`)."""
         refuse_unsupported(options)
         if not isinstance(prompt, str):
@@ -112,27 +118,31 @@ class Llama:
             self._held_chat, self._held_text = [], ""
         new = prompt[len(self._held_text):]
         n_prompt = len(session.model.tokenize(prompt, add_special=True))
-        pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed))
+        pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed,
+                                                        logprobs))
         head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
                 "model": model or self.model_path}
+        offsets = TextOffsets(len(prompt))
 
         def remember(text: str) -> None:
             self._held_text = prompt + text
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        def choice(text: str, finish: str | None, noted: Sequence[TokenLogprob] | None) -> dict:
+            return {"text": text, "index": 0, "logprobs": self._completion_logprobs(noted, offsets),
+                    "finish_reason": finish}
         if stream:
             return self._stream(pieces, head, choice, remember)
-        text = "".join(pieces)
+        text, noted = self._join(pieces)
         remember(text)
         reply = session.last_reply
-        return {**head, "choices": [choice(text, reply.finish_reason)],
+        return {**head, "choices": [choice(text, reply.finish_reason, noted)],
                 "usage": usage(n_prompt, reply.n_tokens)}
 
     def create_chat_completion(self, messages: list[dict], temperature: float = 0.2, top_p: float = 0.95,
                                top_k: int = 40, min_p: float = 0.05, stream: bool = False,
                                stop: str | list[str] | None = None, seed: int | None = None,
-                               max_tokens: int | None = None, model: str | None = None, **options):
+                               max_tokens: int | None = None, model: str | None = None, logprobs: bool | None = None,
+                               top_logprobs: int | None = None, **options):
         """The assistant's reply to `messages`: a `chat.completion` dict, or an iterator of
         `chat.completion.chunk` dicts (`stream`)."""
         refuse_unsupported(options)
@@ -150,36 +160,65 @@ class Llama:
         if new and new[0][0] == "system":
             new = new[1:]
         session.read_turns(new[:-1], system)
+        top = top_logprobs if logprobs else None  # as llama-cpp-python: logprobs alone asks for none
         pieces = session.chat_stream(new[-1][1], system=system if len(new) == 1 else None,
-                                     **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed))
+                                     **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed, top))
         head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
+        offsets = TextOffsets(0)
 
         def remember(text: str) -> None:
             self._held_chat = digests[1:] + [_digest(digests[-1], {"role": "assistant", "content": text})]
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "delta": {"content": text} if finish is None else {}, "logprobs": None,
+        def chat_logprobs(noted: Sequence[TokenLogprob] | None) -> dict | None:
+            return chat_from_completion_logprobs(self._completion_logprobs(noted, offsets))
+
+        def choice(text: str, finish: str | None, noted: Sequence[TokenLogprob] | None) -> dict:
+            return {"index": 0, "delta": {"content": text} if finish is None else {}, "logprobs": chat_logprobs(noted),
                     "finish_reason": finish}
         if stream:
             start = {**head, "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
             return self._stream(pieces, {**head, "object": "chat.completion.chunk"}, choice, remember, first=start)
-        text = "".join(pieces)
+        text, noted = self._join(pieces)
         remember(text)
         reply = session.last_reply
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": reply.finish_reason}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": chat_logprobs(noted), "finish_reason": reply.finish_reason}],
                 # the whole conversation read so far, as llama-cpp-python counts its prompt
                 "usage": usage(session.stats.tokens_seen - reply.n_tokens, reply.n_tokens)}
 
     # -- shared ------------------------------------------------------------------------------
-    def _sampling(self, max_tokens, temperature, top_p, top_k, min_p, stop, seed) -> dict:
+    def _sampling(self, max_tokens, temperature, top_p, top_k, min_p, stop, seed, logprobs) -> dict:
         rng = self._session.rng if seed is None else np.random.default_rng(seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         limit = max_tokens if max_tokens is not None and max_tokens > 0 else self.n_ctx()  # as llama-cpp-python
-        return {"max_tokens": limit, "stop": stops,
+        return {"max_tokens": limit, "stop": stops, "logprobs": logprobs,
                 "sampler": make_sampler(temperature, top_p, rng, top_k=top_k, min_p=min_p)}
+
+    def _token_text(self, token: int) -> str:
+        return self._session.model.token_bytes(token).decode("utf-8", errors="ignore")  # as llama-cpp-python
+
+    def _completion_logprobs(self, noted: Sequence[TokenLogprob] | None, offsets: TextOffsets) -> dict | None:
+        """llama-cpp-python's completion `logprobs` of the tokens `noted`: each token's text, text
+        offset and log-probability, and the top ones by text (the sampled token's included)."""
+        if noted is None:
+            return None
+        texts = [self._token_text(t.token) for t in noted]
+        return {"tokens": texts, "text_offset": [offsets.after(text) for text in texts],
+                "token_logprobs": [t.logprob for t in noted],
+                "top_logprobs": [{**{self._token_text(i): lp for i, lp in t.top}, text: t.logprob}
+                                 for t, text in zip(noted, texts)]}
+
+    @staticmethod
+    def _join(pieces: Iterator[Piece]) -> tuple[str, list[TokenLogprob] | None]:
+        """A whole reply: its text and its tokens' logprobs (None unless asked for)."""
+        text, noted = "", None
+        for piece in pieces:
+            text += piece
+            if piece.logprobs is not None:
+                noted = (noted or []) + list(piece.logprobs if piece.finish_reason is None else ())
+        return text, noted
 
     def _stream(self, pieces: Iterator[Piece], head: dict, choice, remember,
                 first: dict | None = None) -> Iterator[dict]:
@@ -190,12 +229,35 @@ class Llama:
             for piece in pieces:
                 text += piece
                 finish = piece.finish_reason
-                if piece:
-                    yield {**head, "choices": [choice(piece.text, None)]}
+                if piece.finish_reason is None and (piece or piece.logprobs):
+                    yield {**head, "choices": [choice(piece.text, None, piece.logprobs)]}
         finally:
             pieces.close()
             remember(text)
-        yield {**head, "choices": [choice("", finish)]}
+        yield {**head, "choices": [choice("", finish, None)]}
+
+
+class TextOffsets:
+    """Where each token's text starts in the whole text, token after token (from `at`)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after(self, text: str) -> int:
+        """The offset of `text`, the next token's; the one after it moves past it."""
+        self.at += len(text)
+        return self.at - len(text)
+
+
+def chat_from_completion_logprobs(logprobs: dict | None) -> dict | None:
+    """Completion logprobs in chat's form, as llama-cpp-python converts them (no bytes)."""
+    if logprobs is None:
+        return None
+    return {"content": [{"token": token, "bytes": None, "logprob": logprob,
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()]}
+                        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                                       logprobs["top_logprobs"])],
+            "refusal": None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

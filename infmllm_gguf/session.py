@@ -22,8 +22,8 @@ import numpy as np
 from .controller import CacheController, CacheStats
 from .chat import ChatTranscript
 from .memory import Memory, MemoryConfig
-from .generation import (DEFAULTS, Piece, Reply, Sampler, StreamingDetokenizer, generate_tokens, make_sampler,
-                         text_pieces)
+from .generation import (DEFAULTS, LogprobSampler, Piece, Reply, Sampler, StreamingDetokenizer, generate_tokens,
+                         make_sampler, text_pieces)
 from .multimodal import ImageChunk, ImageLike, MediaPart, Projector, TextChunk
 from .policies import DEFAULT_POLICY, Policy, from_config, make_policy
 from .runtime import Model, Runtime, check_cache_types
@@ -431,12 +431,14 @@ class StreamSession:
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, max_tokens: int = DEFAULTS.max_tokens,
                  temperature: float = DEFAULTS.temperature, top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
-                 special: bool = False, sampler: Sampler | None = None) -> Iterator[Piece]:
+                 special: bool = False, sampler: Sampler | None = None,
+                 logprobs: int | None = None) -> Iterator[Piece]:
         """Feed `prompt` (if any) now, then return an iterator that samples up to `max_tokens`
         tokens and yields the reply in `Piece`s (text with counts, speeds and, on the last one, an
         empty text and the `finish_reason`).
 
-        `sampler` (logits -> token id) replaces the temperature and top-p sampler. Stops at an
+        `sampler` (logits -> token id) replaces the temperature and top-p sampler. `logprobs`: None,
+        or each piece carries its tokens' log-probabilities with that many alternatives. Stops at an
         end-of-generation token or when a `stop` string appears (not yielded); `last_reply` then
         says how many tokens were sampled and why it stopped. While generating, the cache may hold
         up to budget + generation_headroom cells; at the end it is brought back to the budget.
@@ -446,21 +448,26 @@ class StreamSession:
         prompt_tps = n_prompt / max(time.perf_counter() - t0, 1e-9)
         sampler = sampler or make_sampler(temperature, top_p, self.rng)
         self.last_reply = Reply()
-        return self._pieces(sampler, max_tokens, stop, n_prompt, prompt_tps)
+        noting = None if logprobs is None else LogprobSampler(sampler, logprobs)
+        return self._pieces(noting or sampler, max_tokens, stop, n_prompt, prompt_tps, noting)
 
     def _pieces(self, sampler: Sampler, max_tokens: int, stop: Sequence[str], n_prompt: int,
-                prompt_tps: float) -> Iterator[Piece]:
-        reply, last = self.last_reply, [None]
+                prompt_tps: float, noting: LogprobSampler | None) -> Iterator[Piece]:
+        reply, last, noted = self.last_reply, [None], []
 
         def tokens_seen() -> Iterator[int]:
             for token in tokens:
                 last[0] = token
+                if noting is not None:  # the end-of-generation token, sampled but never yielded, is left out
+                    noted.append(noting.last)
                 yield token
 
         def piece(text: str, finish_reason: str | None) -> Piece:
+            logprobs = None if noting is None else tuple(noted)
+            noted.clear()
             return Piece(text, token=last[0], finish_reason=finish_reason, prompt_tokens=n_prompt,
                          prompt_tps=prompt_tps, generation_tokens=reply.n_tokens,
-                         generation_tps=reply.n_tokens / max(time.perf_counter() - t0, 1e-9))
+                         generation_tps=reply.n_tokens / max(time.perf_counter() - t0, 1e-9), logprobs=logprobs)
         t0 = time.perf_counter()
         tokens = generate_tokens(self.cache, sampler, max_tokens=max_tokens, is_end=self.model.is_end_of_generation,
                                  reply=reply)
@@ -492,12 +499,12 @@ class StreamSession:
     def chat_stream(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
                     max_tokens: int = DEFAULTS.max_tokens, temperature: float = DEFAULTS.temperature,
                     top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
-                    sampler: Sampler | None = None) -> Iterator[Piece]:
-        """`chat`, the user turn fed now, the reply yielded in `Piece`s as it is sampled (`stop`
-        and `sampler` as in `generate`)."""
+                    sampler: Sampler | None = None, logprobs: int | None = None) -> Iterator[Piece]:
+        """`chat`, the user turn fed now, the reply yielded in `Piece`s as it is sampled (`stop`,
+        `sampler` and `logprobs` as in `generate`)."""
         self.user_turn(message, media=media, system=system)
         return self._reply(self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                         sampler=sampler))
+                                         sampler=sampler, logprobs=logprobs))
 
     def _reply(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
         reply = ""

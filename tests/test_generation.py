@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.generation import StreamingDetokenizer, make_sampler, text_pieces
+from infmllm_gguf.generation import LogprobSampler, StreamingDetokenizer, log_softmax, make_sampler, text_pieces
 from infmllm_gguf.runtime import Model
 
 MULTILINGUAL = "Спасибо! ありがとう。谢谢 — merci, ευχαριστώ, धन्यवाद 🙏 done"
@@ -93,6 +93,36 @@ def test_samplers():
     assert {draw(logits) for _ in range(200)} == {1, 3}
     with pytest.raises(ValueError, match="temperature"):
         make_sampler(-1.0, 0.9, np.random.default_rng(0))
+
+
+def test_a_logprob_sampler_notes_what_it_picked_and_the_likeliest():
+    logits = np.array([0.0, 3.0, 1.0, 2.9, 3.0], dtype=np.float32)
+    noting = LogprobSampler(lambda _: 2, n_top=3)
+    assert noting(logits) == 2
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert noting.last.token == 2 and noting.last.logprob == pytest.approx(np.log(p[2]), abs=1e-12)
+    assert [t for t, _ in noting.last.top] == [1, 4, 3]  # a tie keeps the lower id first
+    assert [lp for _, lp in noting.last.top] == pytest.approx(np.log(p[[1, 4, 3]]), abs=1e-12)
+    assert LogprobSampler(lambda _: 0, n_top=0)(logits) == 0
+    with pytest.raises(ValueError, match="logprobs"):
+        LogprobSampler(lambda _: 0, n_top=-1)
+
+
+def test_pieces_carry_their_tokens_logprobs_from_the_model(default_model):
+    """Each token's log-probability is the model's at that step: the same as the logits read back
+    when the same text is fed to a second session."""
+    with StreamSession(default_model, budget=128, n_threads=1) as s:
+        out = list(s.generate("Once upon a time", max_tokens=6, temperature=0, logprobs=2))
+        noted = [t for p in out[:-1] for t in p.logprobs]
+        assert len(noted) == 6 and out[-1].logprobs == ()
+        assert all(t.top[0] == (t.token, t.logprob) for t in noted)  # greedy: the likeliest
+        assert list(s.generate("Again", max_tokens=2, temperature=0))[0].logprobs is None  # not asked for
+    with StreamSession(default_model, budget=128, n_threads=1) as ref:
+        ref.feed_prompt("Once upon a time")
+        for t in noted:
+            assert t.logprob == pytest.approx(log_softmax(ref.runtime.logits())[t.token], abs=1e-4)
+            ref.feed_tokens([t.token])
 
 
 def test_generate_with_a_sampler_callable_streams_the_text_it_chose(default_model):

@@ -2,6 +2,7 @@
 stream chunks; and a script written for llama-cpp-python that fails there past the context runs
 through the facade unchanged."""
 import llama_cpp
+import numpy as np
 import pytest
 
 from infmllm_gguf import Llama
@@ -15,6 +16,8 @@ def shape(value):
         return {k: shape(v) for k, v in value.items()}
     if isinstance(value, list):
         return [shape(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return "float"  # llama-cpp-python's chat logprobs are numpy.float32
     return type(value).__name__
 
 
@@ -106,3 +109,35 @@ def test_options_it_does_not_implement_are_refused_not_ignored(default_model):
             llm.create_completion("Hi", banana=1)
     with pytest.raises(TypeError, match="lora_path"):
         Llama(model_path=str(default_model), lora_path="x.gguf")
+
+
+def test_logprobs_match_llama_cpp_python(default_model):
+    """The tokens' log-probabilities, as llama-cpp-python computes them from its own logits."""
+    theirs = llama_cpp.Llama(model_path=str(default_model), n_ctx=512, logits_all=True, **OPTIONS)
+    ask = dict(max_tokens=6, temperature=0)
+    chat = [{"role": "user", "content": "Name a colour."}]
+    a = {"completion": theirs.create_completion("The capital of France is", logprobs=3, **ask),
+         "chat": theirs.create_chat_completion(messages=chat, logprobs=True, top_logprobs=2, **ask),
+         "stream": list(theirs.create_completion("The capital of France is", logprobs=3, stream=True, **ask))}
+    theirs.close()
+    with Llama(model_path=str(default_model), n_ctx=512, logits_all=True, **OPTIONS) as llm:
+        b = {"completion": llm.create_completion("The capital of France is", logprobs=3, **ask),
+             "chat": llm.create_chat_completion(messages=chat, logprobs=True, top_logprobs=2, **ask),
+             "stream": list(llm.create_completion("The capital of France is", logprobs=3, stream=True, **ask)),
+             "none": llm.create_chat_completion(messages=chat, logprobs=True, **ask)}
+    ours, ref = b["completion"]["choices"][0]["logprobs"], a["completion"]["choices"][0]["logprobs"]
+    assert ours["tokens"] == ref["tokens"] and len(ours["tokens"]) == 6
+    assert ours["text_offset"] == ref["text_offset"]
+    assert ours["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=2e-3)
+    for mine, theirs_top in zip(ours["top_logprobs"], ref["top_logprobs"]):
+        assert mine.keys() == theirs_top.keys()
+        assert list(mine.values()) == pytest.approx(list(theirs_top.values()), abs=2e-3)
+    ours, ref = b["chat"]["choices"][0]["logprobs"], a["chat"]["choices"][0]["logprobs"]
+    assert shape(ours) == shape(ref)
+    assert [c["token"] for c in ours["content"]] == [c["token"] for c in ref["content"]]
+    assert [c["logprob"] for c in ours["content"]] == pytest.approx([c["logprob"] for c in ref["content"]], abs=2e-3)
+    def streamed(chunks, key):
+        return sum((c["choices"][0]["logprobs"][key] for c in chunks if c["choices"][0]["logprobs"]), [])
+    for key in ("tokens", "text_offset"):
+        assert streamed(b["stream"], key) == streamed(a["stream"], key) == a["completion"]["choices"][0]["logprobs"][key]
+    assert b["none"]["choices"][0]["logprobs"] is None  # top_logprobs unset: none, as llama-cpp-python

@@ -71,6 +71,11 @@ def test_the_openai_client_gets_what_a_session_answers(default_model, tmp_path):
         first = converse(client, TURNS[:1], logprobs=True, top_logprobs=3)[0].choices[0].logprobs.content[0]
         assert len(first.top_logprobs) == 3 and first.top_logprobs[0].logprob >= first.top_logprobs[1].logprob
         assert first.logprob == first.top_logprobs[0].logprob  # greedy: the most likely token
+        whole = converse(client, TURNS[:1], logprobs=True, top_logprobs=2)[0].choices[0].logprobs.content
+        streamed = [e for c in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": TURNS[0]}], max_tokens=12, temperature=0, stream=True,
+            logprobs=True, top_logprobs=2) if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole] and whole
 
 
 @pytest.mark.usefixtures("default_model")

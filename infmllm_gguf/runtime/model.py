@@ -96,6 +96,7 @@ class Model:
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.ptr)
         self.sliding_window = llama.llama_model_n_swa(self.ptr)  # 0: none
+        self._jinja: dict[bool, object] | None = None  # render_chat_jinja's formatters, made at first use
 
     @property
     def name(self) -> str:
@@ -137,6 +138,16 @@ class Model:
             n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
 
+    @property
+    def bos_token(self) -> int:
+        """The beginning-of-sequence token's id (-1: none)."""
+        return int(llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_token(self) -> int:
+        """The end-of-sequence token's id (-1: none)."""
+        return int(llama.llama_vocab_eos(self.vocab))
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
 
@@ -164,3 +175,20 @@ class Model:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = n
         raise RuntimeError("chat template output kept growing")
+
+    def render_chat_jinja(self, messages: Sequence[tuple[str, str]], add_assistant: bool) -> str:
+        """`render_chat` as llama-cpp-python's `Llama` renders a chat: the template run by jinja2
+        (its formatter, with the model's BOS and EOS texts), whatever llama.cpp's own engine, which
+        knows a fixed set of templates by their look, leaves out (SmolLM2's default system message)."""
+        if self._jinja is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def text(token: int) -> str:
+                return self.token_bytes(token).decode("utf-8", errors="ignore") if token >= 0 else ""
+            template = self.chat_template()
+            if template is None:
+                raise ValueError(f"{self.name} has no chat template; use generate() instead")
+            self._jinja = {opens: Jinja2ChatFormatter(template, eos_token=text(self.eos_token),
+                                                      bos_token=text(self.bos_token), add_generation_prompt=opens)
+                           for opens in (False, True)}
+        return self._jinja[add_assistant](messages=[{"role": r, "content": c} for r, c in messages]).prompt

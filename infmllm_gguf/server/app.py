@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..generation import log_softmax, make_sampler
+from ..generation import TokenLogprob, make_sampler
 from ..probes import rss_mib
 from ..session import StreamSession
 from .api import ApiError, ChatRequest, CompletionRequest, Turn, chain, checked_turns, error_from_validation
@@ -106,24 +106,29 @@ class BodyLimit:
         await JSONResponse(err.body(), status_code=413)(scope, receive, send)
 
 
-class LogprobRecorder:
-    """A sampler that also notes, for each token it picks, its log-probability and the top ones."""
+class Chunk(NamedTuple):
+    """A piece of a streamed reply: its text and, when asked for, its tokens' logprobs entries."""
+    text: str
+    logprobs: list[dict] | None
 
-    def __init__(self, sample: Callable[[np.ndarray], int], token_bytes: Callable[[int], bytes], top: int):
-        self.sample, self.token_bytes, self.top = sample, token_bytes, top
-        self.content: list[dict] = []
 
-    def entry(self, token: int, logprob: float) -> dict:
-        data = self.token_bytes(token)
+def openai_logprobs(logprobs: tuple[TokenLogprob, ...], token_bytes: Callable[[int], bytes]) -> list[dict]:
+    """Chat completions' `logprobs.content`: one entry per token, with its text, bytes and alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        data = token_bytes(token)
         return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in logprobs]
 
-    def __call__(self, logits: np.ndarray) -> int:
-        token = self.sample(logits)
-        logp = log_softmax(logits)
-        best = np.argsort(-logp)[:self.top]
-        self.content.append({**self.entry(token, float(logp[token])),
-                             "top_logprobs": [self.entry(int(t), float(logp[t])) for t in best]})
-        return token
+
+def completion_logprobs(content: list[dict], offset: int = 0) -> dict:
+    """Legacy completions' `logprobs` from chat's entries, text offsets counted from `offset`."""
+    offsets, at = [], offset
+    for c in content:
+        offsets.append(at)
+        at += len(c["token"])
+    return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
+            "text_offset": offsets}
 
 
 def create_app(store: ConversationStore, *, model_name: str, api_key: str | None = None,
@@ -181,7 +186,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                                 "in several requests", param="messages", code="prompt_too_long")
         return n
 
-    def run_turns(conv: Conversation, turns: list[Turn], held: int, body, emit: Callable[[str], None],
+    def run_turns(conv: Conversation, turns: list[Turn], held: int, body, emit: Callable[[Chunk], None],
                   cancelled: threading.Event, deadline: float, kept: bool) -> dict:
         """Feed what the stream has not read of the request (its new messages, or a completion's
         prompt), generate the reply and hand each piece to `emit`; a conversation that is `kept`
@@ -197,9 +202,8 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         rng = np.random.default_rng(body.seed) if body.seed is not None else session.rng
         sampler = make_sampler(body.temperature, body.top_p, rng)
         top = body.logprobs if completion else (body.top_logprobs or 0) if body.logprobs else None
-        recorder = None if top is None else LogprobRecorder(sampler, session.model.token_bytes, top)
-        options = dict(max_tokens=max_tokens, stop=body.stops(), sampler=recorder or sampler)
-        text, finish = "", None
+        options = dict(max_tokens=max_tokens, stop=body.stops(), sampler=sampler, logprobs=top)
+        text, finish, content = "", None, None if top is None else []
         try:
             if completion:
                 pieces = session.generate(body.prompt, **options)
@@ -211,10 +215,14 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                                              system=None if history else system, **options)
             try:
                 for piece in pieces:
-                    text += piece
                     finish = piece.finish_reason
-                    if piece:
-                        emit(piece)
+                    if finish is not None:
+                        break  # the last piece: no text, logprobs of a stop string's tokens at most
+                    entries = None if top is None else openai_logprobs(piece.logprobs, session.model.token_bytes)
+                    if content is not None:
+                        content += entries
+                    text += piece
+                    emit(Chunk(piece, entries))
                     if cancelled.is_set():
                         break  # a client that left: the reply so far stays in the conversation
                     if time.monotonic() > deadline:
@@ -241,7 +249,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                     tokens_recalled=recalled, recall_s=recall_s)
         cache = {k: conv.published[k] for k in ("cells_cached", "budget", "tokens_seen", "cells_evicted")}
         return {"text": text, "finish_reason": finish or reply.finish_reason, "usage": usage, "cache": cache,
-                "logprobs": recorder.content if recorder else None, "session_id": conv.id}
+                "logprobs": content, "session_id": conv.id}
 
     def work(body, turns: list[Turn], session_id: str | None, put: Callable[[object], None],
              cancelled: threading.Event) -> None:
@@ -299,12 +307,15 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
         head = {"id": rid, "object": "text_completion" if completion else "chat.completion",
                 "created": int(time.time()), "model": model_name}
 
-        def choice(text: str | None, finish: str | None, logprobs: list | None, *, delta: bool) -> dict:
+        def choice(text: str | None, finish: str | None, logprobs: list | None, *, delta: bool,
+                   offset: int = 0) -> dict:
             out = {"index": 0, "finish_reason": finish}
             if completion:
-                out |= {"text": text or "", "logprobs": None if logprobs is None else completion_logprobs(logprobs)}
+                out |= {"text": text or "",
+                        "logprobs": None if logprobs is None else completion_logprobs(logprobs, offset)}
             elif delta:
-                out |= {"delta": {} if text is None else {"content": text}, "logprobs": None}
+                out |= {"delta": {} if text is None else {"content": text},
+                        "logprobs": None if logprobs is None else {"content": logprobs}}
             else:
                 out |= {"message": {"role": "assistant", "content": text},
                         "logprobs": None if logprobs is None else {"content": logprobs}}
@@ -328,6 +339,7 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
             return f"data: {json.dumps(data)}\n\n"
 
         async def stream() -> AsyncIterator[str]:
+            sent = 0  # characters of the reply streamed so far: completions' text offsets
             try:
                 if not completion:
                     yield sse({**stream_head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -341,20 +353,13 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
                         if body.stream_options and body.stream_options.include_usage:
                             yield sse({**stream_head, "choices": [], "usage": event["usage"]})
                     else:
-                        yield sse({**stream_head, "choices": [choice(event, None, None, delta=True)]})
+                        yield sse({**stream_head, "choices": [choice(event.text, None, event.logprobs, delta=True,
+                                                                     offset=sent)]})
+                        sent += len(event.text)
                 yield "data: [DONE]\n\n"
             finally:
                 cancelled.set()  # a client that went away: the reply so far stays in the conversation
         return StreamingResponse(stream(), media_type="text/event-stream")
-
-    def completion_logprobs(content: list[dict]) -> dict:
-        offsets, at = [], 0
-        for c in content:
-            offsets.append(at)
-            at += len(c["token"])
-        return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
-                "text_offset": offsets}
 
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
