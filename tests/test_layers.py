@@ -103,7 +103,8 @@ print(sum('ggml' in o for o in opened))
 
 def test_renamed_modules_still_import_for_a_release():
     for old, new, name in (("infmllm_gguf.cache", "infmllm_gguf.controller", "CacheController"),
-                           ("infmllm_gguf.models", "infmllm_gguf.model_files", "cache_dir")):
+                           ("infmllm_gguf.models", "infmllm_gguf.model_files", "cache_dir"),
+                           ("infmllm_gguf.runtime.context", "infmllm_gguf.runtime.runtime", "Runtime")):
         code = f"import {old}, {new}; assert {old}.{name} is {new}.{name}"
         subprocess.run([sys.executable, "-c", code], check=True)
         warned = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", f"import {old}"],

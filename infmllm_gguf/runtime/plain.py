@@ -15,7 +15,7 @@ from typing import Sequence
 
 from llama_cpp import llama_cpp as llama
 
-from .context import SEQ, new_context
+from .runtime import SEQ, new_context
 from .model import Model
 
 PLAIN = "plain llama.cpp"

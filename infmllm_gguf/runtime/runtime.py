@@ -1,0 +1,381 @@
+"""One llama.cpp context decoding one sequence over a `Model`, through llama-cpp-python's ctypes API.
+
+`Runtime` is the small surface the rest of the package needs: decode a batch of tokens or input
+embeddings at given positions, read logits, edit the KV cache (remove and shift positions), capture
+attention scores through the patch (`capture_scores` / `read_scores`), and save or load its state.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from llama_cpp import llama_cpp as llama
+
+from . import native
+from .log import LOG
+from .model import Model
+
+SEQ = 0  # the one sequence a Runtime decodes
+
+#: KV cache element types, named as llama.cpp's tools name them (--cache-type-k/-v)
+CACHE_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0, "q4_0": llama.GGML_TYPE_Q4_0}
+
+
+def check_cache_types(type_k: str, type_v: str, flash_attn: bool | None) -> None:
+    """ValueError, naming the fix, for a cache type llama.cpp would refuse."""
+    for flag, name in (("--cache-type-k", type_k), ("--cache-type-v", type_v)):
+        if name not in CACHE_TYPES:
+            raise ValueError(f"{flag} must be one of {', '.join(CACHE_TYPES)} (got {name!r})")
+    if type_v != "f16" and flash_attn is False:
+        raise ValueError(f"a quantized V cache (--cache-type-v {type_v}) needs flash attention, as in llama.cpp: "
+                         "drop --no-flash-attn or use --cache-type-v f16")
+
+
+class CaptureError(RuntimeError):
+    """Scores were asked for but none were captured."""
+
+
+@dataclass(frozen=True)
+class AttentionScores:
+    """Attention that the last decode's captured queries gave to each cached cell.
+
+    `scores[i, j]` is the attention probability that layer `layers[i]` gave to the cell at
+    llama.cpp position `positions[j]`, summed over heads and over the `n_queries` captured queries
+    (the last ones of the batch).
+    """
+
+    positions: np.ndarray  # int32 [n]
+    scores: np.ndarray     # float32 [len(layers), n]
+    layers: tuple[int, ...]
+    n_queries: int
+
+
+def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatch: int | None = None,
+                flash_attn: bool | None = None, n_threads: int | None = None, cache_type_k: str = "f16",
+                cache_type_v: str = "f16") -> llama.llama_context_p:
+    """A llama.cpp context for one sequence of `model` (see `Runtime`); RuntimeError with llama.cpp's
+    reason if it cannot be made. The caller frees it."""
+    cparams = llama.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch or n_ctx
+    cparams.n_ubatch = n_ubatch or min(cparams.n_batch, 512)
+    cparams.n_seq_max = 1
+    cparams.type_k, cparams.type_v = CACHE_TYPES[cache_type_k], CACHE_TYPES[cache_type_v]
+    cparams.flash_attn_type = {None: llama.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                               False: llama.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+    # with no layer on the GPU, keep every op on the CPU (llama.cpp would offload large batches)
+    cparams.offload_kqv = cparams.op_offload = model.n_gpu_layers != 0
+    threads = n_threads or max(1, os.cpu_count() or 1)
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = llama.llama_init_from_model(model.ptr, cparams)
+    if not ctx:
+        reason = LOG.pop_errors() or "no reason given"
+        raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} cells for {model.path}: {reason}")
+    return ctx
+
+
+class Runtime:
+    """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
+    path to load one from, which the runtime then owns and frees). `cache_type_k`/`cache_type_v`:
+    the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention."""
+
+    def __init__(self, model: Model | str | os.PathLike | None = None, *, n_ctx: int = 2048,
+                 n_batch: int | None = None, n_ubatch: int | None = None, n_gpu_layers: int = -1,
+                 flash_attn: bool | None = None, n_threads: int | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+        check_cache_types(cache_type_k, cache_type_v, flash_attn)
+        self.cache_types = (cache_type_k, cache_type_v)
+        self._owns_model = not isinstance(model, Model)
+        self.model = Model(model, n_gpu_layers=n_gpu_layers) if self._owns_model else model
+        try:
+            self.ctx = new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
+                                   n_threads=n_threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        except RuntimeError:
+            self._close_model()
+            raise
+        self.kv = llama.llama_get_memory(self.ctx)  # llama.cpp's memory handle: the KV cache
+        self.n_ctx = llama.llama_n_ctx(self.ctx)
+        self.n_batch = llama.llama_n_batch(self.ctx)
+        self.n_ubatch = llama.llama_n_ubatch(self.ctx)
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._embd_batch = None  # a batch of embeddings (images), made on first use
+        self._captured_queries = 0
+        self._capture_layers: tuple[int, ...] = ()
+        self._has_logits = False
+        self._restored_logits: np.ndarray | None = None  # llama.cpp's state does not carry logits
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                llama.llama_batch_free(self._embd_batch)
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        self._close_model()
+
+    def _close_model(self) -> None:
+        if getattr(self, "_owns_model", False) and getattr(self, "model", None) is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, tokens: Sequence[int], positions: Sequence[int] | None = None, *,
+               logits: str = "last") -> None:
+        """Decode token ids `tokens` (one batch) at `positions` (default: after the sequence's last
+        position). logits: "last" (only the last token's), "all", or "none"."""
+        n = self._check_batch(len(tokens))
+        for i, tok in enumerate(tokens):
+            self._batch.token[i] = tok
+        self._submit(self._batch, n, positions, logits)
+
+    def decode_embeddings(self, embd: np.ndarray, positions: Sequence[int] | None = None, *,
+                          logits: str = "last") -> None:
+        """Decode input embeddings (float32 [n, n_embd_inp], e.g. an image's from libmtmd) as one
+        batch, like `decode` does tokens."""
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        n_embd = self.model.n_embd_inp
+        if embd.ndim != 2 or embd.shape[1] != n_embd:
+            raise ValueError(f"embeddings must be [n, {n_embd}] for this model (got shape {embd.shape})")
+        if not np.all(np.isfinite(embd)):
+            raise ValueError("embeddings have non-finite values")
+        n = self._check_batch(embd.shape[0])
+        if self._embd_batch is None:
+            # llama_batch_init with embd > 0 allocates `embd` instead of `token`
+            self._embd_batch = llama.llama_batch_init(self.n_batch, n_embd, 1)
+        ctypes.memmove(self._embd_batch.embd, embd.ctypes.data, embd.nbytes)
+        self._submit(self._embd_batch, n, positions, logits)
+
+    def set_causal_attention(self, causal: bool) -> None:
+        """Causal (the default) or full attention inside the next batches (Gemma 3's images)."""
+        llama.llama_set_causal_attn(self.ctx, causal)
+
+    def _check_batch(self, n: int) -> int:
+        if n == 0:
+            raise ValueError("decode needs at least one token")
+        if n > self.n_batch:
+            raise ValueError(f"a batch of {n} tokens exceeds this context's n_batch={self.n_batch}")
+        if 0 < self._captured_queries and n < self._captured_queries:
+            raise ValueError(f"the capture takes the last {self._captured_queries} queries, more than the batch "
+                             f"({n} tokens); decode at least {self._captured_queries} tokens or capture fewer")
+        return n
+
+    def _submit(self, b, n: int, positions: Sequence[int] | None, logits: str) -> None:
+        """Set positions, sequence and output flags of the first `n` entries of batch `b` and decode it."""
+        if positions is None:
+            start = self.pos_max() + 1
+            positions = range(start, start + n)
+        b.n_tokens = n
+        for i, pos in zip(range(n), positions):
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = SEQ
+            b.logits[i] = logits == "all" or (logits == "last" and i == n - 1)
+        self._restored_logits = None
+        rc = llama.llama_decode(self.ctx, b)
+        self._has_logits = rc == 0 and logits != "none"
+        if rc == 1:
+            raise RuntimeError(f"the KV cache has no room for {n} more tokens ({self.n_cached()} of "
+                               f"{self.n_ctx} cells used)")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """A copy of the logits of output `i` of the last decode."""
+        if self._restored_logits is not None and i in (0, -1):
+            return self._restored_logits.copy()
+        ptr = llama.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for output {i} of the last decode")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """A copy of the logits of the last decode's `n_outputs` outputs, in batch order
+        (float32 [n_outputs, n_vocab]); the decode must have asked for logits="all"."""
+        ptr = llama.llama_get_logits_ith(self.ctx, n_outputs - 1)  # validates n_outputs
+        if not ptr:
+            raise RuntimeError(f"the last decode has fewer than {n_outputs} outputs")
+        return np.ctypeslib.as_array(llama.llama_get_logits(self.ctx), shape=(n_outputs, self.model.n_vocab)).copy()
+
+    # -- state ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The context's state for a save: llama.cpp's cells as bytes, and the last output's logits,
+        which llama.cpp's state does not include.
+
+        The cells are then loaded back, which packs them into the slots a restore gives them: where
+        a cell lies changes the order of llama.cpp's sums, and this model family turns that rounding
+        into logit differences of up to ~1. Packed alike, this context and a restored one continue
+        with bit-identical logits."""
+        buf = self._get_cells()
+        arrays = {"cells": buf}
+        if self._has_logits:
+            arrays["last_logits"] = self.logits()
+        reason = self._set_cells(buf)
+        if reason is not None:
+            raise RuntimeError(f"llama.cpp could not load back the cells it had just saved ({reason})")
+        self._restored_logits = arrays.get("last_logits")
+        return {"n_cells": self.n_cached()}, arrays
+
+    def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Raise ValueError unless `state()`'s output could be loaded here (the bytes themselves are
+        only checked by llama.cpp, in `load_state`)."""
+        cells = arrays.get("cells")
+        if cells is None or cells.dtype != np.uint8 or cells.ndim != 1:
+            raise ValueError("the saved llama.cpp cells are missing or not a byte array")
+        if not isinstance(meta.get("n_cells"), int) or not 0 <= meta["n_cells"] <= self.n_ctx:
+            raise ValueError(f"the saved state holds {meta.get('n_cells')!r} cells; this context has {self.n_ctx}")
+        logits = arrays.get("last_logits")
+        if logits is not None and logits.shape != (self.model.n_vocab,):
+            raise ValueError(f"saved logits have shape {logits.shape}, this model's vocabulary {self.model.n_vocab}")
+
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Load a checked state of a context of the same model and size. If llama.cpp refuses the
+        bytes, or they hold another number of cells, the previous cells are put back and
+        ValueError says why."""
+        backup = self._get_cells()
+        reason = self._set_cells(arrays["cells"])
+        if reason is None and self.n_cached() != meta["n_cells"]:
+            reason = f"they hold {self.n_cached()} cells, the saved state says {meta['n_cells']}"
+        if reason is not None:
+            self._set_cells(backup)
+            raise ValueError(f"llama.cpp could not load the saved cells ({reason}): they were saved from another "
+                             "model or context size")
+        logits = arrays.get("last_logits")
+        self._restored_logits = None if logits is None else logits.astype(np.float32)
+        self._has_logits = logits is not None
+
+    def _get_cells(self) -> np.ndarray:
+        """llama.cpp's cells as bytes, pending position shifts applied."""
+        self.apply_pending_shifts()
+        size = llama.llama_state_get_size(self.ctx)
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
+        if written != size:
+            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
+        return buf
+
+    def _set_cells(self, data: np.ndarray) -> str | None:
+        """Replace the cells with `data`; None, or why llama.cpp refused them."""
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        read = llama.llama_state_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size)
+        if read != data.size:
+            self.clear()
+            return f"{read} of {data.size} bytes read"
+        return None
+
+    def sequence_bytes(self) -> int:
+        """Bytes of the sequence's saved state (its cells' K and V rows, positions, a header)."""
+        return llama.llama_state_seq_get_size(self.ctx, SEQ)
+
+    def apply_pending_shifts(self) -> None:
+        """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
+        the next decode, and its saved state would lose the pending shift: decode one throwaway token
+        after the sequence and remove it. The last logits survive."""
+        last = self.logits() if self._has_logits else None
+        queries, layers = self._captured_queries, self._capture_layers
+        if queries:
+            self.capture_scores(0)
+        pos = self.pos_max() + 1
+        self.decode([0], [pos], logits="none")
+        self.remove(pos, pos + 1)
+        if queries:
+            self.capture_scores(queries, None if len(layers) == self.model.n_layer else layers)
+        self._restored_logits, self._has_logits = last, last is not None
+
+    # -- KV cache ---------------------------------------------------------------------------
+    def pos_min(self) -> int:
+        """Smallest position of the sequence (of the sliding-window cache, for iSWA models)."""
+        return llama.llama_memory_seq_pos_min(self.kv, SEQ)
+
+    def pos_max(self) -> int:
+        return llama.llama_memory_seq_pos_max(self.kv, SEQ)
+
+    def n_cached(self) -> int:
+        """Cells that the sequence occupies, as llama.cpp counts them."""
+        n = native.llama_attn_capture_get(self.ctx, SEQ, None, None, 0)
+        if n < 0:
+            raise CaptureError(f"llama_attn_capture_get cannot count cells of this memory (code {n})")
+        return n
+
+    def remove(self, p0: int, p1: int) -> None:
+        """Remove the cells at positions [p0, p1)."""
+        if not llama.llama_memory_seq_rm(self.kv, SEQ, p0, p1):
+            raise RuntimeError(f"llama.cpp refused to remove positions [{p0}, {p1})")
+
+    def shift(self, p0: int, p1: int, delta: int) -> None:
+        """Add `delta` to the positions in [p0, p1); the keys are re-rotated at the next decode."""
+        llama.llama_memory_seq_add(self.kv, SEQ, p0, p1, delta)
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Per-layer compaction: afterwards layer l's cells 0..n_keep-1 hold the tokens that were at
+        positions `keep[l]` (int [n_layer, n_keep], ascending per row), their keys re-rotated to
+        positions 0..n_keep-1; the sequence occupies those positions and nothing else."""
+        keep = np.ascontiguousarray(keep, dtype=np.int32)
+        if keep.ndim != 2 or keep.shape[0] != self.model.n_layer or keep.shape[1] < 1:
+            raise ValueError(f"keep must be [n_layer, n_keep] = [{self.model.n_layer}, *] (got shape {keep.shape})")
+        rc = native.llama_attn_capture_compact(self.ctx, SEQ, keep.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
+                                               keep.shape[1])
+        if rc == -3:
+            raise ValueError("per-layer compaction needs a plain KV cache: not a sliding-window (iSWA), recurrent "
+                             "or hybrid one")
+        if rc == -5:
+            self.clear()
+            raise RuntimeError("llama.cpp failed to compute the compaction; the cache was cleared")
+        if rc != 0:
+            raise ValueError("llama.cpp refused the compaction: each row of keep must list, ascending, positions "
+                             "that the sequence holds (and the model's keys must be rotated whole)")
+
+    def can_shift(self) -> bool:
+        return bool(llama.llama_memory_can_shift(self.kv))
+
+    def clear(self) -> None:
+        llama.llama_memory_clear(self.kv, True)
+
+    # -- attention capture ------------------------------------------------------------------
+    def capture_scores(self, n_queries: int, layers: Sequence[int] | None = None) -> None:
+        """Capture, at every following decode, the attention of its last `n_queries` queries (0: off)."""
+        if n_queries < 0:
+            raise ValueError(f"the number of captured queries must be >= 0, not {n_queries}")
+        if layers is None:
+            rc = native.llama_attn_capture_set(self.ctx, n_queries, None, 0)
+        else:
+            if not layers:
+                raise ValueError("layers must name at least one layer (or be None for all)")
+            arr = (ctypes.c_int32 * len(layers))(*layers)
+            rc = native.llama_attn_capture_set(self.ctx, n_queries, arr, len(layers))
+        if rc != 0:
+            raise ValueError(f"invalid capture layers {list(layers or [])} for a model of {self.model.n_layer} layers")
+        self._captured_queries = n_queries
+        self._capture_layers = tuple(range(self.model.n_layer)) if layers is None else tuple(sorted(set(layers)))
+
+    def read_scores(self) -> AttentionScores:
+        """The scores captured by the last decode, for the cells the sequence occupies now."""
+        n = native.llama_attn_capture_get(self.ctx, SEQ, None, None, 0)
+        if native.llama_attn_capture_n_queries(self.ctx) < 0:
+            raise CaptureError("no attention scores were captured: call capture_scores(n_queries) before decoding")
+        if n == -3:
+            raise CaptureError("attention capture needs a KV cache; recurrent and hybrid models have none")
+        if n < 0:
+            raise CaptureError(f"llama_attn_capture_get failed with code {n}")
+        positions = np.zeros(n, dtype=np.int32)
+        scores = np.zeros((self.model.n_layer, n), dtype=np.float32)
+        rc = native.llama_attn_capture_get(
+            self.ctx, SEQ, positions.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
+            scores.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
+        if rc != n:
+            raise CaptureError(f"llama_attn_capture_get returned {rc}, expected {n}")
+        layers = self._capture_layers
+        return AttentionScores(positions, scores[list(layers)], layers,
+                               native.llama_attn_capture_n_queries(self.ctx))
