@@ -344,10 +344,11 @@ class StreamSession:
         """Feed a prompt (a question, a user turn): with a memory, the blocks of the stream's past
         that `query` (default: the prompt itself) ranks best are re-read first, in the budget."""
         tokens = self.tokenize(text, special=special)
-        if self.memory is not None:
-            wanted = tokens if query is None else self.model.tokenize(query, add_special=False, parse_special=False)
-            self.memory.recall(self.cache, wanted, len(tokens), self.chunk)
-        return self.feed_tokens(tokens)
+        if self.memory is None:
+            return self.feed_tokens(tokens)
+        wanted = tokens if query is None else self.model.tokenize(query, add_special=False, parse_special=False)
+        self.memory.read_prompt(self.cache, wanted, tokens, self.chunk)
+        return len(tokens)
 
     def feed_tokens(self, token_ids: Sequence[int]) -> int:
         """Append token ids to the stream in chunks, evicting as needed; returns how many were fed."""

@@ -264,12 +264,15 @@ def test_recall_on_sliding_window_and_quantized_caches(request, model, kv, ranki
                        memory=MemoryConfig(ranking=ranking, reserve=32)) as s:
         s.feed_tokens(stream)
         assert not np.isin(np.arange(100, 106), s.cached_stream_indices()).any()
-        s.memory.recall(s.cache, rare[:4], 8, s.chunk)
+        n = s.memory.read_prompt(s.cache, rare[:4], [11] * 8, s.chunk)
         (a, b), = s.memory.stats.last_recalled
-        assert np.isin(np.arange(100, 106), s.memory.store.copy_of).all()
-        assert s.cache.n_cached <= 128 - 8 and s.runtime.n_cached() >= s.cache.n_cached
-        s.feed_tokens([11] * 8)
-        assert s.cache.n_cached <= 128
+        assert n == b - a and np.isin(np.arange(100, 106), s.memory.store.copy_of).all()
+        # the prompt, decoded in the re-read's batch, is stored as new tokens right after the copies
+        ids, indices = s.memory.store.arrays()
+        assert ids[-8:].tolist() == [11] * 8 and indices[-8:].tolist() == list(range(b, b + 8))
+        assert s.stats.tokens_seen == b + 8
+        assert np.isin(np.arange(a, b + 8), s.cached_stream_indices()).all()  # room was made for both
+        assert s.cache.n_cached <= 128 and s.runtime.n_cached() >= s.cache.n_cached
 
 
 def test_images_come_back_whole_or_not_at_all():

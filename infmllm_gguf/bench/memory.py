@@ -39,7 +39,8 @@ class MemoryCost:
     first_token_s_off: Rate  # question fed, first answer token sampled
     first_token_s_on: Rate
     first_token_ratio: Rate  # on / off, per question
-    rank_s: Rate             # the memory's ranking and re-reading, per question
+    rank_s: Rate             # the memory's ranking and re-reading, per question (the batch it shares
+                             # with the question counted by its re-read tokens' share)
     correct_off: int
     correct_on: int
     host_bytes_per_token: int
@@ -52,7 +53,7 @@ class MemoryCost:
             f"(on/off {self.speed_ratio})",
             f"  first answer token, {self.memory_tokens:,} tokens in memory, {self.questions} questions: "
             f"{self.first_token_s_off} s off, {self.first_token_s_on} s on (on/off {self.first_token_ratio}); "
-            f"ranking + re-reading {self.rank_s} s",
+            f"ranking + re-reading {self.rank_s} s (a batch shared with the question: by its tokens' share)",
             f"  answers right: {self.correct_off}/{self.questions} off, {self.correct_on}/{self.questions} on; "
             f"host memory {self.host_bytes_per_token} bytes per token "
             f"({self.host_bytes_per_token * self.memory_tokens / 2**20:.1f} MiB here)"])

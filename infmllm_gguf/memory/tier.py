@@ -100,7 +100,7 @@ class MemoryStats:
 
 class Memory:
     """The memory of one session's stream (see the module's docstring). The controller calls
-    `record` at each decode; the session calls `recall` before each prompt."""
+    `record` at each decode; the session feeds each prompt through `read_prompt`."""
 
     def __init__(self, config: MemoryConfig, budget: int):
         self.config = config
@@ -144,11 +144,14 @@ class Memory:
     def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True) -> None:
         """Token ids or an image's embeddings just decoded, with their stream indices; a re-read
         block is kept as copies."""
-        if self._rereading is not None:
-            n = len(indices)
-            self.store.add_copies(np.asarray(indices, dtype=np.int64), self._rereading[:n])
-            self._rereading = self._rereading[n:]
-        elif isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
+        if self._rereading is not None and self._rereading.size:
+            k = min(len(indices), self._rereading.size)  # a batch may end with the prompt after them
+            self.store.add_copies(np.asarray(indices[:k], dtype=np.int64), self._rereading[:k])
+            self._rereading = self._rereading[k:]
+            tokens, indices = tokens[k:], indices[k:]
+            if not len(indices):
+                return
+        if isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
             self.images.add(tokens, int(indices[0]), non_causal=not causal)
             self.store.append(np.full(len(indices), IMAGE_ID), indices)
         else:
@@ -181,17 +184,42 @@ class Memory:
         eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > best_held))
         return eligible[np.argsort(-score[eligible], kind="stable")], starts
 
-    def recall(self, cache: "CacheController", query: Sequence[int], n_prompt: int, chunk: int) -> int:
-        """Re-read the blocks `query` ranks best into the cache, with room left for a prompt of
-        `n_prompt` tokens after them; returns the number of tokens re-read."""
+    def read_prompt(self, cache: "CacheController", query: Sequence[int], prompt: Sequence[int], chunk: int) -> int:
+        """Feed the token ids `prompt` after re-reading the blocks `query` ranks best, room made
+        in the cache for both; returns the number of tokens re-read. The last re-read text and the
+        prompt go in one batch: on a CPU, a batch of twenty tokens takes about what one of eighty
+        does, so re-reading apart cost nearly a second prefill before the first answer token."""
         t0 = time.perf_counter()
+        prompt = list(prompt)
         self._stats.prompts += 1
         self._stats.last_recalled = []
         ids, indices = self.store.arrays()
+        spans = self._spans(cache, query, ids, indices, len(prompt))
+        recall_s = time.perf_counter() - t0  # the ranking
+        for i, (a, b) in enumerate(spans):
+            first, t = cache.stats.tokens_seen, time.perf_counter()
+            then = prompt if i == len(spans) - 1 else []
+            with_prompt = self._reread(cache, ids, indices, a, b, chunk, then)
+            # a batch that held the prompt too is counted by its re-read share
+            recall_s += (time.perf_counter() - t) * ((b - a) / (b - a + len(then)) if with_prompt else 1.0)
+            prompt = [] if with_prompt else prompt
+            self._stats.last_recalled.append([first, first + b - a])
+        if prompt:
+            cache.feed(prompt, chunk)
+        n = sum(b - a for a, b in spans)
+        self._stats.tokens_recalled += n
+        self._stats.spans_recalled += len(spans)
+        self._stats.last_recall_s = recall_s
+        self._stats.recall_s += recall_s
+        return n
+
+    def _spans(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
+               n_prompt: int) -> list[tuple[int, int]]:
+        """The stored token ranges to re-read before a prompt of `n_prompt` tokens, room made for
+        them and the prompt."""
         room = min(self.reserve, cache.room_for_recall(n_prompt))
         if room < 1 or ids.size == 0:
-            self._stats.last_recall_s = time.perf_counter() - t0
-            return 0
+            return []
         blocks = self.blocks(ids, query)
         spans = self._choose(cache, query, ids, indices, room, blocks)
         n = sum(b - a for a, b in spans)
@@ -199,41 +227,35 @@ class Memory:
             # what the policy just evicted for the room may be what the query wants (a fact it
             # still held): rank again, for the room made
             spans = self._choose(cache, query, ids, indices, n, blocks)
-            n = sum(b - a for a, b in spans)
-        if n:
-            for a, b in spans:
-                first = cache.stats.tokens_seen
-                self._rereading = indices[a:b]
-                try:
-                    self._reread(cache, ids, indices, a, b, chunk)
-                finally:
-                    self._rereading = None
-                self._stats.last_recalled.append([first, first + b - a])
-            self._stats.tokens_recalled += n
-            self._stats.spans_recalled += len(spans)
-        self._stats.last_recall_s = time.perf_counter() - t0
-        self._stats.recall_s += self._stats.last_recall_s
-        return n
+        return spans
 
     def _reread(self, cache: "CacheController", ids: np.ndarray, indices: np.ndarray, a: int, b: int,
-                chunk: int) -> None:
+                chunk: int, then: list[int]) -> bool:
         """Decode stored tokens a..b-1 again: text as token ids, each image (whole: `whole_images`)
-        as its embeddings, the way it was first decoded."""
-        while a < b:
-            if ids[a] != IMAGE_ID:
-                image_at = np.flatnonzero(ids[a:b] == IMAGE_ID)
-                end = a + int(image_at[0]) if image_at.size else b
-                cache.feed(ids[a:end].tolist(), chunk)
-                a = end
-                continue
-            image = self.images.at(int(indices[a]))
-            embeddings = image.embeddings.astype(np.float32)
-            if image.non_causal:
-                cache.decode(embeddings, causal=False)
-            else:
-                cache.feed(embeddings, chunk)
-            self._stats.images_recalled += 1
-            a += len(embeddings)
+        as its embeddings, the way it was first decoded; the token ids `then` in the same batch as
+        the span's text, when it ends with text (returns whether they were fed)."""
+        self._rereading = indices[a:b]
+        fed = False
+        try:
+            while a < b:
+                if ids[a] != IMAGE_ID:
+                    image_at = np.flatnonzero(ids[a:b] == IMAGE_ID)
+                    end = a + int(image_at[0]) if image_at.size else b
+                    fed = end == b and bool(then)
+                    cache.feed(ids[a:end].tolist() + (then if fed else []), chunk)
+                    a = end
+                    continue
+                image = self.images.at(int(indices[a]))
+                embeddings = image.embeddings.astype(np.float32)
+                if image.non_causal:
+                    cache.decode(embeddings, causal=False)
+                else:
+                    cache.feed(embeddings, chunk)
+                self._stats.images_recalled += 1
+                a += len(embeddings)
+        finally:
+            self._rereading = None
+        return fed
 
     def _choose(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
                 room: int, blocks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[int, int]]:
