@@ -9,12 +9,13 @@ from typing import Optional
 import typer
 
 from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, check_plot, fail, split, with_backend_options,
-                     with_policy_options)
+                     with_memory_options, with_policy_options)
 
 
 @app.command()
 @with_policy_options(sweep=True)
 @with_backend_options
+@with_memory_options(default="off")
 def perplexity(
     model: Optional[Path] = MODEL_ARG,
     file: Path = typer.Option(..., "--file", "-f", help="text to stream: UTF-8 .txt, or .gz of one"),
@@ -34,10 +35,12 @@ def perplexity(
     n_gpu_layers: int = NGL_OPT,
     policy_options: dict = None,
     backend: dict = None,
+    memory=None,
 ) -> None:
     """Stream a text chunk by chunk and score every token given the bounded cache, for each
     combination of policy and option values; `full` runs while the text fits its budget and the
-    model's context."""
+    model's context. With --memory the stream is also recorded (no prompt re-reads it: the same
+    scores, its cost in tokens/s)."""
     check_plot(plot, "--plot")
     from tqdm import tqdm
 
@@ -58,6 +61,8 @@ def perplexity(
         name = "-".join(part.replace(" ", "") for part in p.label().split(", "))  # the checkpoint's
         if (backend["cache_type_k"], backend["cache_type_v"]) != ("f16", "f16"):
             name += f"-kv{backend['cache_type_k']}-{backend['cache_type_v']}"
+        if memory is not None and p.name != "full":
+            name += f"-memory{memory.ranking}"
         bar = tqdm(total=max_tokens, unit="tok", desc=p.label(), dynamic_ncols=True, leave=True)
 
         def progress(run, done, bar=bar):
@@ -68,6 +73,7 @@ def perplexity(
             run = stream_perplexity(
                 file, model=model, policy=p, chunk=chunk, max_tokens=max_tokens, segment=segment, progress=progress,
                 n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, **backend,
+                memory=memory if p.name != "full" else None,
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{name}.npz",
                 checkpoint_every=checkpoint_every)
         except (ModelError, UnpatchedLlamaError, TextFileError, ValueError, FileNotFoundError) as exc:

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .extras import pyplot
+from .memory import MemoryConfig
 from .policies import DEFAULT_POLICY, Full, Policy, declared_options, from_config
 from .probes import rss_mib
 from .runtime import Model
@@ -142,9 +143,12 @@ class PerplexityRun(PolicyRun):
     evict_share: float = 0.0    # of stream time: selecting, removing and re-indexing
     capture_share: float = 0.0  # of stream time: reading and aligning scores
     stopped_at: int | None = None  # full: the stream was cut here, where its cache was full
+    memory: dict | None = None     # MemoryConfig.config() of a memory that recorded the stream, else None
     nll_sum: float = 0.0
     curve: list[Segment] = field(default_factory=list)
 
+    def label(self) -> str:
+        return super().label() + (f", memory {self.memory['ranking']}" if self.memory else "")
 
     def stop_note(self) -> str | None:
         """Why the stream was cut short, if it was."""
@@ -172,7 +176,8 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
                       checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
                       progress: Callable[[PerplexityRun, int], None] | None = None, n_gpu_layers: int = -1,
                       n_threads: int | None = None, flash_attn: bool | None = None, cache_type_k: str = "f16",
-                      cache_type_v: str = "f16", rpc: Sequence[str] = (), **policy_options) -> PerplexityRun:
+                      cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | None = None,
+                      **policy_options) -> PerplexityRun:
     """Stream `source` (a text file, a list of token ids, or an iterable of blocks of them) chunk by
     chunk, scoring each token's NLL given the bounded cache; return the run with its per-`segment`
     curve. `policy`: a `Policy`, or a name with its options as keywords.
@@ -180,8 +185,9 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
     `full` holds at most its budget and the model's training context: its stream stops there
     (`stopped_at`). With `checkpoint`, the session and the run are saved there every
     `checkpoint_every` tokens and at the end; an existing checkpoint of the same run is resumed.
-    `progress(run, tokens_done)` is called after every chunk. `cache_type_k`/`cache_type_v` and
-    `rpc` are `StreamSession`'s.
+    `progress(run, tokens_done)` is called after every chunk. `cache_type_k`/`cache_type_v`, `rpc`
+    and `memory` are `StreamSession`'s; a memory re-reads only at prompts, which a perplexity stream
+    has none of: the scores are the same with it, its recording's cost shows in tokens/s.
     """
     if isinstance(source, (str, os.PathLike)):
         check_text_file(source)
@@ -190,9 +196,9 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
         source = [source]  # one block
     with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
                        flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v, rpc=rpc,
-                       **policy_options) as session:
+                       memory=memory, **policy_options) as session:
         run = PerplexityRun(policy=session.policy.config(), chunk=chunk, cache_type_k=cache_type_k,
-                            cache_type_v=cache_type_v)
+                            cache_type_v=cache_type_v, memory=None if memory is None else memory.config())
         clock = SegmentClock(lambda: session.stats)
         seg_nll, seg_n = 0.0, 0
         if checkpoint is not None and Path(checkpoint).exists():

@@ -48,8 +48,8 @@ def test_json_has_one_record_per_run_with_a_curve(cli_runs):
     for r in runs:
         assert set(r) == {"model", "file", "policy", "chunk", "cache_type_k", "cache_type_v", "tokens", "ppl",
                           "tokens_per_s", "peak_cells", "peak_rss_mib", "seconds", "evict_share", "capture_share",
-                          "stopped_at", "curve"}
-        assert r["tokens"] == N - 1 and r["chunk"] == 256 and r["stopped_at"] is None
+                          "stopped_at", "memory", "curve"}
+        assert r["tokens"] == N - 1 and r["chunk"] == 256 and r["stopped_at"] is None and r["memory"] is None
         assert (r["cache_type_k"], r["cache_type_v"]) == ("f16", "f16")
         assert 5 < r["ppl"] < 200 and r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 50
         assert r["peak_cells"] == 256 + 256  # the budget plus one chunk, before each eviction
@@ -146,6 +146,18 @@ def test_full_matches_a_numpy_log_softmax_over_plain_llama_cpp_logits(text_file,
     llm.close()
     assert run.tokens == n - 1
     assert run.ppl == pytest.approx(reference, rel=1e-2)
+
+
+def test_a_memory_records_the_stream_and_changes_no_score(cli_runs, text_file, tmp_path):
+    """No prompt, no re-reading: with --memory the scores are those of the run without it."""
+    proc = cli("--file", text_file, "--policy", "streaming-llm", "--budget", "256", "--max-tokens", N,
+               "--segment", 256, "--memory", "lexical", "--json", tmp_path / "memory.json", check=True)
+    with_memory, = json.loads((tmp_path / "memory.json").read_text())
+    without = json.loads((cli_runs[1] / "runs.json").read_text())[2]
+    assert with_memory["memory"]["ranking"] == "lexical" and without["memory"] is None
+    assert with_memory["ppl"] == without["ppl"]
+    assert [s["ppl"] for s in with_memory["curve"]] == [s["ppl"] for s in without["curve"]]
+    assert ", memory lexical" in proc.stdout  # the table says which run had one
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model, tmp_path):
