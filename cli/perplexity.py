@@ -61,8 +61,9 @@ def perplexity(
         name = "-".join(part.replace(" ", "") for part in p.label().split(", "))  # the checkpoint's
         if (backend["cache_type_k"], backend["cache_type_v"]) != ("f16", "f16"):
             name += f"-kv{backend['cache_type_k']}-{backend['cache_type_v']}"
-        if memory is not None and p.name != "full":
-            name += f"-memory{memory.ranking}"
+        run_memory = memory if p.name != "full" else None  # full evicts nothing: no memory
+        if run_memory is not None:
+            name += f"-memory{run_memory.ranking}"
         bar = tqdm(total=max_tokens, unit="tok", desc=p.label(), dynamic_ncols=True, leave=True)
 
         def progress(run, done, bar=bar):
@@ -73,7 +74,7 @@ def perplexity(
             run = stream_perplexity(
                 file, model=model, policy=p, chunk=chunk, max_tokens=max_tokens, segment=segment, progress=progress,
                 n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, **backend,
-                memory=memory if p.name != "full" else None,
+                memory=run_memory,
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{name}.npz",
                 checkpoint_every=checkpoint_every)
         except (ModelError, UnpatchedLlamaError, TextFileError, ValueError, FileNotFoundError) as exc:

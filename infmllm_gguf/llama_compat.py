@@ -217,7 +217,8 @@ class Llama:
         for piece in pieces:
             text += piece
             if piece.logprobs is not None:
-                noted = (noted or []) + list(piece.logprobs if piece.finish_reason is None else ())
+                noted = noted if noted is not None else []
+                noted.extend(piece.logprobs if piece.finish_reason is None else ())
         return text, noted
 
     def _stream(self, pieces: Iterator[Piece], head: dict, choice, remember,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -30,14 +32,22 @@ def write_state(path: str | os.PathLike, header: dict, components: dict[str, Com
     path = Path(path)
     meta = {"version": STATE_VERSION, **header, "components": {name: m for name, (m, _) in components.items()}}
     arrays = {f"{name}.{key}": value for name, (_, named) in components.items() for key, value in named.items()}
+    with replacing(path) as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    return path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[BinaryIO]:
+    """A file to write that replaces `path` when the block ends, atomically and durably: a crash
+    leaves the old file or the new one, whole, and the new one is on disk once the block is done."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)  # the rename itself
-    return path
 
 
 def fsync_directory(directory: Path) -> None:

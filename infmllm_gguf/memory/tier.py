@@ -196,15 +196,14 @@ class Memory:
         ids, indices = self.store.arrays()
         spans = self._spans(cache, query, ids, indices, len(prompt))
         recall_s = time.perf_counter() - t0  # the ranking
+        fed = False
         for i, (a, b) in enumerate(spans):
             first, t = cache.stats.tokens_seen, time.perf_counter()
-            then = prompt if i == len(spans) - 1 else []
-            with_prompt = self._reread(cache, ids, indices, a, b, chunk, then)
+            fed = self._reread(cache, ids, indices, a, b, chunk, prompt if i == len(spans) - 1 else [])
             # a batch that held the prompt too is counted by its re-read share
-            recall_s += (time.perf_counter() - t) * ((b - a) / (b - a + len(then)) if with_prompt else 1.0)
-            prompt = [] if with_prompt else prompt
+            recall_s += (time.perf_counter() - t) * ((b - a) / (b - a + len(prompt)) if fed else 1.0)
             self._stats.last_recalled.append([first, first + b - a])
-        if prompt:
+        if prompt and not fed:
             cache.feed(prompt, chunk)
         n = sum(b - a for a, b in spans)
         self._stats.tokens_recalled += n

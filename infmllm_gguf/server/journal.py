@@ -18,21 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..state import fsync_directory
+from ..state import fsync_directory, replacing
 from .api import ROOT, Turn
 
 INDEX_SCHEMA = 2  # 1: {"id", "digest", "n_messages"} with the snapshot always present (before the log)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data`: a crash leaves either the old file or the new one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
 
 
 @dataclass
@@ -53,8 +42,9 @@ class IndexEntry:
         return cls(str(meta["id"]), int(meta["n_messages"]), str(meta["digest"]))
 
     def write(self, path: Path) -> None:
-        write_atomic(path, json.dumps({"schema": INDEX_SCHEMA, "id": self.id, "n_messages": self.n_messages,
-                                       "digest": self.digest}).encode())
+        with replacing(path) as f:
+            f.write(json.dumps({"schema": INDEX_SCHEMA, "id": self.id, "n_messages": self.n_messages,
+                                "digest": self.digest}).encode())
 
 
 def turn_to_json(turn: Turn) -> dict:
