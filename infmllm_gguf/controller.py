@@ -82,21 +82,23 @@ class CacheController:
         self.generation_headroom = generation_headroom
         self.view_tokens = view_tokens
         self.memory = None  # a `Memory` that records each decoded text token (the session sets it)
+        if not runtime.kv_layers:
+            raise ValueError(f"{runtime.model.name} ({runtime.model.architecture}) is a recurrent model: it has no KV "
+                             "cache to bound, its state is of fixed size already")
         self.reindex = runtime.can_shift()
-        compactable = self.reindex and not runtime.model.sliding_window
+        compactable = runtime.can_compact()
         granularity = getattr(policy, "granularity", "token")
         if granularity == "auto":  # settled here, so that records and saves name what ran
             granularity = "layer" if compactable else "token"
             self.policy = policy = replace(policy, granularity=granularity)
         self.per_layer = granularity == "layer"
         if self.per_layer and not compactable:
-            raise ValueError(f"{runtime.model.name}: per-layer eviction (--granularity layer) compacts a plain KV "
-                             "cache with shiftable positions; this model has sliding-window layers or positions "
-                             "llama.cpp cannot shift: use --granularity token (or auto)")
+            raise ValueError(f"{runtime.model.name}: per-layer eviction (--granularity layer) compacts a plain or "
+                             "hybrid KV cache with shiftable positions; this model has sliding-window layers, MLA's "
+                             "compressed keys or positions llama.cpp cannot shift: use --granularity token (or auto)")
         if not self.reindex:
-            warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions (M-RoPE or "
-                          "similar); cached tokens keep their original positions, which grow with the stream",
-                          stacklevel=3)
+            warnings.warn(f"{runtime.model.name}: llama.cpp cannot shift this model's positions ({runtime.model.architecture}); "
+                          "cached tokens keep their original positions, which grow with the stream", stacklevel=3)
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -114,7 +116,7 @@ class CacheController:
     @property
     def _layer_rows(self) -> tuple[int, ...]:
         """The leading shape of per-cell arrays that differ by layer: (n_layer,) per layer, else ()."""
-        return (self.runtime.model.n_layer,) if self.per_layer else ()
+        return (len(self.runtime.kv_layers),) if self.per_layer else ()
 
     @property
     def held_by_layer(self) -> np.ndarray:
@@ -171,7 +173,7 @@ class CacheController:
         unseen = meta.get("unseen", 0)  # absent from files saved before generation skipped steps
         if not isinstance(unseen, int) or not 0 <= unseen <= n:
             raise ValueError(f"the saved count of unseen cells ({unseen!r}) is not in [0, {n}]")
-        n_layer, seen = self.runtime.model.n_layer, n - unseen
+        n_layer, seen = len(self.runtime.kv_layers), n - unseen
         layer_indices = arrays.get("layer_indices")
         if self.per_layer != (layer_indices is not None):
             raise ValueError("the saved stream was evicted per layer and this policy decides per token (or the reverse)")
@@ -335,7 +337,7 @@ class CacheController:
         (its bias toward newer cells) decides alone."""
         n = self.stream_indices.size
         seen = 0 if self.attention is None else self.attention.shape[1]
-        attention = np.zeros((self.runtime.model.n_layer if self.attention is None else self.attention.shape[0], n))
+        attention = np.zeros((len(self.runtime.kv_layers) if self.attention is None else self.attention.shape[0], n))
         visibility = np.ones(n)
         if seen:
             attention[:, :seen], visibility[:seen] = self.attention, self.visibility

@@ -189,6 +189,12 @@ class StreamSession:
     def stats(self) -> CacheStats:
         return self.cache.stats
 
+    @property
+    def bounded_layers(self) -> tuple[int, ...]:
+        """The layers whose KV cache the budget bounds: every layer, but a hybrid model's recurrent
+        ones (their state is of fixed size already)."""
+        return self.runtime.kv_layers
+
     def cached_stream_indices(self) -> np.ndarray:
         """The stream indices (token numbers in the stream) of the tokens cached now, ascending (with
         per-layer eviction: those that at least one layer holds)."""

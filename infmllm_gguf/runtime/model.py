@@ -96,11 +96,28 @@ class Model:
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.ptr)
         self.sliding_window = llama.llama_model_n_swa(self.ptr)  # 0: none
+        self.architecture = self.metadata("general.architecture") or "unknown"
+        self.is_hybrid = bool(llama.llama_model_is_hybrid(self.ptr))  # attention layers beside recurrent ones
+        self.is_recurrent = bool(llama.llama_model_is_recurrent(self.ptr))  # no attention layer at all
+        self.rope_type = llama.llama_model_rope_type(self.ptr)  # llama.cpp's LLAMA_ROPE_TYPE_*
+        # multi-head latent attention (DeepSeek-V2/V3): keys stored compressed, RoPE on a part of them
+        self.mla = self.metadata(f"{self.architecture}.attention.kv_lora_rank") is not None
         self._jinja: dict[bool, object] | None = None  # render_chat_jinja's formatters, made at first use
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def multi_axis_rope(self) -> bool:
+        """Whether positions have several axes (M-RoPE: time, height, width), as Qwen2-VL's and later."""
+        return self.rope_type in (llama.LLAMA_ROPE_TYPE_MROPE, llama.LLAMA_ROPE_TYPE_IMROPE)
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None if the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

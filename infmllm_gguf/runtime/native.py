@@ -15,8 +15,10 @@ from llama_cpp import llama_cpp as llama
 __all__ = [
     "UnpatchedLlamaError",
     "is_patched",
+    "llama_attn_capture_apply_shifts",
     "llama_attn_capture_compact",
     "llama_attn_capture_get",
+    "llama_attn_capture_kv_layers",
     "llama_attn_capture_n_queries",
     "llama_attn_capture_set",
 ]
@@ -98,6 +100,27 @@ def llama_attn_capture_get(ctx: llama.llama_context_p, seq_id: int, pos: Any, sc
 )
 def llama_attn_capture_compact(ctx: llama.llama_context_p, seq_id: int, keep: Any, n_keep: int, /) -> int:
     """Per layer, keep the tokens at positions keep[il*n_keep + j] in cells 0..n_keep-1 (keys re-rotated to j)."""
+    ...
+
+
+# LLAMA_API int32_t llama_attn_capture_kv_layers(
+#         const struct llama_context * ctx,
+#                            int32_t * layers,
+#                            int32_t   n_max);
+@_capture_function(
+    "llama_attn_capture_kv_layers",
+    [llama.llama_context_p_ctypes, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
+    ctypes.c_int32,
+)
+def llama_attn_capture_kv_layers(ctx: llama.llama_context_p, layers: Any, n_max: int, /) -> int:
+    """The layers that have a KV cache (not a hybrid model's recurrent ones); returns their number."""
+    ...
+
+
+# LLAMA_API int32_t llama_attn_capture_apply_shifts(struct llama_context * ctx);
+@_capture_function("llama_attn_capture_apply_shifts", [llama.llama_context_p_ctypes], ctypes.c_int32)
+def llama_attn_capture_apply_shifts(ctx: llama.llama_context_p, /) -> int:
+    """Apply pending position shifts to the keys now (a saved state then holds them)."""
     ...
 
 

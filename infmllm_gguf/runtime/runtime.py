@@ -102,6 +102,7 @@ class Runtime:
         self.n_ubatch = llama.llama_n_ubatch(self.ctx)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._embd_batch = None  # a batch of embeddings (images), made on first use
+        self.kv_layers = self._read_kv_layers()  # the layers that have a KV cache (attention layers)
         self._captured_queries = 0
         self._capture_layers: tuple[int, ...] = ()
         self._has_logits = False
@@ -281,18 +282,8 @@ class Runtime:
 
     def apply_pending_shifts(self) -> None:
         """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
-        the next decode, and its saved state would lose the pending shift: decode one throwaway token
-        after the sequence and remove it. The last logits survive."""
-        last = self.logits() if self._has_logits else None
-        queries, layers = self._captured_queries, self._capture_layers
-        if queries:
-            self.capture_scores(0)
-        pos = self.pos_max() + 1
-        self.decode([0], [pos], logits="none")
-        self.remove(pos, pos + 1)
-        if queries:
-            self.capture_scores(queries, None if len(layers) == self.model.n_layer else layers)
-        self._restored_logits, self._has_logits = last, last is not None
+        the next decode, and its saved state would lose the pending shift."""
+        native.llama_attn_capture_apply_shifts(self.ctx)
 
     # -- KV cache ---------------------------------------------------------------------------
     def pos_min(self) -> int:
@@ -319,35 +310,56 @@ class Runtime:
         llama.llama_memory_seq_add(self.kv, SEQ, p0, p1, delta)
 
     def compact(self, keep: np.ndarray) -> None:
-        """Per-layer compaction: afterwards layer l's cells 0..n_keep-1 hold the tokens that were at
-        positions `keep[l]` (int [n_layer, n_keep], ascending per row), their keys re-rotated to
-        positions 0..n_keep-1; the sequence occupies those positions and nothing else."""
-        keep = np.ascontiguousarray(keep, dtype=np.int32)
-        if keep.ndim != 2 or keep.shape[0] != self.model.n_layer or keep.shape[1] < 1:
-            raise ValueError(f"keep must be [n_layer, n_keep] = [{self.model.n_layer}, *] (got shape {keep.shape})")
-        rc = native.llama_attn_capture_compact(self.ctx, SEQ, keep.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
+        """Per-layer compaction: afterwards the cells 0..n_keep-1 of the i-th layer of `kv_layers` hold
+        the tokens that were at positions `keep[i]` (int [len(kv_layers), n_keep], ascending per row),
+        their keys re-rotated to positions 0..n_keep-1; the sequence occupies those positions and
+        nothing else. A hybrid model's recurrent state stays as it is."""
+        keep = np.asarray(keep)
+        if keep.ndim != 2 or keep.shape[0] != len(self.kv_layers) or keep.shape[1] < 1:
+            raise ValueError(f"keep must be [KV layers, n_keep] = [{len(self.kv_layers)}, *] (got shape {keep.shape})")
+        rows = np.empty((self.model.n_layer, keep.shape[1]), dtype=np.int32)
+        rows[:] = keep[0]  # layers without a KV cache: not read
+        rows[list(self.kv_layers)] = keep
+        rc = native.llama_attn_capture_compact(self.ctx, SEQ, rows.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
                                                keep.shape[1])
         if rc == -3:
-            raise ValueError("per-layer compaction needs a plain KV cache: not a sliding-window (iSWA), recurrent "
-                             "or hybrid one")
+            raise ValueError("per-layer compaction needs a plain or hybrid KV cache, not a sliding-window (iSWA) "
+                             "or recurrent one")
         if rc == -5:
             self.clear()
             raise RuntimeError("llama.cpp failed to compute the compaction; the cache was cleared")
         if rc != 0:
             raise ValueError("llama.cpp refused the compaction: each row of keep must list, ascending, positions "
-                             "that the sequence holds (and the model's keys must be rotated whole)")
+                             "that the sequence holds, one cell each (not an M-RoPE image's), and the positions "
+                             "must be shiftable")
 
     def can_shift(self) -> bool:
         return bool(llama.llama_memory_can_shift(self.kv))
+
+    def can_compact(self) -> bool:
+        """Whether per-layer compaction (`compact`) applies: shiftable positions in a plain or hybrid
+        cache with no sliding-window layers, keys stored whole (not MLA's compressed ones)."""
+        return self.can_shift() and not self.model.sliding_window and not self.model.mla
 
     def clear(self) -> None:
         llama.llama_memory_clear(self.kv, True)
 
     # -- attention capture ------------------------------------------------------------------
+    def _read_kv_layers(self) -> tuple[int, ...]:
+        n = native.llama_attn_capture_kv_layers(self.ctx, None, 0)
+        if n < 0:
+            return ()  # a recurrent model: no KV cache
+        layers = (ctypes.c_int32 * max(n, 1))()
+        native.llama_attn_capture_kv_layers(self.ctx, layers, n)
+        return tuple(layers[:n])
+
     def capture_scores(self, n_queries: int, layers: Sequence[int] | None = None) -> None:
-        """Capture, at every following decode, the attention of its last `n_queries` queries (0: off)."""
+        """Capture, at every following decode, the attention of its last `n_queries` queries (0: off)
+        in `layers` (default: every layer that has a KV cache)."""
         if n_queries < 0:
             raise ValueError(f"the number of captured queries must be >= 0, not {n_queries}")
+        if layers is None and len(self.kv_layers) < self.model.n_layer:
+            layers = self.kv_layers
         if layers is None:
             rc = native.llama_attn_capture_set(self.ctx, n_queries, None, 0)
         else:
@@ -366,7 +378,8 @@ class Runtime:
         if native.llama_attn_capture_n_queries(self.ctx) < 0:
             raise CaptureError("no attention scores were captured: call capture_scores(n_queries) before decoding")
         if n == -3:
-            raise CaptureError("attention capture needs a KV cache; recurrent and hybrid models have none")
+            raise CaptureError(f"attention capture needs a KV cache; {self.model.architecture} is a recurrent model "
+                               "and has none")
         if n < 0:
             raise CaptureError(f"llama_attn_capture_get failed with code {n}")
         positions = np.zeros(n, dtype=np.int32)
