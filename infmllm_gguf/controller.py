@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from .layout import image_layout, positions, whole_images
 from .policies import Full, Observation, Policy, Selection
 from .runtime import Runtime
 
@@ -52,8 +53,10 @@ class CacheController:
     """Owns the stream state of one `Runtime` sequence under `policy`.
 
     `stream_indices[i]` is the stream index (token number in the stream) of the i-th cached cell;
-    with re-indexing its llama.cpp position is `i`, else the stream index itself. `is_image[i]`
-    says whether that cell holds an image embedding rather than a text token. Since the last
+    with re-indexing its llama.cpp position is the sum of the `advance` of the cells before it (`i`
+    when every cell takes one position; an M-RoPE image's cells share one, `layout`), else the
+    stream index itself. `is_image[i]` says whether that cell holds an image embedding rather than
+    a text token. Since the last
     eviction, `attention` and `visibility` hold what the captured queries gave each cell and how
     many of them could see it; `carried` is the score the policy carried from that eviction.
 
@@ -76,7 +79,8 @@ class CacheController:
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
     """
 
-    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, view_tokens: int = 0):
+    def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, view_tokens: int = 0,
+                 shared_image_positions: bool = False):
         self.runtime = runtime
         self.policy = policy
         self.generation_headroom = generation_headroom
@@ -86,7 +90,11 @@ class CacheController:
             raise ValueError(f"{runtime.model.name} ({runtime.model.architecture}) is a recurrent model: it has no KV "
                              "cache to bound, its state is of fixed size already")
         self.reindex = runtime.can_shift()
-        compactable = runtime.can_compact()
+        if shared_image_positions and not self.reindex:
+            raise ValueError(f"{runtime.model.name}: its images' cells share positions (M-RoPE) and llama.cpp cannot "
+                             "shift them: images are not supported for this model")
+        # an M-RoPE image's cells share one position, which a per-layer compaction cannot tell apart
+        compactable = runtime.can_compact() and not shared_image_positions
         granularity = getattr(policy, "granularity", "token")
         if granularity == "auto":  # settled here, so that records and saves name what ran
             granularity = "layer" if compactable else "token"
@@ -105,6 +113,7 @@ class CacheController:
         self.stream_indices = np.zeros(0, dtype=np.int64)
         self.layer_indices = np.zeros(self._layer_rows + (0,), dtype=np.int64) if self.per_layer else None
         self.is_image = np.zeros(self._layer_rows + (0,), dtype=bool)
+        self.advance = np.zeros(0, dtype=np.int64)  # positions each cell moves the next one on (`layout`)
         self._stats = CacheStats()
         self.attention: np.ndarray | None = None   # float64 [n_layer, n]
         self.visibility: np.ndarray | None = None  # float64 [n]
@@ -144,10 +153,10 @@ class CacheController:
 
     def positions(self) -> np.ndarray:
         """The llama.cpp positions of the cached cells, in stream order."""
-        return np.arange(self.stream_indices.size) if self.reindex else self.stream_indices.copy()
+        return positions(self.advance) if self.reindex else self.stream_indices.copy()
 
     # -- state ------------------------------------------------------------------------------
-    _ARRAYS = ("stream_indices", "layer_indices", "is_image", "attention", "visibility", "carried")
+    _ARRAYS = ("stream_indices", "layer_indices", "is_image", "advance", "attention", "visibility", "carried")
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The controller's state for a save: counters and arrays. llama.cpp's cells are the
@@ -192,6 +201,9 @@ class CacheController:
                 raise ValueError(f"the saved {name} has shape {value.shape}, the saved cells need {shape}")
         if (arrays.get("attention") is None) != (arrays.get("visibility") is None):
             raise ValueError("the saved attention and visibility come together or not at all")
+        advance = arrays.get("advance")  # absent from files saved before M-RoPE images: one position a cell
+        if advance is not None and (advance.shape != (n,) or np.any(advance < 0)):
+            raise ValueError(f"the saved advances are not {n} non-negative numbers")
         recent = arrays.get("recent_tokens")
         if recent is not None and (recent.ndim != 1 or not np.issubdtype(recent.dtype, np.integer)):
             raise ValueError("the saved recent tokens are not a 1-D integer array")
@@ -201,6 +213,7 @@ class CacheController:
         self.stream_indices = arrays["stream_indices"].astype(np.int64)
         self.layer_indices = arrays["layer_indices"].astype(np.int64) if self.per_layer else None
         self.is_image = arrays["is_image"].astype(bool)
+        self.advance = arrays.get("advance", np.ones(self.stream_indices.size)).astype(np.int64)
         for name in ("attention", "visibility", "carried"):
             value = arrays.get(name)
             setattr(self, name, None if value is None else value.astype(np.float64))
@@ -218,12 +231,15 @@ class CacheController:
         for i in range(0, len(tokens), chunk):
             self.decode(tokens[i:i + chunk], logits=logits)
 
-    def decode(self, tokens, *, logits: str = "last", generating: bool = False, causal: bool = True) -> None:
+    def decode(self, tokens, *, logits: str = "last", generating: bool = False, causal: bool = True,
+               layout: tuple[np.ndarray, int] | None = None) -> None:
         """Decode one chunk, then evict if the cache holds more than the budget.
 
         `tokens`: token ids, or a float array [n, n_embd] of input embeddings (an image's), which
         then take cells, scores and evictions like tokens and are counted as image tokens.
         `causal=False` decodes the chunk with full attention inside it (Gemma 3's images).
+        `layout`: a whole M-RoPE image's position offsets [4, n] and the positions it spans
+        (`ImageChunk.layout`, `ImageChunk.n_pos`): its cells share one position (module `layout`).
         While `generating` (one token at a time) the scores of successive steps add up and
         eviction waits until the cache reaches budget + generation_headroom.
         """
@@ -235,13 +251,14 @@ class CacheController:
         if n_queries != self._captured_queries:
             self.runtime.capture_scores(n_queries)
             self._captured_queries = n_queries
-        start = self.stream_indices.size if self.reindex else self._stats.tokens_seen
+        start = int(self.advance.sum()) if self.reindex else self._stats.tokens_seen
+        where = range(start, start + n) if layout is None else image_layout(layout[0], start)
         decode = self.runtime.decode_embeddings if is_image else self.runtime.decode
         t0 = time.perf_counter()
         if not causal:
             self.runtime.set_causal_attention(False)
         try:
-            decode(tokens, range(start, start + n), logits=logits)
+            decode(tokens, where, logits=logits)
         finally:
             if not causal:
                 self.runtime.set_causal_attention(True)
@@ -255,8 +272,12 @@ class CacheController:
             self.layer_indices = np.concatenate((self.layer_indices, np.broadcast_to(new, (len(self.layer_indices), n))),
                                                 axis=1)
         self.is_image = np.concatenate((self.is_image, np.full(self.is_image.shape[:-1] + (n,), is_image)), axis=-1)
+        advance = np.ones(n, dtype=np.int64)
+        if layout is not None:
+            advance[:-1], advance[-1] = 0, layout[1]
+        self.advance = np.concatenate((self.advance, advance))
         if self.memory is not None:
-            self.memory.record(tokens, new, causal=causal)
+            self.memory.record(tokens, new, causal=causal, layout=layout)
         if self.view_tokens:
             self.recent_tokens.extend([-1] * n if is_image else tokens)
         self._stats.tokens_seen += n
@@ -317,6 +338,7 @@ class CacheController:
         self.layer_indices = np.stack([row[keep] for row, keep in zip(self.layer_indices, selection.keep)])
         self.stream_indices = self.layer_indices.max(axis=0)
         self.is_image = np.stack([row[keep] for row, keep in zip(self.is_image, selection.keep)])
+        self.advance = np.ones(self.policy.budget, dtype=np.int64)  # per layer: text only, one position a cell
         self._stats.image_cells_evicted += images_before - self.image_stream_indices().size
         return self._evicted(selection, n_removed, t0)
 
@@ -381,17 +403,33 @@ class CacheController:
         selection = policy.select(observation)
         if self.per_layer:
             return self._compact(selection, t0)
+        selection = self._whole_images(selection)
         keep = selection.keep
         pos = self.positions()
         for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid
             self.runtime.remove(int(pos[a]), int(pos[b - 1]) + 1)
         if self.reindex:
-            removed_before = np.cumsum(~keep) - (~keep)
+            moved = positions(self.advance[keep]) - pos[keep]  # each kept cell's new position - its old one
+            first = np.cumsum(keep) - 1  # the index among the kept cells
             for a, b in runs(keep):
-                if removed_before[a]:
-                    self.runtime.shift(int(pos[a]), int(pos[b - 1]) + 1, -int(removed_before[a]))
+                if moved[first[a]]:
+                    self.runtime.shift(int(pos[a]), int(pos[b - 1]) + 1, int(moved[first[a]]))
         n_removed = int(np.count_nonzero(~keep))
         self.stream_indices = self.stream_indices[keep]
+        self.advance = self.advance[keep]
         self._stats.image_cells_evicted += int(np.count_nonzero(self.is_image[~keep]))
         self.is_image = self.is_image[keep]
         return self._evicted(selection, n_removed, t0)
+
+    def _whole_images(self, selection: Selection) -> Selection:
+        """`selection` with every M-RoPE image kept or dropped whole (llama.cpp removes cells by
+        position, which an image's cells share): `layout.whole_images`; a cell it adds carries 0."""
+        if np.all(self.advance == 1):
+            return selection
+        keep = whole_images(selection.keep, self.advance, self.policy.budget)
+        carried = selection.carried
+        if carried is not None:
+            full = np.zeros(keep.size)
+            full[selection.keep] = carried
+            carried = full[keep]
+        return replace(selection, keep=keep, carried=carried)

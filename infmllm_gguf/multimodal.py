@@ -6,9 +6,9 @@ An image becomes libmtmd's chunks: the model's own image markers as text tokens 
 through its `CacheController`, in chunks like text, so the image tokens get attention scores,
 compete with text for the budget and are evicted by the same policy.
 
-Not supported: models whose image tokens need M-RoPE positions (Qwen2-VL family). Their tokens
-take several position components each and fewer positions than tokens, which the controller's
-one-position-per-cell bookkeeping does not express; `Projector` refuses them with a clear error.
+Models whose image tokens take M-RoPE positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) get
+libmtmd's layout (`ImageChunk.layout`): the cells of an image share its time position, span the
+larger side of its grid, and are kept or evicted whole (`infmllm_gguf.layout`).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def load_image(image: ImageLike) -> Image.Image:
     """An RGB PIL image from a path, bytes or a PIL image; ValueError naming what failed."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike, bytes)):
+        raise ValueError(f"an image is a path, the file's bytes or a PIL image, not a {type(image).__name__}")
     what = "the image bytes" if isinstance(image, bytes) else str(image)
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
@@ -69,10 +71,7 @@ class Projector:
         if not self.encoder.supports_vision:
             self.close()
             raise ProjectorError(f"{self.path} has no vision encoder (an audio-only projector?)")
-        if self.encoder.uses_mrope:
-            self.close()
-            raise ProjectorError(f"{model.name} places image tokens with M-RoPE (Qwen2-VL family), "
-                                 "which the bounded cache does not support yet")
+        self.uses_mrope = self.encoder.uses_mrope  # images laid out in 2-D, their cells sharing a position
         self.marker = self.encoder.marker
 
     def _check_metadata(self) -> None:

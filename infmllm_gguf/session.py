@@ -146,13 +146,14 @@ class StreamSession:
             self.runtime = Runtime(self.model, n_ctx=self.policy.budget + max(chunk, self.generation_headroom),
                                    n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads,
                                    cache_type_k=cache_type_k, cache_type_v=cache_type_v)
-            self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
-                                         view_tokens=view_tokens)
-            self.policy = self.cache.policy  # with its granularity settled for this model
-            self.cache.memory = self.memory
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
                                            n_threads=n_threads)
+            self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
+                                         view_tokens=view_tokens,
+                                         shared_image_positions=self.projector is not None and self.projector.uses_mrope)
+            self.policy = self.cache.policy  # with its granularity settled for this model
+            self.cache.memory = self.memory
         except Exception:
             self.close()
             raise
@@ -368,21 +369,25 @@ class StreamSession:
         if self.projector is None:
             raise ValueError("this session has no vision projector: pass mmproj=PATH (--mmproj) to use images")
         chunks = self.projector.encode(image, add_special=self.stats.tokens_seen == 0)
-        # the tokens of a non-causal image attend to each other both ways: one batch must hold them
-        # (checked before anything is fed)
-        room = min(self.chunk, self.runtime.n_ubatch)
-        too_big = [len(c.embeddings) for c in chunks if isinstance(c, ImageChunk) and c.non_causal
-                   and len(c.embeddings) > room]
+        # the tokens of a non-causal image attend to each other both ways, and an M-RoPE image's
+        # share a position that llama.cpp removes at once: one batch must hold them (checked
+        # before anything is fed)
+        too_big = [(len(c.embeddings), c.non_causal) for c in chunks if isinstance(c, ImageChunk)
+                   and (c.non_causal or c.layout is not None)
+                   and len(c.embeddings) > (min(self.chunk, self.runtime.n_ubatch) if c.non_causal else self.chunk)]
         if too_big:
-            raise ValueError(f"this model attends over a whole image at once: its {too_big[0]} tokens must fit in "
-                             f"one batch; raise the chunk (--chunk) to at least {too_big[0]}")
+            n, non_causal = too_big[0]
+            why = "attends over a whole image at once" if non_causal else "lays an image out in 2-D (M-RoPE)"
+            raise ValueError(f"this model {why}: its {n} tokens must fit in one batch; raise the chunk (--chunk) "
+                             f"to at least {n}")
         n_image = 0
         for c in chunks:
             if isinstance(c, TextChunk):
                 self.feed_tokens(c.tokens)
                 continue
-            if c.non_causal:
-                self.cache.decode(c.embeddings, causal=False)
+            if c.non_causal or c.layout is not None:
+                self.cache.decode(c.embeddings, causal=not c.non_causal,
+                                  layout=None if c.layout is None else (c.layout, c.n_pos))
             else:
                 self.cache.feed(c.embeddings, self.chunk)
             n_image += len(c.embeddings)

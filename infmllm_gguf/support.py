@@ -77,8 +77,8 @@ def probe(path: str | Path, *, n_threads: int = 2) -> Support:
         else:
             per_layer = "no: " + ("sliding-window layers" if model.sliding_window else
                                   "MLA's compressed keys" if model.mla else "positions cannot be shifted")
-        images = ("no: M-RoPE image positions are not laid out yet" if model.multi_axis_rope else
-                  YES if eviction == YES else eviction)
+        images = ("no: an M-RoPE image's positions cannot be shifted" if model.multi_axis_rope and reindex != YES
+                  else eviction)
         return Support(model.architecture, layers, capture, eviction, reindex, per_layer, images, eviction)
 
 

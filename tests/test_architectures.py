@@ -182,3 +182,64 @@ def test_readme_support_table_is_the_generated_one():
     match = re.search(r"<!-- support table -->\n(.*?)<!-- /support table -->", readme, re.S)
     assert match, "README.md has no generated support table"
     assert match.group(1) == support.zoo_table()
+
+
+MROPE = [arch for arch in ARCHS if arch in ("qwen2vl", "qwen3vl", "qwen35")]
+GRID = (4, 3)  # an image of 4 x 3 cells, as libmtmd lays out an M-RoPE image: 4 positions long
+
+
+def image_layout_offsets() -> np.ndarray:
+    """libmtmd's M-RoPE offsets of a GRID image (time, height, width, fourth), and its span."""
+    nx, ny = GRID
+    rows, cols = np.divmod(np.arange(nx * ny), nx)
+    return np.stack([np.zeros(nx * ny), rows, cols, np.zeros(nx * ny)]).astype(np.int64)
+
+
+def text_image_text(rt: Runtime, start: int = 0) -> int:
+    """Decode 8 tokens, a GRID image of random embeddings, 24 tokens from position `start`;
+    returns the next position."""
+    from infmllm_gguf.layout import image_layout
+
+    rng = np.random.default_rng(1)
+    embd = rng.normal(0, 1, (GRID[0] * GRID[1], rt.model.n_embd_inp)).astype(np.float32)
+    rt.decode(TOKENS[:8], range(start, start + 8))
+    rt.decode_embeddings(embd, image_layout(image_layout_offsets(), start + 8))
+    after = start + 8 + max(GRID)
+    rt.decode(TOKENS[8:32], range(after, after + 24))
+    return after + 24
+
+
+@pytest.mark.parametrize("arch", MROPE)
+def test_reindexing_an_mrope_image_equals_a_recompute(zoo_models, arch):
+    """An M-RoPE image's cells (one time position, a grid of height and width positions) moved away
+    and back by shifts give the recompute's next-token distribution; one position off does not."""
+    path = zoo_models(arch)
+
+    def logits(back: int) -> np.ndarray:
+        with runtime(path) as rt:
+            end = text_image_text(rt)
+            if back:
+                rt.shift(8, end, GAP)  # the image and the text after it, as an eviction before them leaves
+                rt.apply_pending_shifts()
+                rt.shift(8 + GAP, end + GAP, -back)
+            rt.decode(TOKENS[32:33], [end + GAP - back if back else end])
+            return rt.logits()
+
+    expected = logits(0)
+    assert kl(expected, logits(GAP)) <= KL_TOLERANCE
+    assert kl(expected, logits(GAP - 1)) > KL_TOLERANCE, "a broken shift went unnoticed"
+
+
+@pytest.mark.parametrize("arch", MROPE)
+def test_an_mrope_image_is_captured_cell_by_cell(zoo_models, arch):
+    """The capture reports each of an image's cells (they share one position) in the order they
+    were decoded, and the eviction of the image's position removes all of them."""
+    with runtime(zoo_models(arch)) as rt:
+        rt.capture_scores(4)
+        end = text_image_text(rt)
+        captured = rt.read_scores()
+        n_image = GRID[0] * GRID[1]
+        assert list(captured.positions) == list(range(8)) + [8] * n_image + list(range(8 + max(GRID), end))
+        assert rt.n_cached() == 32 + n_image
+        rt.remove(8, 9)
+        assert rt.n_cached() == 32

@@ -19,6 +19,7 @@ class StoredImage:
     first: int               # stream index of its first cell
     embeddings: np.ndarray   # float16 [n, n_embd]
     non_causal: bool         # decoded in one batch with full attention inside it (Gemma 3)
+    layout: tuple[np.ndarray, int] | None = None  # an M-RoPE image's position offsets [4, n] and span
 
     @property
     def end(self) -> int:
@@ -38,14 +39,16 @@ class ImageStore:
     def nbytes(self) -> int:
         return sum(i.embeddings.nbytes for i in self.images)
 
-    def add(self, embeddings: np.ndarray, first: int, *, non_causal: bool) -> None:
+    def add(self, embeddings: np.ndarray, first: int, *, non_causal: bool,
+            layout: tuple[np.ndarray, int] | None = None) -> None:
         """An image's embeddings as decoded; a causal image decoded in several chunks arrives in
-        pieces, each continuing the last."""
+        pieces, each continuing the last (an M-RoPE image, `layout`, comes whole)."""
         last = self.images[-1] if self.images else None
-        if last is not None and not non_causal and not last.non_causal and last.end == first:
+        if last is not None and layout is None and last.layout is None and not non_causal and not last.non_causal \
+                and last.end == first:
             last.embeddings = np.concatenate((last.embeddings, embeddings.astype(np.float16)))
         else:
-            self.images.append(StoredImage(first, embeddings.astype(np.float16), non_causal))
+            self.images.append(StoredImage(first, embeddings.astype(np.float16), non_causal, layout))
         while len(self.images) > 1 and self.nbytes > self.cap_bytes:
             self.images.pop(0)
             self.dropped += 1
@@ -64,6 +67,10 @@ class ImageStore:
             "image_first": np.array([i.first for i in self.images], dtype=np.int64),
             "image_tokens": np.array([len(i.embeddings) for i in self.images], dtype=np.int64),
             "image_non_causal": np.array([i.non_causal for i in self.images], dtype=bool),
+            "image_n_pos": np.array([i.layout[1] if i.layout else 0 for i in self.images], dtype=np.int64),
+            "image_layout": np.concatenate([i.layout[0] if i.layout else np.zeros((4, len(i.embeddings)), np.int64)
+                                            for i in self.images], axis=1) if self.images
+            else np.zeros((4, 0), dtype=np.int64),
             "image_embeddings": (np.concatenate([i.embeddings for i in self.images]) if self.images
                                  else np.zeros((0, n_embd), dtype=np.float16))}
 
@@ -77,6 +84,10 @@ class ImageStore:
         if tokens is None or embeddings is None or flags is None or not first.shape == tokens.shape == flags.shape \
                 or embeddings.ndim != 2 or int(tokens.sum()) != len(embeddings):
             raise ValueError("the saved memory's images do not match their embeddings")
+        layout, n_pos = arrays.get("image_layout"), arrays.get("image_n_pos")  # absent before M-RoPE images
+        if (layout is None) != (n_pos is None) or layout is not None and (
+                layout.shape != (4, len(embeddings)) or n_pos.shape != first.shape):
+            raise ValueError("the saved memory's image positions do not match its images")
 
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         self.dropped = meta.get("dropped_images", 0)
@@ -84,9 +95,12 @@ class ImageStore:
         if arrays.get("image_first") is None:
             return
         ends = np.cumsum(arrays["image_tokens"])
-        for first, start, end, flag in zip(arrays["image_first"].tolist(), ends - arrays["image_tokens"], ends,
-                                           arrays["image_non_causal"].tolist()):
-            self.images.append(StoredImage(first, arrays["image_embeddings"][start:end].astype(np.float16), flag))
+        n_pos = arrays.get("image_n_pos", np.zeros(len(ends), dtype=np.int64)).tolist()
+        for first, start, end, flag, span in zip(arrays["image_first"].tolist(), ends - arrays["image_tokens"], ends,
+                                                 arrays["image_non_causal"].tolist(), n_pos):
+            layout = (arrays["image_layout"][:, start:end].astype(np.int64), span) if span else None
+            self.images.append(StoredImage(first, arrays["image_embeddings"][start:end].astype(np.float16), flag,
+                                           layout))
 
 
 def whole_images(spans: list[tuple[int, int]], ids: np.ndarray, indices: np.ndarray, images: ImageStore,

@@ -141,9 +141,10 @@ class Memory:
                        images_dropped=self.images.dropped)
 
     # -- recording --------------------------------------------------------------------------
-    def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True) -> None:
-        """Token ids or an image's embeddings just decoded, with their stream indices; a re-read
-        block is kept as copies."""
+    def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True,
+               layout: tuple[np.ndarray, int] | None = None) -> None:
+        """Token ids or an image's embeddings just decoded, with their stream indices (and an
+        M-RoPE image's `layout`); a re-read block is kept as copies."""
         if self._rereading is not None and self._rereading.size:
             k = min(len(indices), self._rereading.size)  # a batch may end with the prompt after them
             self.store.add_copies(np.asarray(indices[:k], dtype=np.int64), self._rereading[:k])
@@ -152,7 +153,7 @@ class Memory:
             if not len(indices):
                 return
         if isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
-            self.images.add(tokens, int(indices[0]), non_causal=not causal)
+            self.images.add(tokens, int(indices[0]), non_causal=not causal, layout=layout)
             self.store.append(np.full(len(indices), IMAGE_ID), indices)
         else:
             self.store.append(tokens, indices)
@@ -246,8 +247,8 @@ class Memory:
                     continue
                 image = self.images.at(int(indices[a]))
                 embeddings = image.embeddings.astype(np.float32)
-                if image.non_causal:
-                    cache.decode(embeddings, causal=False)
+                if image.non_causal or image.layout is not None:
+                    cache.decode(embeddings, causal=not image.non_causal, layout=image.layout)
                 else:
                     cache.feed(embeddings, chunk)
                 self._stats.images_recalled += 1

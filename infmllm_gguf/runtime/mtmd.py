@@ -21,6 +21,10 @@ class TextChunk:
 class ImageChunk:
     embeddings: np.ndarray  # float32 [n_tokens, n_embd_inp]
     non_causal: bool        # the model attends over the whole image at once (Gemma 3)
+    # M-RoPE (Qwen2-VL and later): each token's (time, height, width, fourth) position offsets from
+    # the image's first position, int [4, n_tokens], and the positions the image spans; None, 0 else
+    layout: np.ndarray | None = None
+    n_pos: int = 0
 
 
 class VisionEncoderError(ValueError):
@@ -93,4 +97,13 @@ class VisionEncoder:
         if rc != 0:
             raise RuntimeError(f"libmtmd failed to encode the image (code {rc}): {LOG.pop_errors()}")
         embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n_tokens, self.n_embd)).copy()
-        return ImageChunk(embd, bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk)))
+        non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
+        if not self.uses_mrope:
+            return ImageChunk(embd, non_causal)
+        image = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        # libmtmd's own layout (mtmd_helper_decode_image_chunk's), taken at position 0
+        layout = np.empty((4, n_tokens), dtype=np.int64)
+        for i in range(n_tokens):
+            p = mtmd.mtmd_image_tokens_get_decoder_pos(image, 0, i)
+            layout[:, i] = (p.t, p.y, p.x, p.z)
+        return ImageChunk(embd, non_causal, layout, int(mtmd.mtmd_input_chunk_get_n_pos(chunk)))

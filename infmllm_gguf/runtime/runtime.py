@@ -142,10 +142,11 @@ class Runtime:
             self._batch.token[i] = tok
         self._submit(self._batch, n, positions, logits)
 
-    def decode_embeddings(self, embd: np.ndarray, positions: Sequence[int] | None = None, *,
+    def decode_embeddings(self, embd: np.ndarray, positions: Sequence[int] | np.ndarray | None = None, *,
                           logits: str = "last") -> None:
         """Decode input embeddings (float32 [n, n_embd_inp], e.g. an image's from libmtmd) as one
-        batch, like `decode` does tokens."""
+        batch, like `decode` does tokens. `positions`: one per row, or for an M-RoPE model an int
+        array [4, n] of each row's time, height, width and fourth position (`image_positions`)."""
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         n_embd = self.model.n_embd_inp
         if embd.ndim != 2 or embd.shape[1] != n_embd:
@@ -157,7 +158,22 @@ class Runtime:
             # llama_batch_init with embd > 0 allocates `embd` instead of `token`
             self._embd_batch = llama.llama_batch_init(self.n_batch, n_embd, 1)
         ctypes.memmove(self._embd_batch.embd, embd.ctypes.data, embd.nbytes)
-        self._submit(self._embd_batch, n, positions, logits)
+        if positions is None or np.ndim(positions) == 1:
+            self._submit(self._embd_batch, n, positions, logits)
+            return
+        axes = np.ascontiguousarray(positions, dtype=np.int32)
+        if axes.shape != (4, n) or not self.model.multi_axis_rope:
+            raise ValueError(f"positions of shape {axes.shape}: an M-RoPE model takes [4, {n}], others one per row")
+        # llama.cpp reads an embedding batch's M-RoPE positions section-major, pos[axis*n + i]:
+        # the batch's own array holds n_batch, so it points at a larger one for this call
+        buf = (llama.llama_pos * axes.size)()
+        ctypes.memmove(buf, axes.ctypes.data, axes.nbytes)
+        own = ctypes.cast(self._embd_batch.pos, ctypes.c_void_p).value  # an address: the field itself would follow
+        self._embd_batch.pos = ctypes.cast(buf, ctypes.POINTER(llama.llama_pos))
+        try:
+            self._submit(self._embd_batch, n, axes[0], logits)
+        finally:
+            self._embd_batch.pos = ctypes.cast(own, ctypes.POINTER(llama.llama_pos))  # llama_batch_free frees it
 
     def set_causal_attention(self, causal: bool) -> None:
         """Causal (the default) or full attention inside the next batches (Gemma 3's images)."""
