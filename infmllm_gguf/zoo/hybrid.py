@@ -26,7 +26,7 @@ ARCHS: tuple[str, ...] = ("qwen35", "lfm2", "nemotron_h", "granitehybrid")
 
 N_VOCAB = 512
 N_EMBD = 128
-N_CTX_TRAIN = 4096
+N_CTX_TRAIN = 262_144  # as Qwen3.5's: a full cache of a 100k-token stream fits (bench)
 RMS_EPS = 1e-6
 
 # Qwen3.5 makes every 4th layer full attention (llama.cpp's default full_attention_interval too).
