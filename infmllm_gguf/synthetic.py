@@ -53,7 +53,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-__all__ = ["ModelShape", "SHAPES", "DTYPES", "cached_model", "write_model", "tokenizer_vocab", "main"]
+__all__ = ["ModelShape", "SHAPES", "DTYPES", "add_tokenizer", "cached_model", "write_model", "tokenizer_vocab", "main"]
 
 #: dtypes accepted by :func:`write_model` (1-D tensors are always f32).
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -203,6 +203,20 @@ def tokenizer_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     types += [_TT_NORMAL] * len(pieces)
     scores = [0.0] * _N_FIXED + [-float(i) for i in range(len(pieces))]
     return tokens, scores, types
+
+
+def add_tokenizer(w, n_vocab: int) -> None:
+    """Write the embedded tokenizer (`tokenizer_vocab`) to a ``gguf.GGUFWriter``: <s> first, no </s>."""
+    tokens, scores, types = tokenizer_vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,16 +423,7 @@ def write_model(
             if s.rope_freq_base_swa is not None:
                 w.add_rope_freq_base_swa(s.rope_freq_base_swa)
 
-    tokens, scores, types = tokenizer_vocab(s.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    add_tokenizer(w, s.n_vocab)
 
     specs = _tensor_specs(s)
     qtypes = [_qtype(dtype, shp) for _, shp, _ in specs]

@@ -176,6 +176,26 @@ def test_the_memory_rereads_into_a_hybrid_model(zoo_models, arch):
         assert s.bounded_layers == tuple(zoo.hybrid.attention_layers(arch))
 
 
+@pytest.mark.parametrize("arch", zoo.HYBRID + ("qwen2vl",))
+def test_a_saved_stream_continues_the_same(zoo_models, arch, tmp_path):
+    """A hybrid model's save holds its recurrent state beside the evicted, re-indexed attention
+    cache (and an M-RoPE model's its shifted positions): the restored session's next-token logits
+    and the ones after the same tokens are those of the session that went on."""
+    rng = np.random.default_rng(2)
+    stream, after = rng.integers(259, 500, 1_500).tolist(), rng.integers(259, 500, 40).tolist()
+    options = dict(budget=128, chunk=64, n_gpu_layers=0, n_threads=2, flash_attn=False)
+    with StreamSession(zoo_models(arch), **options) as s:
+        s.feed_tokens(stream)
+        s.save(tmp_path / "s.npz")
+        first = s.runtime.logits()
+        s.feed_tokens(after)
+        expected = s.runtime.logits()
+    with StreamSession.restore(tmp_path / "s.npz", zoo_models(arch), n_gpu_layers=0, n_threads=2) as r:
+        np.testing.assert_array_equal(r.runtime.logits(), first)
+        r.feed_tokens(after)
+        np.testing.assert_allclose(r.runtime.logits(), expected, atol=1e-5)
+
+
 def test_readme_support_table_is_the_generated_one():
     """README.md's architecture table is `python -m infmllm_gguf.support --zoo` verbatim."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()

@@ -13,7 +13,7 @@ from typing import Union
 
 import numpy as np
 
-from ..synthetic import _make_tensor, _nbytes, _qtype, tokenizer_vocab
+from ..synthetic import _make_tensor, _nbytes, _qtype, add_tokenizer
 
 Init = Union[float, tuple]
 Spec = tuple[str, tuple[int, ...], Init]
@@ -61,16 +61,7 @@ def write_gguf(path: Union[str, Path], arch: str, metadata: dict, specs: list[Sp
     w.add_type("model")
     for key, value in metadata.items():
         _add(w, arch + key if key.startswith(".") else key, value)
-    tokens, scores, types = tokenizer_vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    add_tokenizer(w, n_vocab)
 
     tensors = [_data(shape, init, dtype, np.random.default_rng([seed, i]))
                for i, (_, shape, init) in enumerate(specs)]
