@@ -334,3 +334,26 @@ def test_an_evicted_image_comes_back_with_the_words_that_name_it(default_model, 
         again = r.memory.images.images[0]
         assert again.first == stored.first and np.array_equal(again.embeddings, stored.embeddings)
         assert r.memory.stats.images_recalled == 1
+
+
+def test_a_fact_each_layer_holds_only_in_part_is_re_read():
+    """Per-layer eviction can leave every token of a fact in some layer and few in any one (the
+    model then answers 4813 for 48213): the memory counts a block as cached only where every layer
+    holds it, so the fact's block ranks; with one row (one decision for all layers) nothing changes."""
+    from types import SimpleNamespace
+
+    memory = Memory(MemoryConfig(window=8, reserve=16), budget=64)
+    filler = [100 + i % 5 for i in range(64)]
+    fact = [7, 8, 9, 10, 11, 12, 13, 14]
+    stream = filler[:32] + fact + filler[32:]
+    memory.record(stream, np.arange(len(stream)))
+    ids, indices = memory.store.arrays()
+    query = [9, 11, 13]
+    everything = np.arange(len(stream))
+    first_half, second_half = np.arange(32, 36), np.arange(36, 40)
+    per_layer = SimpleNamespace(held_by_layer=np.stack([np.setdiff1d(everything, second_half),
+                                                        np.setdiff1d(everything, first_half)]))
+    order, starts = memory.rank(per_layer, query, ids, indices)
+    assert order.size and starts[order[0]] == 32  # the fact's block
+    whole = SimpleNamespace(held_by_layer=everything[None])
+    assert memory.rank(whole, query, ids, indices)[0].size == 0  # cached in the one row: nothing to re-read

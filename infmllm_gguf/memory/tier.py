@@ -16,6 +16,8 @@ float16, up to `image_cap_mib`): ranked by the text around them, they come back 
 """
 from __future__ import annotations
 
+import functools
+
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -170,16 +172,20 @@ class Memory:
              blocks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The blocks of the stored tokens (`ids`, `indices`: `store.arrays()`) worth re-reading for
         `query`, best first: (order, block starts). A block qualifies when the cache holds less
-        than half of it, it shares at least two distinct tokens with the query (one if the query
+        than half of it, or, when each layer keeps its own tokens, when any layer lacks any of it
+        (per-layer eviction scatters a fact over the layers, each holding fragments, and the model
+        answers from them: 4813 for 48213), it shares at least two distinct tokens with the query (one if the query
         has one), and it scores above every block the cache holds: a weaker match than what the
         cache already has would only distract (a fact still cached, and another needle with the
         same words re-read right before the question, which the model then answers from).
         `blocks`: `self.blocks(ids, query)`, when already computed."""
         starts, score, matched = blocks if blocks is not None else self.blocks(ids, query)
-        held = self.store.held(indices, np.unique(cache.held_by_layer))
+        rows = cache.held_by_layer
+        held = self.store.held(indices, functools.reduce(np.intersect1d, rows))  # held by every layer
         count = np.concatenate(([0], np.cumsum(held)))
         ends = np.minimum(starts + self.window, ids.size)
-        mostly_gone = (count[ends] - count[starts]) * 2 < ends - starts
+        needed = ends - starts if len(rows) > 1 else (ends - starts + 1) // 2  # per layer: all of it
+        mostly_gone = count[ends] - count[starts] < needed
         need = min(2, np.unique(np.asarray(query)).size)
         best_held = score[~mostly_gone].max(initial=0.0)
         eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > best_held))
