@@ -146,7 +146,7 @@ class Runtime:
                           logits: str = "last") -> None:
         """Decode input embeddings (float32 [n, n_embd_inp], e.g. an image's from libmtmd) as one
         batch, like `decode` does tokens. `positions`: one per row, or for an M-RoPE model an int
-        array [4, n] of each row's time, height, width and fourth position (`image_positions`)."""
+        array [4, n] of each row's time, height, width and fourth position (`layout.image_layout`)."""
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         n_embd = self.model.n_embd_inp
         if embd.ndim != 2 or embd.shape[1] != n_embd:
