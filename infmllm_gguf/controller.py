@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from .layout import image_layout, positions, whole_images
+from .layout import image_layout, keep_images_whole, positions
 from .policies import Full, Observation, Policy, Selection
 from .runtime import Runtime
 
@@ -403,7 +403,7 @@ class CacheController:
         selection = policy.select(observation)
         if self.per_layer:
             return self._compact(selection, t0)
-        selection = self._whole_images(selection)
+        selection = self._keep_images_whole(selection)
         keep = selection.keep
         pos = self.positions()
         for a, b in reversed(runs(~keep)):  # removing from the end keeps earlier positions valid
@@ -421,12 +421,12 @@ class CacheController:
         self.is_image = self.is_image[keep]
         return self._evicted(selection, n_removed, t0)
 
-    def _whole_images(self, selection: Selection) -> Selection:
+    def _keep_images_whole(self, selection: Selection) -> Selection:
         """`selection` with every M-RoPE image kept or dropped whole (llama.cpp removes cells by
-        position, which an image's cells share): `layout.whole_images`; a cell it adds carries 0."""
+        position, which an image's cells share): `layout.keep_images_whole`; a cell it adds carries 0."""
         if np.all(self.advance == 1):
             return selection
-        keep = whole_images(selection.keep, self.advance, self.policy.budget)
+        keep = keep_images_whole(selection.keep, self.advance, self.policy.budget)
         carried = selection.carried
         if carried is not None:
             full = np.zeros(keep.size)

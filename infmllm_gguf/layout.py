@@ -9,7 +9,7 @@ for that one. Re-indexed positions are the running sum of the advances of the ce
 image keeps its layout and everything after it moves by whole positions.
 
 llama.cpp removes cells by position, and an M-RoPE image's cells share one: such an image is kept
-or evicted whole (`whole_images`). Pure NumPy.
+or evicted whole (`keep_images_whole`). Pure NumPy.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def image_layout(offsets: np.ndarray, start: int) -> np.ndarray:
     return out
 
 
-def whole_images(keep: np.ndarray, advance: np.ndarray, budget: int) -> np.ndarray:
+def keep_images_whole(keep: np.ndarray, advance: np.ndarray, budget: int) -> np.ndarray:
     """`keep` (bool per cell) with each M-RoPE image kept or dropped whole: of the images the policy
     kept in part, those with at least half their cells kept are completed, the most complete first,
     while the budget has room for them (the others dropped make that room); the rest are dropped.

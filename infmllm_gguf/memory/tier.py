@@ -17,7 +17,6 @@ float16, up to `image_cap_mib`): ranked by the text around them, they come back 
 from __future__ import annotations
 
 import functools
-
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -174,10 +173,11 @@ class Memory:
         `query`, best first: (order, block starts). A block qualifies when the cache holds less
         than half of it, or, when each layer keeps its own tokens, when any layer lacks any of it
         (per-layer eviction scatters a fact over the layers, each holding fragments, and the model
-        answers from them: 4813 for 48213), it shares at least two distinct tokens with the query (one if the query
-        has one), and it scores above every block the cache holds: a weaker match than what the
-        cache already has would only distract (a fact still cached, and another needle with the
-        same words re-read right before the question, which the model then answers from).
+        answers from them: 4813 for 48213); when it shares at least two distinct tokens with the
+        query (one if the query has one); and when it scores above every block the cache holds: a
+        weaker match than what the cache already has would only distract (a fact still cached, and
+        another needle with the same words re-read right before the question, which the model then
+        answers from).
         `blocks`: `self.blocks(ids, query)`, when already computed."""
         starts, score, matched = blocks if blocks is not None else self.blocks(ids, query)
         rows = cache.held_by_layer

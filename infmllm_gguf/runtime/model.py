@@ -98,7 +98,6 @@ class Model:
         self.sliding_window = llama.llama_model_n_swa(self.ptr)  # 0: none
         self.architecture = self.metadata("general.architecture") or "unknown"
         self.is_hybrid = bool(llama.llama_model_is_hybrid(self.ptr))  # attention layers beside recurrent ones
-        self.is_recurrent = bool(llama.llama_model_is_recurrent(self.ptr))  # no attention layer at all
         self.rope_type = llama.llama_model_rope_type(self.ptr)  # llama.cpp's LLAMA_ROPE_TYPE_*
         # multi-head latent attention (DeepSeek-V2/V3): keys stored compressed, RoPE on a part of them
         self.mla = self.metadata(f"{self.architecture}.attention.kv_lora_rank") is not None

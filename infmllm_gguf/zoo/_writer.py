@@ -19,6 +19,21 @@ Init = Union[float, tuple]
 Spec = tuple[str, tuple[int, ...], Init]
 
 
+def matrix(name: str, rows: int, cols: int) -> Spec:
+    """A weight matrix of fan-in `cols`: normal with std 1/sqrt(fan-in)."""
+    return (name, (rows, cols), 1.0 / float(np.sqrt(cols)))
+
+
+def norm(name: str, n: int) -> Spec:
+    """A norm weight: ones."""
+    return (name, (n,), 0.0)
+
+
+def fill(name: str, shape: tuple[int, ...], value: float) -> Spec:
+    """Every element `value` (f32)."""
+    return (name, shape, ("fill", value))
+
+
 def _add(w, key: str, value) -> None:
     """One metadata entry, its GGUF type chosen from the Python value."""
     if isinstance(value, bool):

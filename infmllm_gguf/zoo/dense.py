@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import math
 
-from ._writer import Spec
+from ._writer import Spec, fill, matrix, norm
 
 N_VOCAB = 512
 _BIAS_STD = 0.1
-
-
-def _norm(name: str, n: int) -> Spec:
-    return (name, (n,), 0.0)
 
 
 def _bias(name: str, n: int) -> Spec:
     return (name, (n,), _BIAS_STD)
 
 
-def _mat(name: str, n_out: int, n_in: int) -> Spec:
-    return (name, (n_out, n_in), 1.0 / math.sqrt(n_in))
-
-
 def _with_io(n_embd: int, blocks: list[Spec]) -> list[Spec]:
     """token_embd, the blocks, then the final norm and an untied output matrix."""
     return ([("token_embd.weight", (N_VOCAB, n_embd), 1.0)] + blocks
-            + [_norm("output_norm.weight", n_embd), _mat("output.weight", N_VOCAB, n_embd)])
+            + [norm("output_norm.weight", n_embd), matrix("output.weight", N_VOCAB, n_embd)])
 
 
 def _hparams(*, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int, n_ctx_train: int,
@@ -69,17 +61,17 @@ def _attn(b: str, n_embd: int, n_head: int, n_head_kv: int, head_dim: int, *, qk
     """Pre-norm and GQA projections of block prefix `b`: separate q/k/v or one fused attn_qkv,
     optional q/k/v biases, per-head q/k RMS norms and output bias."""
     q, kv = n_head * head_dim, n_head_kv * head_dim
-    specs = [_norm(b + "attn_norm.weight", n_embd)]
+    specs = [norm(b + "attn_norm.weight", n_embd)]
     if fused:
-        specs.append(_mat(b + "attn_qkv.weight", q + 2 * kv, n_embd))
+        specs.append(matrix(b + "attn_qkv.weight", q + 2 * kv, n_embd))
     else:
-        specs += [_mat(b + "attn_q.weight", q, n_embd), _mat(b + "attn_k.weight", kv, n_embd),
-                  _mat(b + "attn_v.weight", kv, n_embd)]
+        specs += [matrix(b + "attn_q.weight", q, n_embd), matrix(b + "attn_k.weight", kv, n_embd),
+                  matrix(b + "attn_v.weight", kv, n_embd)]
     if qkv_bias:
         specs += [_bias(b + "attn_q.bias", q), _bias(b + "attn_k.bias", kv), _bias(b + "attn_v.bias", kv)]
     if qk_norm:
-        specs += [_norm(b + "attn_q_norm.weight", head_dim), _norm(b + "attn_k_norm.weight", head_dim)]
-    specs.append(_mat(b + "attn_output.weight", n_embd, q))
+        specs += [norm(b + "attn_q_norm.weight", head_dim), norm(b + "attn_k_norm.weight", head_dim)]
+    specs.append(matrix(b + "attn_output.weight", n_embd, q))
     if out_bias:
         specs.append(_bias(b + "attn_output.bias", n_embd))
     return specs
@@ -87,21 +79,21 @@ def _attn(b: str, n_embd: int, n_head: int, n_head_kv: int, head_dim: int, *, qk
 
 def _ffn(b: str, n_embd: int, n_ff: int, kind: str = "") -> list[Spec]:
     """SwiGLU gate/up/down; kind "_shexp" names a shared expert."""
-    return [_mat(f"{b}ffn_gate{kind}.weight", n_ff, n_embd), _mat(f"{b}ffn_up{kind}.weight", n_ff, n_embd),
-            _mat(f"{b}ffn_down{kind}.weight", n_embd, n_ff)]
+    return [matrix(f"{b}ffn_gate{kind}.weight", n_ff, n_embd), matrix(f"{b}ffn_up{kind}.weight", n_ff, n_embd),
+            matrix(f"{b}ffn_down{kind}.weight", n_embd, n_ff)]
 
 
 def _moe(b: str, n_embd: int, n_ff_exp: int, n_expert: int, *, biases: bool = False) -> list[Spec]:
     """Router and stacked experts (ggml {n_in, n_out, n_expert} = numpy (n_expert, n_out, n_in))."""
-    specs = [_mat(b + "ffn_gate_inp.weight", n_expert, n_embd),
+    specs = [matrix(b + "ffn_gate_inp.weight", n_expert, n_embd),
              (b + "ffn_gate_exps.weight", (n_expert, n_ff_exp, n_embd), 1.0 / math.sqrt(n_embd)),
              (b + "ffn_up_exps.weight", (n_expert, n_ff_exp, n_embd), 1.0 / math.sqrt(n_embd)),
              (b + "ffn_down_exps.weight", (n_expert, n_embd, n_ff_exp), 1.0 / math.sqrt(n_ff_exp))]
     if biases:
         specs += [_bias(b + "ffn_gate_inp.bias", n_expert),
-                  (b + "ffn_gate_exps.bias", (n_expert, n_ff_exp), ("fill", 0.0)),
-                  (b + "ffn_up_exps.bias", (n_expert, n_ff_exp), ("fill", 0.0)),
-                  (b + "ffn_down_exps.bias", (n_expert, n_embd), ("fill", 0.0))]
+                  fill(b + "ffn_gate_exps.bias", (n_expert, n_ff_exp), 0.0),
+                  fill(b + "ffn_up_exps.bias", (n_expert, n_ff_exp), 0.0),
+                  fill(b + "ffn_down_exps.bias", (n_expert, n_embd), 0.0)]
     return specs
 
 
@@ -128,7 +120,7 @@ def _qwen2(*, vl: bool = False) -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += _attn(b, n_embd, n_head, n_head_kv, n_embd // n_head, qkv_bias=True)
-        blocks += [_norm(b + "ffn_norm.weight", n_embd)] + _ffn(b, n_embd, n_ff)
+        blocks += [norm(b + "ffn_norm.weight", n_embd)] + _ffn(b, n_embd, n_ff)
     return meta, _with_io(n_embd, blocks)
 
 
@@ -155,7 +147,7 @@ def _qwen3(*, moe: bool = False, vl: bool = False) -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += _attn(b, n_embd, n_head, n_head_kv, head_dim, qk_norm=True)
-        blocks.append(_norm(b + "ffn_norm.weight", n_embd))
+        blocks.append(norm(b + "ffn_norm.weight", n_embd))
         blocks += _moe(b, n_embd, n_ff_exp, n_expert) if moe else _ffn(b, n_embd, n_ff)
     return meta, _with_io(n_embd, blocks)
 
@@ -171,8 +163,8 @@ def _phi3() -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += _attn(b, n_embd, n_head, n_head, n_embd // n_head, fused=True)
-        blocks += [_norm(b + "ffn_norm.weight", n_embd), _mat(b + "ffn_up.weight", 2 * n_ff, n_embd),
-                   _mat(b + "ffn_down.weight", n_embd, n_ff)]
+        blocks += [norm(b + "ffn_norm.weight", n_embd), matrix(b + "ffn_up.weight", 2 * n_ff, n_embd),
+                   matrix(b + "ffn_down.weight", n_embd, n_ff)]
     return meta, _with_io(n_embd, blocks)
 
 
@@ -190,7 +182,7 @@ def _mistral3() -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += _attn(b, n_embd, n_head, n_head_kv, head_dim)
-        blocks += [_norm(b + "ffn_norm.weight", n_embd)] + _ffn(b, n_embd, n_ff)
+        blocks += [norm(b + "ffn_norm.weight", n_embd)] + _ffn(b, n_embd, n_ff)
     return meta, _with_io(n_embd, blocks)
 
 
@@ -224,18 +216,18 @@ def _deepseek2() -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += [
-            _norm(b + "attn_norm.weight", n_embd),
-            _mat(b + "attn_q_a.weight", q_lora, n_embd),
-            _norm(b + "attn_q_a_norm.weight", q_lora),
-            _mat(b + "attn_q_b.weight", n_head * (nope + n_rot), q_lora),
-            _mat(b + "attn_kv_a_mqa.weight", kv_lora + n_rot, n_embd),
-            _norm(b + "attn_kv_a_norm.weight", kv_lora),
+            norm(b + "attn_norm.weight", n_embd),
+            matrix(b + "attn_q_a.weight", q_lora, n_embd),
+            norm(b + "attn_q_a_norm.weight", q_lora),
+            matrix(b + "attn_q_b.weight", n_head * (nope + n_rot), q_lora),
+            matrix(b + "attn_kv_a_mqa.weight", kv_lora + n_rot, n_embd),
+            norm(b + "attn_kv_a_norm.weight", kv_lora),
             # ggml {nope, kv_lora, n_head}: per head, k_nope's projection transposed (absorbed
             # into q); its fan-in is kv_lora as in the unsplit kv_b
             (b + "attn_k_b.weight", (n_head, kv_lora, nope), 1.0 / math.sqrt(kv_lora)),
             (b + "attn_v_b.weight", (n_head, v_dim, kv_lora), 1.0 / math.sqrt(kv_lora)),
-            _mat(b + "attn_output.weight", n_embd, n_head * v_dim),
-            _norm(b + "ffn_norm.weight", n_embd),
+            matrix(b + "attn_output.weight", n_embd, n_head * v_dim),
+            norm(b + "ffn_norm.weight", n_embd),
         ]
         if il < n_dense:
             blocks += _ffn(b, n_embd, n_ff)
@@ -264,7 +256,7 @@ def _gpt_oss() -> tuple[dict, list[Spec]]:
     for il in range(n_layer):
         b = _blk(il)
         blocks += _attn(b, n_embd, n_head, n_head_kv, head_dim, qkv_bias=True, out_bias=True)
-        blocks += [(b + "attn_sinks.weight", (n_head,), 1.0), _norm(b + "post_attention_norm.weight", n_embd)]
+        blocks += [(b + "attn_sinks.weight", (n_head,), 1.0), norm(b + "post_attention_norm.weight", n_embd)]
         blocks += _moe(b, n_embd, n_ff_exp, n_expert, biases=True)
     return meta, _with_io(n_embd, blocks)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from ._writer import Spec
+from ._writer import Spec, fill, matrix, norm
 
 ARCHS: tuple[str, ...] = ("qwen35", "lfm2", "nemotron_h", "granitehybrid")
 
@@ -62,52 +62,39 @@ def _pattern(arch: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # tensor specs shared by the families
 
-def _w(name: str, rows: int, cols: int) -> Spec:
-    """A matrix of fan-in `cols`, std 1/sqrt(fan-in)."""
-    return (name + ".weight", (rows, cols), 1.0 / math.sqrt(cols))
-
-
-def _norm(name: str, n: int) -> Spec:
-    return (name + ".weight", (n,), 0.0)
-
-
-def _fill(name: str, shape: tuple[int, ...], value: float) -> Spec:
-    return (name, shape, ("fill", value))
-
-
 def _conv(name: str, channels: int, width: int) -> Spec:
     """A causal depthwise convolution kernel: a moving sum of `width` tokens scaled to keep the
     variance of independent inputs."""
-    return _fill(name + ".weight", (channels, width), 1.0 / math.sqrt(width))
+    return fill(name + ".weight", (channels, width), 1.0 / math.sqrt(width))
 
 
 def _embeddings(tied: bool, output_norm: str = "output_norm") -> list[Spec]:
     """token_embd (std 1, or 1/sqrt(n_embd) when it is also the output matrix), the final norm
     and, untied, the output matrix."""
     specs = [("token_embd.weight", (N_VOCAB, N_EMBD), 1.0 / math.sqrt(N_EMBD) if tied else 1.0),
-             _norm(output_norm, N_EMBD)]
+             norm(output_norm + ".weight", N_EMBD)]
     if not tied:
-        specs.append(_w("output", N_VOCAB, N_EMBD))
+        specs.append(matrix("output" + ".weight", N_VOCAB, N_EMBD))
     return specs
 
 
 def _attention(b: str, n_head: int, n_head_kv: int, head_dim: int, *, q_factor: int = 1) -> list[Spec]:
     """q, k, v and output projections; q_factor 2 gives Qwen3.5's q projection, which carries a
     per-head output gate beside each query."""
-    return [_w(b + "attn_q", q_factor * n_head * head_dim, N_EMBD),
-            _w(b + "attn_k", n_head_kv * head_dim, N_EMBD),
-            _w(b + "attn_v", n_head_kv * head_dim, N_EMBD),
-            _w(b + "attn_output", N_EMBD, n_head * head_dim)]
+    return [matrix(b + "attn_q" + ".weight", q_factor * n_head * head_dim, N_EMBD),
+            matrix(b + "attn_k" + ".weight", n_head_kv * head_dim, N_EMBD),
+            matrix(b + "attn_v" + ".weight", n_head_kv * head_dim, N_EMBD),
+            matrix(b + "attn_output" + ".weight", N_EMBD, n_head * head_dim)]
 
 
 def _qk_norms(b: str, head_dim: int) -> list[Spec]:
-    return [_norm(b + "attn_q_norm", head_dim), _norm(b + "attn_k_norm", head_dim)]
+    return [norm(b + "attn_q_norm" + ".weight", head_dim), norm(b + "attn_k_norm" + ".weight", head_dim)]
 
 
 def _ffn(b: str, n_ff: int, *, gated: bool = True) -> list[Spec]:
     """SwiGLU (gate, up, down), or the ungated up/down of Nemotron-H's ReLU^2 MLP."""
-    specs = [_w(b + "ffn_gate", n_ff, N_EMBD)] if gated else []
-    return specs + [_w(b + "ffn_up", n_ff, N_EMBD), _w(b + "ffn_down", N_EMBD, n_ff)]
+    specs = [matrix(b + "ffn_gate" + ".weight", n_ff, N_EMBD)] if gated else []
+    return specs + [matrix(b + "ffn_up" + ".weight", n_ff, N_EMBD), matrix(b + "ffn_down" + ".weight", N_EMBD, n_ff)]
 
 
 def _per_layer(pattern: str, kind: str, value: int) -> list[int]:
@@ -150,17 +137,17 @@ def _mamba2(b: str, n_group: int) -> list[Spec]:
     RMS norm, out_proj."""
     conv_ch = _M2_INNER + 2 * n_group * _M2_STATE
     return [
-        _w(b + "ssm_in", 2 * _M2_INNER + 2 * n_group * _M2_STATE + _M2_HEADS, N_EMBD),
+        matrix(b + "ssm_in" + ".weight", 2 * _M2_INNER + 2 * n_group * _M2_STATE + _M2_HEADS, N_EMBD),
         _conv(b + "ssm_conv1d", conv_ch, _M2_CONV),
         # optional for the loader, but the graph adds it unconditionally
-        _fill(b + "ssm_conv1d.bias", (conv_ch,), 0.0),
+        fill(b + "ssm_conv1d.bias", (conv_ch,), 0.0),
         # dt = softplus(x + bias) ~ 0.2: a decay of exp(0.2 * A) ~ 0.9 per token
-        _fill(b + "ssm_dt.bias", (_M2_HEADS,), -2.0),
-        _fill(b + "ssm_a", (_M2_HEADS, 1), _SSM_A),
-        _fill(b + "ssm_d", (_M2_HEADS, 1), 1.0),
+        fill(b + "ssm_dt.bias", (_M2_HEADS,), -2.0),
+        fill(b + "ssm_a", (_M2_HEADS, 1), _SSM_A),
+        fill(b + "ssm_d", (_M2_HEADS, 1), 1.0),
         # a 2-D norm (one row per group), so written as an f32 fill of ones
-        _fill(b + "ssm_norm.weight", (n_group, _M2_INNER // n_group), 1.0),
-        _w(b + "ssm_out", N_EMBD, _M2_INNER),
+        fill(b + "ssm_norm.weight", (n_group, _M2_INNER // n_group), 1.0),
+        matrix(b + "ssm_out" + ".weight", N_EMBD, _M2_INNER),
     ]
 
 
@@ -191,21 +178,21 @@ def _qwen35() -> tuple[dict, list[Spec]]:
     specs = _embeddings(tied=True)
     for il, kind in enumerate(pattern):
         b = f"blk.{il}."
-        specs += [_norm(b + "attn_norm", N_EMBD), _norm(b + "post_attention_norm", N_EMBD)]
+        specs += [norm(b + "attn_norm" + ".weight", N_EMBD), norm(b + "post_attention_norm" + ".weight", N_EMBD)]
         if kind == "A":
             specs += _attention(b, n_head, n_head_kv, head_dim, q_factor=2) + _qk_norms(b, head_dim)
         else:
             specs += [
-                _w(b + "attn_qkv", 2 * key_dim + value_dim, N_EMBD),
-                _w(b + "attn_gate", value_dim, N_EMBD),  # z, the output gate
+                matrix(b + "attn_qkv" + ".weight", 2 * key_dim + value_dim, N_EMBD),
+                matrix(b + "attn_gate" + ".weight", value_dim, N_EMBD),  # z, the output gate
                 _conv(b + "ssm_conv1d", 2 * key_dim + value_dim, d_conv),
                 # decay g = softplus(alpha + dt_bias) * ssm_a; beta = sigmoid(ssm_beta x)
-                _fill(b + "ssm_dt.bias", (v_heads,), 0.0),
-                _fill(b + "ssm_a", (v_heads,), _SSM_A),
-                _w(b + "ssm_beta", v_heads, N_EMBD),
-                _w(b + "ssm_alpha", v_heads, N_EMBD),
-                _norm(b + "ssm_norm", head_kv_dim),
-                _w(b + "ssm_out", N_EMBD, value_dim),
+                fill(b + "ssm_dt.bias", (v_heads,), 0.0),
+                fill(b + "ssm_a", (v_heads,), _SSM_A),
+                matrix(b + "ssm_beta" + ".weight", v_heads, N_EMBD),
+                matrix(b + "ssm_alpha" + ".weight", v_heads, N_EMBD),
+                norm(b + "ssm_norm" + ".weight", head_kv_dim),
+                matrix(b + "ssm_out" + ".weight", N_EMBD, value_dim),
             ]
         specs += _ffn(b, n_ff)
     return metadata, specs
@@ -222,16 +209,16 @@ def _lfm2() -> tuple[dict, list[Spec]]:
     specs = _embeddings(tied=True, output_norm="token_embd_norm")
     for il, kind in enumerate(pattern):
         b = f"blk.{il}."
-        specs.append(_norm(b + "attn_norm", N_EMBD))  # LFM2's operator_norm
+        specs.append(norm(b + "attn_norm" + ".weight", N_EMBD))  # LFM2's operator_norm
         if kind == "A":
             specs += _attention(b, n_head, n_head_kv, head_dim) + _qk_norms(b, head_dim)
         else:
             specs += [
-                _w(b + "shortconv.in_proj", 3 * N_EMBD, N_EMBD),  # b, c, x gates
+                matrix(b + "shortconv.in_proj" + ".weight", 3 * N_EMBD, N_EMBD),  # b, c, x gates
                 _conv(b + "shortconv.conv", N_EMBD, l_cache),
-                _w(b + "shortconv.out_proj", N_EMBD, N_EMBD),
+                matrix(b + "shortconv.out_proj" + ".weight", N_EMBD, N_EMBD),
             ]
-        specs += [_norm(b + "ffn_norm", N_EMBD)] + _ffn(b, n_ff)
+        specs += [norm(b + "ffn_norm" + ".weight", N_EMBD)] + _ffn(b, n_ff)
     return metadata, specs
 
 
@@ -251,7 +238,7 @@ def _nemotron_h() -> tuple[dict, list[Spec]]:
     specs = _embeddings(tied=False)
     for il, kind in enumerate(pattern):
         b = f"blk.{il}."
-        specs.append(_norm(b + "attn_norm", N_EMBD))
+        specs.append(norm(b + "attn_norm" + ".weight", N_EMBD))
         if kind == "A":
             specs += _attention(b, n_head, n_head_kv, head_dim)
         elif kind == "F":
@@ -283,9 +270,9 @@ def _granitehybrid() -> tuple[dict, list[Spec]]:
     specs = _embeddings(tied=True)
     for il, kind in enumerate(pattern):
         b = f"blk.{il}."
-        specs.append(_norm(b + "attn_norm", N_EMBD))
+        specs.append(norm(b + "attn_norm" + ".weight", N_EMBD))
         specs += _attention(b, n_head, n_head_kv, head_dim) if kind == "A" else _mamba2(b, n_group)
-        specs += [_norm(b + "ffn_norm", N_EMBD)] + _ffn(b, n_ff)
+        specs += [norm(b + "ffn_norm" + ".weight", N_EMBD)] + _ffn(b, n_ff)
     return metadata, specs
 
 
