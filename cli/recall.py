@@ -69,7 +69,8 @@ def recall(
                                   help="distances from needle to question, in tokens, comma-separated"),
     trials: int = typer.Option(10, "--trials", min=1, help="snapshots: trials per distance"),
     spacing: int = typer.Option(1024, "--spacing", min=1, help="tokens between snapshots"),
-    kinds: str = typer.Option("number,word,fact", "--kinds", help="needle kinds, rotated over the trials"),
+    kinds: str = typer.Option("number,word,fact", "--kinds", help="needle kinds, rotated over the trials: number, "
+                              "word, fact (verbatim); paraphrase, update, distractor, association (meaning)"),
     seed: int = typer.Option(0, "--seed", help="draws the needles and the filler's offset"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens decoded per step"),
     answer_tokens: int = typer.Option(8, "--answer-tokens", min=1, help="greedy tokens per answer"),
@@ -157,6 +158,7 @@ def recall_chat(
                                help=f"policies, comma-separated ({POLICY_NAMES})"),
     rounds: int = typer.Option(300, "--rounds", min=1, help="rounds of conversation"),
     facts: int = typer.Option(10, "--facts", min=1, help="facts told in round 1 (trials per probe)"),
+    kinds: str = typer.Option("number,word,fact", "--kinds", help="fact kinds, rotated over the facts (as recall's)"),
     probes: str = typer.Option(",".join(map(str, (1, 2, 5, 10, 20, 50, 100, 200, 300))), "--probes",
                                help="rounds after which every fact is asked"),
     seed: int = typer.Option(0, "--seed"),
@@ -182,7 +184,8 @@ def recall_chat(
     try:
         check_text_file(path)
         grid = policy_grid(split(policy, str, "--policy"), policy_options)
-        plan = make_chat_plan(path, rounds=rounds, facts=facts, probes=split(probes, int, "--probes"), seed=seed)
+        plan = make_chat_plan(path, rounds=rounds, facts=facts, probes=split(probes, int, "--probes"), seed=seed,
+                              kinds=split(kinds, str, "--kinds"))
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
     memories = [memory_config(name) for name in split(memory, str, "--memory")]

@@ -150,3 +150,43 @@ def test_recall_command(cli, tmp_path):
     assert bad.returncode == 2 and "memory ranking" in bad.stderr
     bad = cli("recall", "--distances", "4", "--policy", "full", check=False)
     assert bad.returncode == 2 and "needle's length" in bad.stderr
+
+
+def test_meaning_kinds_ask_one_fact_each():
+    maker = NeedleMaker(np.random.default_rng(1))
+    needles = [maker.make(k) for k in ("paraphrase", "update", "distractor", "association") * 4]
+    assert len({n.question for n in needles}) == len(needles)
+    for n in needles:
+        assert n.answer in n.statement and n.answer not in n.question
+        assert all(n.answer not in text for text, _ in n.extras)  # an update's old value differs, a distractor has none
+    update = next(n for n in needles if n.kind == "update")
+    assert [f for _, f in update.extras] == [1.5]  # the older value comes first
+    with pytest.raises(ValueError, match="out of distinct landmarks"):
+        for _ in range(30):
+            maker.make("association")
+
+
+def test_paraphrases_share_no_content_token(default_model):
+    """On the default model's tokenizer, no paraphrased fact shares a content token with its question
+    or the answer's start (punctuation and stopwords aside); the check itself finds a shared word."""
+    from infmllm_gguf.recall.paraphrases import PARAPHRASES, shared_content_tokens
+    from infmllm_gguf.runtime import Model
+
+    model = Model(default_model)
+    tokenize = lambda text: model.tokenize(text, add_special=False)  # noqa: E731
+    for statement, question, prefix, _ in PARAPHRASES:
+        assert shared_content_tokens(tokenize, statement, question + " " + prefix) == set(), statement
+    assert shared_content_tokens(tokenize, "My sister has a cat.", "What is my sister's pet?")
+
+
+def test_plan_places_extra_sentences():
+    plan = make_plan(fake_tokenize, fake_filler, distances=(256, 1024), trials=4, spacing=512,
+                     kinds=("update", "distractor"))
+    for q in plan.questions:
+        placed = plan.needles[q.needle]
+        (start, tokens), = placed.extras
+        where = plan.snapshots[q.snapshot] - start
+        factor = dict(update=1.5, distractor=0.5)[placed.needle.kind]
+        assert factor * q.target <= where <= factor * q.target * 1.25 + 1
+        assert tuple(plan.tokens[start:start + len(tokens)]) == tokens
+    assert plan.snapshots[0] >= 1024 * 1.5  # the farthest older value fits before the first snapshot

@@ -23,7 +23,7 @@ from ..perplexity import text_blocks
 from ..policies import DEFAULT_POLICY, Policy, from_config
 from ..runtime import Model
 from ..session import StreamSession
-from .needles import KINDS, Needle, NeedleMaker, exact_match
+from .needles import VERBATIM_KINDS, Needle, NeedleMaker, exact_match
 from .run import ask, run_from_json
 
 PROBE_ROUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 300)
@@ -58,7 +58,7 @@ def passages(path: str | os.PathLike, n: int, offset: int) -> list[str]:
 
 
 def make_chat_plan(filler: str | os.PathLike, *, rounds: int = 300, facts: int = 10,
-                   probes: Sequence[int] = PROBE_ROUNDS, kinds: Sequence[str] = KINDS, seed: int = 0) -> ChatPlan:
+                   probes: Sequence[int] = PROBE_ROUNDS, kinds: Sequence[str] = VERBATIM_KINDS, seed: int = 0) -> ChatPlan:
     if rounds < 1 or facts < 1:
         raise ValueError(f"need at least one round and one fact (got {rounds}, {facts})")
     probes = tuple(sorted({p for p in probes if 1 <= p <= rounds}))
@@ -67,9 +67,14 @@ def make_chat_plan(filler: str | os.PathLike, *, rounds: int = 300, facts: int =
     rng = np.random.default_rng(seed)
     maker = NeedleMaker(rng)
     told = [maker.make(kinds[i % len(kinds)]) for i in range(facts)]
-    first = "Please remember these facts for later.\n" + "\n".join(n.statement for n in told)
+    # an extra sentence meant before its fact (an update's older value) is told just before it, one
+    # meant after (a distractor) in round 2
+    first = "Please remember these facts for later.\n" + "\n".join(
+        line for n in told for line in [x for x, f in n.extras if f > 1] + [n.statement])
+    after = [x for n in told for x, f in n.extras if f <= 1]
     text = passages(filler, 2 * (rounds - 1), offset=int(rng.integers(0, 20_000)))
-    later = [(f"Here is a passage:\n{text[2 * i]}\nWhat do you make of it?", text[2 * i + 1])
+    later = [(("By the way: " + " ".join(after) + "\n" if i == 0 and after else "")
+              + f"Here is a passage:\n{text[2 * i]}\nWhat do you make of it?", text[2 * i + 1])
              for i in range(rounds - 1)]
     config = {"seed": seed, "rounds": rounds, "facts": facts, "kinds": list(kinds), "filler": str(filler)}
     return ChatPlan(told, [(first, "I will remember them.")] + later, probes, config)

@@ -1,9 +1,14 @@
 """Needles: one-sentence facts hidden in a stream, the question that asks for each, and exact-match scoring.
 
-Three kinds, as needle-in-a-haystack benchmarks use them: a `number` (a five-digit pass key), a
-`word` (a secret word), and a `fact` stated in one sentence and asked about in other words (who
-moved where, asked as where that person works). Every needle of a stream has its own label, so
-that many needles can share one stream and each question names exactly one of them.
+The verbatim kinds, as needle-in-a-haystack benchmarks use them (`VERBATIM_KINDS`, the default):
+a `number` (a five-digit pass key), a `word` (a secret word), and a `fact` stated in one sentence
+and asked about in other words (who moved where, asked as where that person works). The kinds
+that ask for meaning: a `paraphrase` (the question shares no content word with the fact,
+`paraphrases.PARAPHRASES`), an `update` (a pass key stated, later changed: the question asks for
+the current one), a `distractor` (a pass key, and nearer the question a sentence that shares the
+question's words but not the answer), an `association` (NoLiMa's one-hop: a person lives by a
+landmark, the question asks who has been to its city). Every needle of a stream has its own label
+(or template), so that many needles can share one stream and each question names exactly one.
 """
 from __future__ import annotations
 
@@ -13,7 +18,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-KINDS = ("number", "word", "fact")
+from .paraphrases import LANDMARKS, NUMBERS, PARAPHRASES
+
+VERBATIM_KINDS = ("number", "word", "fact")
+MEANING_KINDS = ("paraphrase", "update", "distractor", "association")
+KINDS = VERBATIM_KINDS + MEANING_KINDS
 
 ADJECTIVES = ("amber", "silver", "crimson", "hollow", "northern", "quiet", "golden", "broken", "painted", "frozen",
               "hidden", "ancient", "narrow", "copper", "velvet", "marble", "distant", "iron", "scarlet", "wooden",
@@ -39,12 +48,15 @@ JOBS = ("baker", "nurse", "carpenter", "librarian", "pilot", "tailor", "chemist"
 @dataclass(frozen=True)
 class Needle:
     """A fact put in the stream (`statement`), the question asked after the stream, the start of
-    the answer fed after the question (so that a small model answers in one form), and the answer."""
+    the answer fed after the question (so that a small model answers in one form), and the answer.
+    `extras`: other sentences that go with it, each with its distance from the question as a
+    multiple of the needle's (an update's older value at 1.5, a distractor at 0.5)."""
     kind: str
     statement: str
     question: str
     answer_prefix: str
     answer: str
+    extras: tuple[tuple[str, float], ...] = ()
 
     def prompt(self) -> str:
         """What is fed after the stream: the question and the start of the answer, completion style
@@ -62,8 +74,10 @@ class NeedleMaker:
         self.rng = rng
         self.labels = [f"{a} {n}" for a in ADJECTIVES for n in NOUNS]
         self.people = [f"{f} {s}" for f in FIRST_NAMES for s in SURNAMES]
-        rng.shuffle(self.labels)
-        rng.shuffle(self.people)
+        self.paraphrases = list(PARAPHRASES)
+        self.landmarks = list(LANDMARKS)
+        for pool in (self.labels, self.people, self.paraphrases, self.landmarks):
+            rng.shuffle(pool)
 
     def _pick(self, pool: tuple[str, ...]) -> str:
         return str(pool[self.rng.integers(len(pool))])
@@ -73,11 +87,29 @@ class NeedleMaker:
             raise ValueError(f"out of distinct {what} for needles: ask for fewer needles in one stream")
         return pool.pop()
 
+    def _key(self) -> str:
+        return f"{int(self.rng.integers(10000, 100000))}"
+
     def make(self, kind: str) -> Needle:
-        if kind == "number":
-            label, key = self._take(self.labels, "labels"), f"{int(self.rng.integers(10000, 100000))}"
+        if kind in ("number", "distractor"):
+            label, key = self._take(self.labels, "labels"), self._key()
+            extras = ((f"The pass key of the {label} is kept in a sealed letter.", 0.5),) if kind == "distractor" else ()
             return Needle(kind, f"The pass key of the {label} is {key}. Remember it.",
-                          f"What is the pass key of the {label}?", f"The pass key of the {label} is", key)
+                          f"What is the pass key of the {label}?", f"The pass key of the {label} is", key, extras)
+        if kind == "update":
+            label, old, key = self._take(self.labels, "labels"), self._key(), self._key()
+            return Needle(kind, f"The pass key of the {label} has changed: it is now {key}.",
+                          f"What is the pass key of the {label} now?", f"The pass key of the {label} is now", key,
+                          ((f"The pass key of the {label} is {old}. Remember it.", 1.5),))
+        if kind == "paraphrase":
+            statement, question, prefix, values = self._take(self.paraphrases, "paraphrase templates")
+            value = self._key() if values == NUMBERS else self._pick(values)
+            return Needle(kind, statement.format(v=value), question, prefix, value)
+        if kind == "association":
+            (landmark, city), person = self._take(self.landmarks, "landmarks"), self._take(self.people, "people")
+            name = person.split()[0]
+            return Needle(kind, f"Actually, {name} lives next to the {landmark}.",
+                          f"Which character has been to {city}?", f"The character who has been to {city} is", name)
         if kind == "word":
             label, word = self._take(self.labels, "labels"), self._pick(WORDS)
             return Needle(kind, f"The secret word of the {label} is {word}. Remember it.",

@@ -5,7 +5,8 @@ snapshot and each asked distance d, one needle starts d tokens before it (a litt
 another needle or a snapshot point is in the way), so every (distance, snapshot) pair is one
 trial, asked from the exact state of the stream at that snapshot. The needle kinds rotate over
 the snapshots, so each distance is asked about every kind. The first snapshot comes right after
-the farthest needle: the stream is `max(distances) + trials * spacing` tokens and a few more.
+the farthest needle: the stream is `max(distances) + trials * spacing` tokens and a few more
+(more where a needle's extra sentence, an update's older value, lies farther back).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .needles import KINDS, Needle, NeedleMaker
+from .needles import KINDS, VERBATIM_KINDS, Needle, NeedleMaker
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class PlacedNeedle:
     start: int                # stream index of its first token
     tokens: tuple[int, ...]   # its statement's tokens, as in the stream
     needle: Needle
+    extras: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (start, tokens) of each of `needle.extras`
 
     @property
     def end(self) -> int:
@@ -92,7 +94,7 @@ class Layout:
 
 
 def make_plan(tokenize: Callable[[str], list[int]], filler: Callable[[int], Sequence[int]], *,
-              distances: Sequence[int], trials: int = 10, spacing: int = 1024, kinds: Sequence[str] = KINDS,
+              distances: Sequence[int], trials: int = 10, spacing: int = 1024, kinds: Sequence[str] = VERBATIM_KINDS,
               seed: int = 0, prefix: Sequence[int] = (), filler_name: str = "") -> RecallPlan:
     """Lay out a recall stream. `tokenize(text)`: token ids of a needle's text (no BOS);
     `filler(n)`: the first n filler token ids, the same on every call (a text's tokens from a fixed
@@ -108,22 +110,32 @@ def make_plan(tokenize: Callable[[str], list[int]], filler: Callable[[int], Sequ
         raise ValueError(f"needle kinds are {', '.join(KINDS)} (got {', '.join(kinds) or 'none'})")
     rng = np.random.default_rng(seed)
     maker = NeedleMaker(rng)
+    def sentence(text: str) -> tuple[int, ...]:
+        return tuple(tokenize("\n" + text + "\n"))
+
     drawn = []  # (snapshot, target, needle, tokens)
     for k in range(trials):
         for j, d in enumerate(distances):
             needle = maker.make(kinds[(k + j) % len(kinds)])
-            drawn.append((k, d, needle, tuple(tokenize("\n" + needle.statement + "\n"))))
+            drawn.append((k, d, needle, sentence(needle.statement)))
     longest = max(len(t) for *_, t in drawn)
-    if longest >= distances[0]:
-        raise ValueError(f"the shortest distance ({distances[0]}) must exceed a needle's length ({longest} tokens)")
+    shortest = min(min([d] + [int(d * f) for _, f in n.extras]) for _, d, n, _ in drawn)
+    if longest >= shortest:
+        raise ValueError(f"the shortest distance ({shortest}, an extra sentence's included) must exceed a needle's "
+                         f"length ({longest} tokens)")
+    reach = max(max([d] + [int(d * f) for _, f in n.extras]) for _, d, n, _ in drawn)
     first = len(prefix) + longest  # leave filler before the farthest needle
-    snapshots = [first + distances[-1] + distances[-1] // 4 + k * spacing for k in range(trials)]
+    snapshots = [first + reach + reach // 4 + k * spacing for k in range(trials)]
     layout = Layout(snapshots)
     placed: list[PlacedNeedle] = []
     questions = []
     for k, d, needle, toks in sorted(drawn, key=lambda x: -x[1]):  # far needles first: they have least room
         start = layout.place(snapshots[k], d, len(toks), first=len(prefix))
-        placed.append(PlacedNeedle(start, toks, needle))
+        extras = []
+        for text, f in needle.extras:
+            extra = sentence(text)
+            extras.append((layout.place(snapshots[k], int(d * f), len(extra), first=len(prefix)), extra))
+        placed.append(PlacedNeedle(start, toks, needle, tuple(extras)))
         questions.append((k, len(placed) - 1, d, snapshots[k] - start))
     order = sorted(range(len(placed)), key=lambda i: placed[i].start)
     rank = {old: new for new, old in enumerate(order)}
@@ -136,8 +148,9 @@ def make_plan(tokenize: Callable[[str], list[int]], filler: Callable[[int], Sequ
     tokens[:len(prefix)] = prefix
     is_needle = np.zeros(n, dtype=bool)
     for p in needles:
-        tokens[p.start:p.end] = p.tokens
-        is_needle[p.start:p.end] = True
+        for start, toks in ((p.start, p.tokens), *p.extras):
+            tokens[start:start + len(toks)] = toks
+            is_needle[start:start + len(toks)] = True
     is_needle[:len(prefix)] = True
     n_filler = int(n - is_needle.sum())
     text = np.asarray(filler(n_filler), dtype=np.int32)
