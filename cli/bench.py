@@ -75,7 +75,7 @@ def bench(
     rpc_servers: int = typer.Option(2, "--rpc-servers", min=1, help="rpc: local rpc-servers to start"),
     memory_tokens: int = typer.Option(200_000, "--memory-tokens", min=1000,
                                       help="memory: tokens the memory holds at the questions"),
-    memory_ranking: str = typer.Option("lexical", "--memory-ranking", help="memory: lexical or attention"),
+    memory_ranking: str = typer.Option("hidden", "--memory-ranking", help="memory: lexical, embedding, hidden or attention"),
     questions: int = typer.Option(10, "--questions", min=1, help="memory: questions asked, with and without it"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="capture: prompt length"),

@@ -179,7 +179,7 @@ def read_lines(interactive: bool):
 @app.command()
 @with_policy_options(sweep=False)
 @with_backend_options
-@with_memory_options(default="lexical")
+@with_memory_options(default="hidden")
 def chat(
     model: Optional[Path] = MODEL_ARG,
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="vision projector GGUF (mmproj) for /image and /video"),

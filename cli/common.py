@@ -134,21 +134,23 @@ def with_extra_options(command: Callable, extra: list[tuple[str, Any, Any]], rec
     wrapper.__signature__ = signature.replace(parameters=params)
     return wrapper
 
-MEMORY_HELP = ("the memory tier beyond the budget: off, or how each prompt ranks the stream's past (lexical: BM25; "
-               "attention: BM25 reranked by the prompt's attention), or where it keeps it (ram or disk: lexical, with "
+MEMORY_HELP = ("the memory tier beyond the budget: off, or how each prompt ranks the stream's past (hidden: the "
+               "model's hidden states, the prompt's tokens matched to each block's by meaning; lexical: BM25; "
+               "embedding: BM25 that counts words near the prompt's in the model's embedding table; attention: BM25 "
+               "reranked by the prompt's attention), or where it keeps it (ram or disk: the hidden ranking, with "
                "--memory-store ram or disk); what ranks best is re-read before the prompt")
 
 
 def memory_config(ranking: str, reserve: int = 0, cap: int = 4_000_000, store: str = "ram",
                   directory: Optional[str] = None):
     """The MemoryConfig of `--memory RANKING` (None for off; `ram` and `disk` name the store, with the
-    lexical ranking), or exit 2 with the reason."""
+    default ranking), or exit 2 with the reason."""
     from infmllm_gguf.memory import MemoryConfig
 
     if ranking == "off":
         return None
     if ranking in ("ram", "disk"):
-        ranking, store = "lexical", ranking
+        ranking, store = MemoryConfig.ranking, ranking
     try:
         return MemoryConfig(ranking=ranking, reserve=reserve, cap=cap, store=store, directory=directory)
     except ValueError as exc:

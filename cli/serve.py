@@ -16,7 +16,7 @@ from .common import (MODEL_ARG, NGL_OPT, POLICY_NAMES, app, fail, with_backend_o
 @app.command()
 @with_policy_options(sweep=False)
 @with_backend_options
-@with_memory_options(default="lexical")
+@with_memory_options(default="hidden")
 def serve(
     model: Optional[Path] = MODEL_ARG,
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (127.0.0.1: this machine only)"),

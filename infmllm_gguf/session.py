@@ -105,15 +105,17 @@ class StreamSession:
     (`recent_view`; `history`, its former name, still works until the next release).
     `cache_type_k`/`cache_type_v` (f16, q8_0, q4_0) quantize the KV cache;
     `rpc` (HOST:PORT of rpc-servers) puts the model's layers on other machines (`Model`).
-    `memory` (a `MemoryConfig`, or True for the default one) keeps the stream's text beyond the
-    budget and re-reads what each prompt needs (`infmllm_gguf.memory`).
+    `memory` keeps the stream's text beyond the budget and re-reads what each prompt needs
+    (`infmllm_gguf.memory`): True (the default) for the default `MemoryConfig` where the policy
+    evicts and the budget has room for it, a `MemoryConfig` of your own, or False (None) for none.
+    A stream without prompts reads the same with it or without (it only records).
     """
 
     def __init__(self, model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY, *,
                  chunk: int = 256, generation_headroom: int | None = None, n_gpu_layers: int = -1,
                  n_threads: int | None = None, flash_attn: bool | None = None, seed: int | None = 0,
                  mmproj: str | os.PathLike | None = None, view_tokens: int = 0, cache_type_k: str = "f16",
-                 cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | bool | None = None,
+                 cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | bool | None = True,
                  **policy_options):
         view_tokens = renamed_keyword(policy_options, "history", "view_tokens", view_tokens)
         if isinstance(policy, Policy):
@@ -134,18 +136,22 @@ class StreamSession:
         self.cache_types = (cache_type_k, cache_type_v)
         check_cache_types(cache_type_k, cache_type_v, flash_attn)  # before a model loads for nothing
         self.memory = None
-        if memory:
+        if memory is True:  # the default: where the policy evicts and the budget leaves room for it
+            if self.policy.name != "full" and Memory.fits(MemoryConfig(), self.policy.budget):
+                self.memory = Memory(MemoryConfig(), self.policy.budget)
+        elif memory:
             if self.policy.name == "full":
                 raise ValueError("policy 'full' evicts nothing: it needs no memory (turn --memory off)")
             config = MemoryConfig.from_config(memory) if isinstance(memory, dict) else memory  # a saved file's
-            self.memory = Memory(MemoryConfig() if config is True else config, self.policy.budget)
+            self.memory = Memory(config, self.policy.budget)
         self._owns_model = not isinstance(model, Model)
         self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) if self._owns_model else model
         self.runtime = self.projector = None
         try:
+            eval_callback = self.memory.prepare(self.model, n_threads) if self.memory is not None else None
             self.runtime = Runtime(self.model, n_ctx=self.policy.budget + max(chunk, self.generation_headroom),
                                    n_batch=chunk, flash_attn=flash_attn, n_threads=n_threads,
-                                   cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, eval_callback=eval_callback)
             if mmproj is not None:
                 self.projector = Projector(mmproj, self.model, use_gpu=self.model.n_gpu_layers != 0,
                                            n_threads=n_threads)

@@ -1,4 +1,4 @@
-"""Attention probabilities read from llama.cpp's own forward pass through its eval callback.
+"""Attention probabilities (and layer outputs) read from llama.cpp's own forward pass through its eval callback.
 
 The reference for the architecture matrix: a context with capture off and flash attention off
 computes each attention layer's softmax ("kq_soft_max-<il>", [n_kv, n_tokens, n_head]) as part of
@@ -47,6 +47,13 @@ def softmax_scores(model_path: str | Path, tokens: list[int], n_window: int) -> 
         seen[int(name[len(_PREFIX):])] = probs[0, :, -n_window:, :len(tokens)].sum(axis=(0, 1)).astype(np.float64)
         return True
 
+    logits = _decode_once(model_path, tokens, callback)
+    return seen, logits
+
+
+def _decode_once(model_path: str | Path, tokens: list[int], callback) -> np.ndarray:
+    """Decode `tokens` as one batch at positions 0..n-1 in a fresh context (flash attention off)
+    whose eval callback is `callback`; return the last token's logits."""
     cb = L.ggml_backend_sched_eval_callback(callback)
     model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
     assert model, f"llama.cpp could not load {model_path}"
@@ -72,4 +79,23 @@ def softmax_scores(model_path: str | Path, tokens: list[int], n_window: int) -> 
         if ctx:
             L.llama_free(ctx)
         L.llama_model_free(model)
-    return seen, logits
+    return logits
+
+
+def layer_outputs(model_path: str | Path, tokens: list[int], layer: int) -> np.ndarray:
+    """Decode `tokens` as one batch in a fresh context; return layer `layer`'s output ("l_out-<il>"),
+    float32 [n_tokens, n_embd]."""
+    name, seen = f"l_out-{layer}".encode(), []
+
+    def callback(t, ask, _user):
+        if (_ggml.ggml_get_name(t) or b"") != name:
+            return False if ask else True
+        if not ask:
+            ne = _ne(t)
+            data = np.empty(ne[1] * ne[0], dtype=np.float32)
+            _ggml.ggml_backend_tensor_get(t, data.ctypes.data, 0, data.nbytes)
+            seen.append(data.reshape(ne[1], ne[0]))
+        return True
+
+    _decode_once(model_path, tokens, callback)
+    return np.concatenate(seen)

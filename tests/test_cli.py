@@ -134,5 +134,5 @@ def test_memory_flag_names_a_ranking_or_a_store():
 
     assert memory_config("off") is None
     assert (memory_config("attention").ranking, memory_config("attention").store) == ("attention", "ram")
-    assert (memory_config("disk").ranking, memory_config("disk").store) == ("lexical", "disk")
-    assert (memory_config("ram", cap=500).ranking, memory_config("ram", cap=500).cap) == ("lexical", 500)
+    assert (memory_config("disk").ranking, memory_config("disk").store) == ("hidden", "disk")
+    assert (memory_config("ram", cap=500).ranking, memory_config("ram", cap=500).cap) == ("hidden", 500)

@@ -131,7 +131,9 @@ def test_memory_settings_are_checked():
         Memory(MemoryConfig(reserve=300), budget=512)
     with pytest.raises(ValueError, match="hold a block"):
         Memory(MemoryConfig(window=64), budget=128)  # reserve 32 < one block
-    assert Memory(MemoryConfig(), budget=96).window == 24 and Memory(MemoryConfig(), budget=1024).window == 64
+    assert Memory(MemoryConfig(ranking="lexical"), budget=96).window == 24
+    assert Memory(MemoryConfig(ranking="lexical"), budget=1024).window == 64
+    assert Memory(MemoryConfig(), budget=1024).window == 32  # the hidden ranking's
 
 
 @pytest.mark.parametrize("policy", ["streaming-llm", "inf-mllm", "h2o", "context-shift", "recent-only"])
@@ -232,7 +234,18 @@ def test_memory_is_saved_with_the_session(default_model, filler, tmp_path):
         with pytest.raises(ValueError, match="memory"):
             plain.load(tmp_path / "s.npz")
     with pytest.raises(ValueError, match="needs no memory"):
-        StreamSession(default_model, "full", budget=256, memory=True)
+        StreamSession(default_model, "full", budget=256, memory=MemoryConfig())
+
+
+def test_memory_is_on_by_default_where_it_can_work(tiny_llama):
+    """The default (`memory=True`): on where the policy evicts and the budget has room for a
+    reserve; off with the full policy or a budget too small for one block; False turns it off."""
+    def memory(policy, budget, **kw):
+        with StreamSession(tiny_llama, policy, budget=budget, chunk=32, n_threads=2, **kw) as s:
+            return s.memory
+    assert memory("inf-mllm", 128).config == MemoryConfig()
+    assert memory("full", 128) is None and memory("streaming-llm", 6, sinks=1, recent=4) is None
+    assert memory("inf-mllm", 128, memory=False) is None and memory("inf-mllm", 128, memory=None) is None
 
 
 def test_attention_probe_puts_the_cache_back(default_model, filler):

@@ -81,7 +81,7 @@ def test_plan_refuses_what_it_cannot_lay_out():
 
 def test_rollback_returns_to_the_exact_snapshot(default_model):
     text = "The quiet harbour lay under fog while the boats came home. " * 40
-    with StreamSession(default_model, "inf-mllm", budget=128, chunk=64, n_threads=2) as s:
+    with StreamSession(default_model, "inf-mllm", budget=128, chunk=64, n_threads=2, memory=False) as s:
         s.feed_text(text)
         state, logits, stats = s.snapshot(), s.runtime.logits().copy(), s.stats
         seen, cached = stats.tokens_seen, s.cached_stream_indices()

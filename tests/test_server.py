@@ -311,7 +311,7 @@ def test_the_memory_re_reads_an_evicted_fact_and_says_so(tmp_path):
         view = server.get("/v1/sessions/m")[1]
         metrics = server.get("/metrics")[1]
     memory = view["memory"]
-    assert memory["ranking"] == "lexical" and memory["tokens_stored"] > 600 and memory["last_recalled"]
+    assert memory["ranking"] == "hidden" and memory["tokens_stored"] > 600 and memory["last_recalled"]
     assert sum(b - a for a, b in memory["last_recalled"]) <= 128 // 4  # within the reserve
     reread = "".join(text for index, text, cached in view["view"]
                      if any(a <= index < b for a, b in memory["last_recalled"]))

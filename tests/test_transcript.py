@@ -69,10 +69,11 @@ def test_the_real_template_feeds_what_rendering_the_whole_chat_gives(default_mod
 
 def test_a_chat_keeps_its_saved_state_bounded(default_model, tmp_path):
     """Three hundred rounds in a 512-cell cache: every reply, the cache in budget, and a save after
-    round 300 no bigger than after round 30 (the chat history is not in it)."""
+    round 300 no bigger than after round 30 (the chat history is not in it; the memory, off here,
+    keeps it by design, 12 bytes a token up to its cap: tests/test_memory.py)."""
     rng = np.random.default_rng(0)
     sizes = {}
-    with StreamSession(default_model, budget=512, chunk=128) as s:
+    with StreamSession(default_model, budget=512, chunk=128, memory=False) as s:
         for i in range(1, 301):
             a, b = rng.integers(1, 100, 2)
             reply = s.chat(f"Round {i}: what is {a} plus {b}?", max_tokens=6, temperature=0.0)

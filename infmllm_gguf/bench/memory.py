@@ -22,6 +22,7 @@ from ..recall.needles import NeedleMaker, exact_match
 from ..runtime import Model
 from ..session import StreamSession
 from ..memory import MemoryConfig, TokenStore
+from ..memory.hidden import VECTOR_BYTES, HiddenStates
 from .common import Rate, stream_tokens
 
 
@@ -62,6 +63,19 @@ class MemoryCost:
         return asdict(self)
 
 
+def _give_past_vectors(hidden: HiddenStates, past: np.ndarray, slots: np.ndarray, context: int = 32) -> None:
+    """Hidden-state vectors for the past given to the memory: the stream's own, repeated (the
+    ranking's cost depends on their number, not their content), and around each needle the
+    vectors of its text and `context` tokens either side, decoded in the side context."""
+    indices, vectors = hidden.store.arrays()
+    rows = np.resize(vectors, (past.size, vectors.shape[1]))
+    for at in slots:
+        a, b = max(at - context, 0), min(at + 64 + context, past.size)
+        rows[a:b] = hidden.embed(past[a:b].tolist())
+    hidden.store.load_state({"vector_indices": np.concatenate((np.arange(-past.size, 0), indices)),
+                             "vectors": np.concatenate((rows, vectors))})
+
+
 def _stream_speed(model: Model, policy: str, budget: int, tokens: np.ndarray, chunk: int,
                   memory: MemoryConfig | None, n_threads: int | None) -> float:
     with StreamSession(model, policy, budget=budget, chunk=chunk, n_threads=n_threads, memory=memory) as s:
@@ -72,7 +86,7 @@ def _stream_speed(model: Model, policy: str, budget: int, tokens: np.ndarray, ch
 
 def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str = "inf-mllm", budget: int = 512,
                 tokens: int = 8192, memory_tokens: int = 200_000, questions: int = 10, chunk: int = 256,
-                repeats: int = 3, ranking: str = "lexical", n_threads: int | None = None,
+                repeats: int = 3, ranking: str = "hidden", n_threads: int | None = None,
                 answer_tokens: int = 8) -> MemoryCost:
     owned = not isinstance(model, Model)
     model = Model(model) if owned else model
@@ -100,6 +114,8 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
             s.memory.store.load_state({"dropped": 0}, {
                 "ids": np.concatenate((past, ids)), "indices": np.concatenate((np.arange(-memory_tokens, 0), indices)),
                 "copy_indices": np.zeros(0, np.int64), "copy_of": np.zeros(0, np.int64)})
+            if s.memory.hidden is not None:
+                _give_past_vectors(s.memory.hidden, past, slots)
             state = s.snapshot()
             for needle in needles:
                 for with_memory in (False, True):
@@ -121,7 +137,8 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
         return MemoryCost(model.name, {"name": policy, "budget": budget}, config.config(), tokens, memory_tokens,
                           questions, Rate.of(off), Rate.of(on), Rate.of(np.array(on) / np.array(off)),
                           Rate.of(first[False]), Rate.of(first[True]), Rate.of(ratio), Rate.of(rank),
-                          right[False], right[True], TokenStore.BYTES_PER_TOKEN)
+                          right[False], right[True],
+                          TokenStore.BYTES_PER_TOKEN + (VECTOR_BYTES if ranking == "hidden" else 0))
     finally:
         if owned:
             model.close()

@@ -60,7 +60,7 @@ def rpc_bench(model=None, *, servers: int = 2, server_threads: int = 1, tokens: 
             logits = {}
             for _ in range(repeats):
                 for where, m in (("local", local), ("rpc", remote)):
-                    with StreamSession(m, policy, chunk=chunk, n_threads=n_threads) as s:
+                    with StreamSession(m, policy, chunk=chunk, n_threads=n_threads, memory=False) as s:
                         before = np.sum([r.counts() for r in rs.relays], axis=0)
                         t0 = time.perf_counter()
                         s.feed_tokens(ids)

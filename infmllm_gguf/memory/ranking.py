@@ -7,6 +7,9 @@ rankings (docs/METHOD.md, "Memory beyond the budget"):
 - `lexical`: BM25 of the prompt's token ids over each block's token ids (Robertson and Zaragoza,
   "The Probabilistic Relevance Framework: BM25 and Beyond", 2009): the rare tokens that the prompt
   and a block share (a name, a label) weigh most.
+- `embedding`: the same BM25, where a token near a query token in the model's embedding table
+  counts as a partial occurrence of it, weighted by their cosine (`weighted_bm25`; the neighbours
+  come from `embedding.TokenVectors`): words matched by meaning as well as by spelling.
 - `attention`: the lexical shortlist re-read into the cache, then ranked by the attention the
   prompt's own queries give each block (the paper's retrieval window), as InfLLM ranks its blocks
   by the current queries (Xiao et al., "InfLLM", 2024); the re-reading is `Memory`'s.
@@ -39,21 +42,36 @@ def bm25(tokens: np.ndarray, starts: np.ndarray, window: int, query: np.ndarray)
     block holds). Every block but a short stream's only one has `window` tokens, so the length
     normalisation only matters there."""
     terms = np.unique(np.asarray(query, dtype=np.int64))
+    return weighted_bm25(tokens, starts, window, [(np.array([t]), np.ones(1)) for t in terms])
+
+
+def weighted_bm25(tokens: np.ndarray, starts: np.ndarray, window: int,
+                  terms: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 as `bm25`, each query term given as (token ids, weights): an occurrence of any of its
+    ids counts as its weight in the term's frequency (1 for the term itself, a cosine for a
+    neighbour). Returns (score, matched: how many terms the block holds with any weight)."""
     n_blocks = starts.size
-    if n_blocks == 0 or terms.size == 0:
+    if n_blocks == 0 or not terms:
         return np.zeros(n_blocks), np.zeros(n_blocks, dtype=np.int64)
     tokens = np.asarray(tokens)
     ends = np.minimum(starts + window, tokens.size)
-    tf = np.zeros((n_blocks, terms.size))
-    for j, t in enumerate(terms):  # a prompt has tens of distinct tokens: one pass over the memory each
-        count = np.concatenate(([0], np.cumsum(tokens == t)))
+    tf = np.zeros((n_blocks, len(terms)))
+    for j, (ids, weights) in enumerate(terms):  # tens of terms: one pass over the memory each
+        if ids.size == 1:
+            occurs = (tokens == ids[0]) * weights[0]
+        else:
+            order = np.argsort(ids)
+            ids, weights = ids[order], weights[order]
+            at = np.minimum(np.searchsorted(ids, tokens), ids.size - 1)
+            occurs = np.where(ids[at] == tokens, weights[at], 0.0)
+        count = np.concatenate(([0], np.cumsum(occurs)))
         tf[:, j] = count[ends] - count[starts]
     lengths = ends - starts
     norm = K1 * (1 - B + B * lengths / lengths.mean())
-    df = np.count_nonzero(tf, axis=0)
+    df = np.count_nonzero(tf > 1e-9, axis=0)
     idf = np.log1p((n_blocks - df + 0.5) / (df + 0.5))
     score = (tf * (K1 + 1) / (tf + norm[:, None]) * idf).sum(axis=1)
-    return score, np.count_nonzero(tf, axis=1)
+    return score, np.count_nonzero(tf > 1e-9, axis=1)
 
 
 def choose(order: np.ndarray, starts: np.ndarray, window: int, n_tokens: int, room: int) -> list[tuple[int, int]]:

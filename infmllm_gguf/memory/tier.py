@@ -1,10 +1,11 @@
 """The memory tier: what the policy evicts can come back when a prompt needs it.
 
 Every text token the stream decodes is kept, as its token id and stream index, in host memory
-(`TokenStore`, 12 bytes a token, up to `cap` tokens). At each new prompt (`StreamSession.generate`
-with a prompt, a user turn) the prompt ranks the memory's blocks (`ranking`), and the best that
-the cache no longer holds are *re-read*: decoded again, in stream order, right before the prompt,
-inside the budget. Room for them and the prompt is made first by the policy itself, evicting at a
+(`TokenStore`, 12 bytes a token, up to `cap` tokens), and with the default `hidden` ranking a
+vector of the model's own layer output (`hidden`, 128 bytes a token, up to `vector_cap`). At each
+new prompt (`StreamSession.generate` with a prompt, a user turn) the prompt ranks the memory's
+blocks (`ranking`, `hidden`, `embedding`), and the best that the cache no longer holds are
+*re-read*: decoded again, in stream order, right before the prompt, inside the budget. Room for them and the prompt is made first by the policy itself, evicting at a
 smaller budget (`CacheController.make_room`), so the answer reads them with nothing else evicted.
 A re-read block is a copy: it takes new stream indices (counted in `tokens_seen`), is not stored
 again, and competes for the cache like any other cells afterwards.
@@ -26,13 +27,15 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .images import IMAGE_ID, ImageStore, whole_images
-from .ranking import block_starts, bm25, choose
+from .embedding import TokenVectors
+from .hidden import HiddenStates, VectorStore, maxsim
+from .ranking import block_starts, bm25, choose, weighted_bm25
 from .store import TokenStore
 
 if TYPE_CHECKING:
     from ..controller import CacheController
 
-RANKINGS = ("lexical", "attention")
+RANKINGS = ("lexical", "embedding", "hidden", "attention")
 STORES = ("ram", "disk")
 
 
@@ -40,17 +43,19 @@ STORES = ("ram", "disk")
 class MemoryConfig:
     """How the memory ranks and re-reads. `reserve`: cells of the budget that re-read blocks may
     take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
-    every half window (0: 64, or the reserve if smaller); `cap`: tokens kept in RAM (12 bytes
+    every half window (0: 64, 32 for the `hidden` ranking, or the reserve if smaller); `cap`: tokens kept in RAM (12 bytes
     each), the oldest beyond it dropped (`store` "ram") or appended to a file in `directory`
     (`store` "disk"; default: <cache>/memory), deleted with the session unless a save names it;
-    `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond."""
-    ranking: str = "lexical"
+    `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond;
+    `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (128 bytes each)."""
+    ranking: str = "hidden"
     reserve: int = 0
     window: int = 0
     cap: int = 4_000_000
     store: str = "ram"
     directory: str | None = None
     image_cap_mib: int = 1024
+    vector_cap: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
@@ -92,11 +97,13 @@ class MemoryStats:
     image_bytes: int = 0        # their embeddings
     images_dropped: int = 0     # the oldest, beyond image_cap_mib
     images_recalled: int = 0    # re-read whole, all prompts together
+    vector_bytes: int = 0       # the hidden ranking's vectors
 
     @property
     def host_bytes(self) -> int:
-        """RAM that the stored tokens and images take (the disk's part aside)."""
-        return (self.tokens_stored - self.tokens_on_disk) * TokenStore.BYTES_PER_TOKEN + self.image_bytes
+        """RAM that the stored tokens, images and vectors take (the disk's part aside)."""
+        return ((self.tokens_stored - self.tokens_on_disk) * TokenStore.BYTES_PER_TOKEN + self.image_bytes
+                + self.vector_bytes)
 
 
 class Memory:
@@ -105,9 +112,10 @@ class Memory:
 
     def __init__(self, config: MemoryConfig, budget: int):
         self.config = config
-        self.reserve = config.reserve_for(budget)
-        self.window = config.window or min(64, self.reserve)
-        if not 2 <= self.window <= self.reserve <= budget // 2:
+        self.vectors: TokenVectors | None = None  # the `embedding` ranking's, from `prepare`
+        self.hidden: HiddenStates | None = None   # the `hidden` ranking's, from `prepare`
+        self.reserve, self.window = self.sizes(config, budget)
+        if not self.fits(config, budget):
             raise ValueError(f"the memory reserve ({self.reserve} cells) must hold a block ({self.window} tokens) "
                              f"and at most half the budget ({budget // 2}): pass another --memory-reserve, a larger "
                              "--budget, or --memory off")
@@ -122,13 +130,40 @@ class Memory:
         self._stats = MemoryStats()
         self._rereading: np.ndarray | None = None  # the stream indices being re-read now
 
+    @staticmethod
+    def sizes(config: MemoryConfig, budget: int) -> tuple[int, int]:
+        """(reserve, window) of `config` at `budget`."""
+        reserve = config.reserve_for(budget)
+        # the hidden ranking scores single tokens: finer blocks fit more of the best in the reserve
+        return reserve, config.window or min(32 if config.ranking == "hidden" else 64, reserve)
+
+    @classmethod
+    def fits(cls, config: MemoryConfig, budget: int) -> bool:
+        """Whether the reserve holds a block and at most half the budget."""
+        reserve, window = cls.sizes(config, budget)
+        return 2 <= window <= reserve <= budget // 2
+
+    def prepare(self, model, n_threads: int | None = None) -> object | None:
+        """Load what the ranking needs of the `Model`; returns the eval callback that the session's
+        context must be made with (the `hidden` ranking's), or None."""
+        if self.config.ranking == "embedding":
+            self.vectors = TokenVectors.of_model(model.path)
+        if self.config.ranking == "hidden":
+            self.hidden = HiddenStates(model, self.config.vector_cap, n_threads=n_threads)
+            return self.hidden.capture.callback
+        return None
+
     def reset(self) -> None:
         self.store = TokenStore(self.config.cap, self.store.spill)
         self.images = ImageStore(self.config.image_cap_mib * 2 ** 20)
+        if self.hidden is not None:
+            self.hidden.store = VectorStore(self.config.vector_cap)
         self._stats = MemoryStats()
 
     def close(self) -> None:
-        """Delete the file of a disk store that no save names."""
+        """Delete the file of a disk store that no save names; free the side context."""
+        if self.hidden is not None:
+            self.hidden.close()
         if self.store.spill is not None and not self.keep_file:
             self.store.spill.unlink(missing_ok=True)
 
@@ -139,20 +174,25 @@ class Memory:
         return replace(self._stats, tokens_stored=len(self.store), tokens_on_disk=self.store.spilled,
                        tokens_dropped=self.store.dropped, last_recalled=list(self._stats.last_recalled),
                        images_stored=len(self.images.images), image_bytes=self.images.nbytes,
-                       images_dropped=self.images.dropped)
+                       images_dropped=self.images.dropped,
+                       vector_bytes=self.hidden.store.nbytes if self.hidden is not None else 0)
 
     # -- recording --------------------------------------------------------------------------
     def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True,
                layout: tuple[np.ndarray, int] | None = None) -> None:
         """Token ids or an image's embeddings just decoded, with their stream indices (and an
         M-RoPE image's `layout`); a re-read block is kept as copies."""
+        vectors = self.hidden.capture.take(len(indices)) if self.hidden is not None else None
         if self._rereading is not None and self._rereading.size:
             k = min(len(indices), self._rereading.size)  # a batch may end with the prompt after them
             self.store.add_copies(np.asarray(indices[:k], dtype=np.int64), self._rereading[:k])
             self._rereading = self._rereading[k:]
             tokens, indices = tokens[k:], indices[k:]
+            vectors = None if vectors is None else vectors[k:]
             if not len(indices):
                 return
+        if vectors is not None:
+            self.hidden.store.append(indices, vectors)
         if isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
             self.images.add(tokens, int(indices[0]), non_causal=not causal, layout=layout)
             self.store.append(np.full(len(indices), IMAGE_ID), indices)
@@ -160,11 +200,30 @@ class Memory:
             self.store.append(tokens, indices)
 
     # -- recall -----------------------------------------------------------------------------
-    def blocks(self, ids: np.ndarray, query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The blocks of the stored tokens `ids` and their BM25 for `query`: (starts, score,
-        matched). The stored text does not change during one prompt's recall: computed once."""
+    def _stored_vectors(self, indices: np.ndarray) -> np.ndarray:
+        """The hidden-state vectors of the stored tokens (stream `indices`), zeros where none is kept."""
+        kept, vectors = self.hidden.store.arrays()
+        out = np.zeros((indices.size, vectors.shape[1]), dtype=np.float16)
+        at = np.searchsorted(indices, kept)
+        found = (at < indices.size) & (indices[np.minimum(at, indices.size - 1)] == kept)
+        out[at[found]] = vectors[found]
+        return out
+
+    def blocks(self, ids: np.ndarray, indices: np.ndarray,
+               query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The blocks of the stored tokens `ids` (stream `indices`) and their scores for `query`:
+        (starts, score, matched: query tokens a block shares, or, by meaning, all). The stored text
+        does not change during one prompt's recall: computed once. The hidden ranking falls back
+        to BM25 where the model's layer output was never seen (a model that names it otherwise)."""
         starts = block_starts(ids.size, self.window)
-        score, matched = bm25(ids, starts, self.window, np.asarray(query))
+        vectors = self._stored_vectors(indices) if self.hidden is not None else None
+        if self.config.ranking == "embedding":
+            score, matched = weighted_bm25(ids, starts, self.window, self.vectors.expand(np.asarray(query)))
+        elif vectors is not None and vectors.any():
+            score = maxsim(self.hidden.embed(query), vectors, starts, self.window)
+            matched = np.full(starts.size, np.iinfo(np.int64).max)  # meaning, not shared tokens, decides
+        else:
+            score, matched = bm25(ids, starts, self.window, np.asarray(query))
         return starts, score, matched
 
     def rank(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
@@ -178,8 +237,8 @@ class Memory:
         weaker match than what the cache already has would only distract (a fact still cached, and
         another needle with the same words re-read right before the question, which the model then
         answers from).
-        `blocks`: `self.blocks(ids, query)`, when already computed."""
-        starts, score, matched = blocks if blocks is not None else self.blocks(ids, query)
+        `blocks`: `self.blocks(ids, indices, query)`, when already computed."""
+        starts, score, matched = blocks if blocks is not None else self.blocks(ids, indices, query)
         rows = cache.held_by_layer
         held = self.store.held(indices, functools.reduce(np.intersect1d, rows))  # held by every layer
         count = np.concatenate(([0], np.cumsum(held)))
@@ -193,26 +252,24 @@ class Memory:
 
     def read_prompt(self, cache: "CacheController", query: Sequence[int], prompt: Sequence[int], chunk: int) -> int:
         """Feed the token ids `prompt` after re-reading the blocks `query` ranks best, room made
-        in the cache for both; returns the number of tokens re-read. The last re-read text and the
+        in the cache for both; returns the number of tokens re-read. The re-read text and the
         prompt go in one batch: on a CPU, a batch of twenty tokens takes about what one of eighty
-        does, so re-reading apart cost nearly a second prefill before the first answer token."""
+        does, so re-reading each span apart cost a prefill per span before the first answer token."""
         t0 = time.perf_counter()
         prompt = list(prompt)
         self._stats.prompts += 1
-        self._stats.last_recalled = []
         ids, indices = self.store.arrays()
         spans = self._spans(cache, query, ids, indices, len(prompt))
         recall_s = time.perf_counter() - t0  # the ranking
-        fed = False
-        for i, (a, b) in enumerate(spans):
-            first, t = cache.stats.tokens_seen, time.perf_counter()
-            fed = self._reread(cache, ids, indices, a, b, chunk, prompt if i == len(spans) - 1 else [])
-            # a batch that held the prompt too is counted by its re-read share
-            recall_s += (time.perf_counter() - t) * ((b - a) / (b - a + len(prompt)) if fed else 1.0)
-            self._stats.last_recalled.append([first, first + b - a])
+        first, n = cache.stats.tokens_seen, sum(b - a for a, b in spans)
+        offsets = np.cumsum([0] + [b - a for a, b in spans])  # the copies take stream indices in order
+        self._stats.last_recalled = [[first + int(o), first + int(o) + b - a] for o, (a, b) in zip(offsets, spans)]
+        t = time.perf_counter()
+        fed = self._reread(cache, ids, indices, spans, chunk, prompt) if spans else False
+        # a batch that held the prompt too is counted by its re-read share
+        recall_s += (time.perf_counter() - t) * (n / (n + len(prompt)) if fed else 1.0)
         if prompt and not fed:
             cache.feed(prompt, chunk)
-        n = sum(b - a for a, b in spans)
         self._stats.tokens_recalled += n
         self._stats.spans_recalled += len(spans)
         self._stats.last_recall_s = recall_s
@@ -226,7 +283,7 @@ class Memory:
         room = min(self.reserve, cache.room_for_recall(n_prompt))
         if room < 1 or ids.size == 0:
             return []
-        blocks = self.blocks(ids, query)
+        blocks = self.blocks(ids, indices, query)
         spans = self._choose(cache, query, ids, indices, room, blocks)
         n = sum(b - a for a, b in spans)
         if n and cache.make_room(n + n_prompt):
@@ -235,30 +292,33 @@ class Memory:
             spans = self._choose(cache, query, ids, indices, n, blocks)
         return spans
 
-    def _reread(self, cache: "CacheController", ids: np.ndarray, indices: np.ndarray, a: int, b: int,
+    def _reread(self, cache: "CacheController", ids: np.ndarray, indices: np.ndarray, spans: list[tuple[int, int]],
                 chunk: int, then: list[int]) -> bool:
-        """Decode stored tokens a..b-1 again: text as token ids, each image (whole: `whole_images`)
-        as its embeddings, the way it was first decoded; the token ids `then` in the same batch as
-        the span's text, when it ends with text (returns whether they were fed)."""
-        self._rereading = indices[a:b]
+        """Decode the stored token ranges `spans` again, in order: text as token ids, the spans' text
+        in one batch, each image (whole: `whole_images`) as its embeddings, the way it was first
+        decoded; the token ids `then` in the same batch as the last text, when the spans end with
+        text (returns whether they were fed)."""
+        at = np.concatenate([np.arange(a, b) for a, b in spans])
+        self._rereading = indices[at]
         fed = False
         try:
-            while a < b:
-                if ids[a] != IMAGE_ID:
-                    image_at = np.flatnonzero(ids[a:b] == IMAGE_ID)
-                    end = a + int(image_at[0]) if image_at.size else b
-                    fed = end == b and bool(then)
-                    cache.feed(ids[a:end].tolist() + (then if fed else []), chunk)
-                    a = end
+            i = 0
+            while i < at.size:
+                if ids[at[i]] != IMAGE_ID:
+                    image_at = np.flatnonzero(ids[at[i:]] == IMAGE_ID)
+                    end = i + int(image_at[0]) if image_at.size else at.size
+                    fed = end == at.size and bool(then)
+                    cache.feed(ids[at[i:end]].tolist() + (then if fed else []), chunk)
+                    i = end
                     continue
-                image = self.images.at(int(indices[a]))
+                image = self.images.at(int(indices[at[i]]))
                 embeddings = image.embeddings.astype(np.float32)
                 if image.non_causal or image.layout is not None:
                     cache.decode(embeddings, causal=not image.non_causal, layout=image.layout)
                 else:
                     cache.feed(embeddings, chunk)
                 self._stats.images_recalled += 1
-                a += len(embeddings)
+                i += len(embeddings)
         finally:
             self._rereading = None
         return fed
@@ -321,8 +381,9 @@ class Memory:
         meta, arrays = self.store.state()
         images_meta, image_arrays = self.images.state()
         stats = asdict(self.stats)
+        vectors = self.hidden.store.state() if self.hidden is not None else {}
         return {"store": meta, "images": images_meta, "stats": stats, "config": self.config.config()}, \
-            {**arrays, **image_arrays}
+            {**arrays, **image_arrays, **vectors}
 
     def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         TokenStore.check_state(meta.get("store", {}), arrays)
@@ -335,6 +396,8 @@ class Memory:
         own = self.store.spill
         self.store.load_state(meta["store"], arrays)
         self.images.load_state(meta.get("images", {}), arrays)
+        if self.hidden is not None:
+            self.hidden.store.load_state(arrays)
         if self.store.spill != own:  # a saved session's file: its save still names it
             self.keep_file = True
         names = {f.name for f in fields(MemoryStats)}  # counters added since start at 0

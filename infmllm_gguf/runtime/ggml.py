@@ -1,5 +1,6 @@
 """ctypes mirror of the few ggml functions that llama-cpp-python does not bind: the RPC backend's
-devices (`ggml-rpc.h`, `ggml-backend.h`) and ggml's abort hook (`ggml.h`).
+devices (`ggml-rpc.h`, `ggml-backend.h`), ggml's abort hook (`ggml.h`), and what an eval callback
+reads of a tensor (its name, size, shape and data).
 
 As in `native`, each binding carries its C prototype as a comment. The libraries are those that
 llama-cpp-python loaded (the `lib` folder beside its package); `make setup` builds them with
@@ -12,12 +13,14 @@ import ctypes
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 from llama_cpp import llama_cpp as llama
 
 __all__ = ["ggml_abort_callback_t", "ggml_set_abort_callback", "ggml_backend_rpc_add_server",
            "ggml_backend_reg_dev_count", "ggml_backend_reg_dev_get", "ggml_backend_dev_name", "local_gpus",
-           "rpc_available"]
+           "rpc_available", "ggml_get_name", "ggml_backend_tensor_get", "tensor_shape", "tensor_reader"]
 
 _LIB_DIR = Path(llama._lib._name).parent
 
@@ -59,6 +62,45 @@ def _binding(library: _Library, name: str, argtypes: list, restype):
 
 
 ggml_backend_reg_t = ctypes.c_void_p
+ggml_tensor_p = ctypes.c_void_p
+
+# GGML_API const char * ggml_get_name(const struct ggml_tensor * tensor);
+ggml_get_name = _binding(_BASE, "ggml_get_name", [ggml_tensor_p], ctypes.c_char_p)
+
+# GGML_API void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
+ggml_backend_tensor_get = _binding(_BASE, "ggml_backend_tensor_get",
+                                   [ggml_tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None)
+
+GGML_TYPE_F32 = 0
+
+
+def tensor_shape(tensor: int) -> tuple[int, tuple[int, ...]]:
+    """(type, ne[4]) of a `struct ggml_tensor *`, read from the struct: { enum ggml_type type;
+    struct ggml_backend_buffer * buffer; int64_t ne[4]; ... } (type at 0, ne at 16 on 64-bit)."""
+    return ctypes.c_int32.from_address(tensor).value, tuple((ctypes.c_int64 * 4).from_address(tensor + 16))
+
+
+def tensor_reader(name: str, receive: Callable[[np.ndarray], None], *, stop: bool = False):
+    """An eval callback for a context (`Runtime(eval_callback=...)`) that hands `receive` each
+    value of the 2-D float32 tensor `name` that a forward pass computes ([rows, ne0]: one row per
+    token of the batch for a layer's output). With `stop`, the pass ends there: llama.cpp stops
+    computing a graph when the callback returns false. The caller keeps the callback alive."""
+    wanted = name.encode()
+
+    def see(tensor: int, ask: bool, _user) -> bool:
+        if ggml_get_name(tensor) != wanted:
+            return not ask  # not wanted; when shown anyway, go on
+        if ask:
+            return True
+        kind, ne = tensor_shape(tensor)
+        if kind == GGML_TYPE_F32 and ne[2] == ne[3] == 1:
+            data = np.empty((ne[1], ne[0]), dtype=np.float32)
+            ggml_backend_tensor_get(tensor, data.ctypes.data, 0, data.nbytes)
+            receive(data)
+        return not stop
+
+    return llama.ggml_backend_sched_eval_callback(see)
+
 ggml_backend_dev_t = ctypes.c_void_p
 
 # typedef void (*ggml_abort_callback_t)(const char * error_message);

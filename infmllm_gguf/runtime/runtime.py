@@ -55,9 +55,10 @@ class AttentionScores:
 
 def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatch: int | None = None,
                 flash_attn: bool | None = None, n_threads: int | None = None, cache_type_k: str = "f16",
-                cache_type_v: str = "f16") -> llama.llama_context_p:
+                cache_type_v: str = "f16", eval_callback=None) -> llama.llama_context_p:
     """A llama.cpp context for one sequence of `model` (see `Runtime`); RuntimeError with llama.cpp's
-    reason if it cannot be made. The caller frees it."""
+    reason if it cannot be made. The caller frees it, and keeps `eval_callback` (a
+    `ggml_backend_sched_eval_callback` that sees the forward pass's tensors) alive as long."""
     cparams = llama.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = n_batch or n_ctx
@@ -70,6 +71,8 @@ def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatc
     cparams.offload_kqv = cparams.op_offload = model.n_gpu_layers != 0
     threads = n_threads or max(1, os.cpu_count() or 1)
     cparams.n_threads = cparams.n_threads_batch = threads
+    if eval_callback is not None:
+        cparams.cb_eval, cparams.cb_eval_user_data = eval_callback, None
     ctx = llama.llama_init_from_model(model.ptr, cparams)
     if not ctx:
         reason = LOG.pop_errors() or "no reason given"
@@ -80,19 +83,23 @@ def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatc
 class Runtime:
     """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
     path to load one from, which the runtime then owns and frees). `cache_type_k`/`cache_type_v`:
-    the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention."""
+    the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention.
+    `eval_callback`: llama.cpp's `ggml_backend_sched_eval_callback`, shown the forward pass's
+    tensors (the memory's `hidden` ranking reads one layer's output with it)."""
 
     def __init__(self, model: Model | str | os.PathLike | None = None, *, n_ctx: int = 2048,
                  n_batch: int | None = None, n_ubatch: int | None = None, n_gpu_layers: int = -1,
                  flash_attn: bool | None = None, n_threads: int | None = None,
-                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", eval_callback=None):
         check_cache_types(cache_type_k, cache_type_v, flash_attn)
+        self._eval_callback = eval_callback  # llama.cpp calls it while the context lives
         self.cache_types = (cache_type_k, cache_type_v)
         self._owns_model = not isinstance(model, Model)
         self.model = Model(model, n_gpu_layers=n_gpu_layers) if self._owns_model else model
         try:
             self.ctx = new_context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn,
-                                   n_threads=n_threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                                   n_threads=n_threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                   eval_callback=eval_callback)
         except RuntimeError:
             self._close_model()
             raise

@@ -1,0 +1,87 @@
+"""Rankings that follow meaning: the embedding table's neighbours (`embedding`) and the model's hidden
+states (`hidden`), checked as pure functions, against llama.cpp's own layer output, and on the
+default model where the lexical ranking misses a paraphrased fact."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infmllm_gguf.memory import MemoryConfig, bm25, block_starts, choose
+from infmllm_gguf.memory.hidden import DIMENSIONS, hidden_layer, maxsim
+from infmllm_gguf.memory.ranking import weighted_bm25
+from infmllm_gguf.session import StreamSession
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_reference import layer_outputs  # noqa: E402
+
+
+def test_weighted_bm25_counts_a_neighbour_by_its_weight():
+    tokens = np.array([5, 5, 9, 9, 7, 7, 9, 9, 3, 3, 9, 9])  # blocks of 4: [5 5 9 9] [7 7 9 9] [3 3 9 9] ...
+    starts = np.array([0, 4, 8])
+    alone, _ = bm25(tokens, starts, 4, np.array([5]))
+    same, _ = weighted_bm25(tokens, starts, 4, [(np.array([5]), np.ones(1))])
+    np.testing.assert_allclose(alone, same)
+    score, matched = weighted_bm25(tokens, starts, 4, [(np.array([5, 7]), np.array([1.0, 0.5]))])
+    assert score[0] > score[1] > score[2] == 0 and matched.tolist() == [1, 1, 0]
+
+
+def test_maxsim_finds_the_block_that_holds_a_close_token():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((320, DIMENSIONS)).astype(np.float16)
+    query = rng.standard_normal((6, DIMENSIONS)).astype(np.float16)
+    close = [162, 166, 170]  # in blocks 9 (tokens 144..175) and 10 (160..191)
+    vectors[close] = query[1:4] + 0.05 * rng.standard_normal((3, DIMENSIONS))
+    starts = block_starts(320, 32)
+    score = maxsim(query, vectors, starts, 32)
+    assert set(np.argsort(-score)[:2]) == {9, 10}
+    vectors[close] = 0  # a token without a vector matches nothing
+    assert not {9, 10} & set(np.argsort(-maxsim(query, vectors, starts, 32))[:2])
+
+
+def test_hidden_vectors_are_llamas_layer_output(tiny_llama):
+    """The vectors the memory keeps are llama.cpp's layer output for each token (read by an
+    independent eval callback on a fresh context), projected, in stream order."""
+    tokens = [10 + (7 * i) % 90 for i in range(96)]
+    with StreamSession(tiny_llama, "inf-mllm", budget=128, chunk=32, n_threads=2,
+                       memory=MemoryConfig(ranking="hidden", reserve=32)) as s:
+        s.feed_tokens(tokens)
+        indices, vectors = s.memory.hidden.store.arrays()
+        projection, layer = s.memory.hidden.capture.projection, hidden_layer(s.model.n_layer)
+    reference = layer_outputs(tiny_llama, tokens, layer) @ projection
+    assert indices.tolist() == list(range(96))
+    cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+
+
+FACT = "\nMy sister has a cat named Marmalade.\n"
+QUESTION = "\n\nQuestion: What is my sibling's pet called?\nAnswer: My sibling's pet is called"
+
+
+@pytest.fixture(scope="module")
+def filler():
+    from infmllm_gguf.data import shakespeare_path
+
+    return shakespeare_path().read_text(encoding="utf-8")[300_000:312_000]
+
+
+def test_hidden_states_find_the_paraphrased_fact_that_words_miss(default_model, filler):
+    """The fact, 2,000 tokens back, shares no content word with the question: BM25 re-reads other
+    text, the hidden-state ranking re-reads the fact."""
+    found = {}
+    for ranking in ("lexical", "hidden"):
+        with StreamSession(default_model, "streaming-llm", budget=512, chunk=128, n_threads=2,
+                           memory=MemoryConfig(ranking=ranking)) as s:
+            s.feed_text(filler[:4000])
+            start = s.stats.tokens_seen
+            s.feed_text(FACT)
+            end = s.stats.tokens_seen
+            s.feed_text(filler[4000:12000])
+            assert s.stats.tokens_seen - start > 2000 and not np.isin(np.arange(start, end), s.cached_stream_indices()).any()
+            query = s.model.tokenize(QUESTION, add_special=False)
+            ids, indices = s.memory.store.arrays()
+            order, starts = s.memory.rank(s.cache, query, ids, indices)
+            spans = choose(order, starts, s.memory.window, ids.size, s.memory.reserve)
+            chosen = np.concatenate([indices[a:b] for a, b in spans]) if spans else np.zeros(0)
+            found[ranking] = bool(np.isin(np.arange(start, end), chosen).all())
+    assert found == {"lexical": False, "hidden": True}
