@@ -9,7 +9,7 @@ import pytest
 
 from infmllm_gguf.memory import MemoryConfig, bm25, block_starts, choose
 from infmllm_gguf.memory.hidden import DIMENSIONS, hidden_layer, maxsim
-from infmllm_gguf.memory.ranking import weighted_bm25
+from infmllm_gguf.memory.ranking import held_verbatim, weighted_bm25
 from infmllm_gguf.session import StreamSession
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,6 +24,25 @@ def test_weighted_bm25_counts_a_neighbour_by_its_weight():
     np.testing.assert_allclose(alone, same)
     score, matched = weighted_bm25(tokens, starts, 4, [(np.array([5, 7]), np.array([1.0, 0.5]))])
     assert score[0] > score[1] > score[2] == 0 and matched.tolist() == [1, 1, 0]
+
+
+def test_a_block_whose_text_the_cache_holds_word_for_word_is_not_needed():
+    sentence = [7, 8, 9, 10, 11]
+    tokens = np.array(sentence * 4 + [1, 2, 3, 4, 5, 6, 20, 21, 22, 23] + sentence * 2)
+    held = np.zeros(tokens.size, dtype=bool)
+    held[-10:] = True  # the cache holds the last two copies of the sentence
+    starts = np.array([0, 2, 18, 20, 24])
+    # blocks of 6: [7 8 9 10 11 7], [9 10 11 7 8 9] (another cut of the same sentence),
+    # [10 11 1 2 3 4], [1 2 3 4 5 6], [5 6 20 21 22 23]
+    assert held_verbatim(tokens, held, starts, 6, np.arange(5), piece=3).tolist() == [True, True, False, False, False]
+    assert not held_verbatim(tokens, held, starts, 6, np.arange(5), piece=3, skip=8).any()  # an image's
+    assert not held_verbatim(tokens, np.zeros_like(held), starts, 6, np.arange(5), piece=3).any()
+    # held [256, 0, 0] is bytes 00 01 00 00 00 00 00 00 00 00 00 00: [1, 0] (01 00 00 00 00 00 00 00)
+    # lies in it one byte in, not on a token
+    tokens = np.array([256, 0, 0, 1, 0])
+    held = np.array([True, True, True, False, False])
+    assert not held_verbatim(tokens, held, np.array([3]), 2, np.array([0])).any()
+    assert held_verbatim(np.array([256, 0, 0, 0, 0]), held, np.array([3]), 2, np.array([0])).all()
 
 
 def test_maxsim_finds_the_block_that_holds_a_close_token():
@@ -77,7 +96,8 @@ def test_hidden_states_find_the_paraphrased_fact_that_words_miss(default_model, 
             s.feed_text(FACT)
             end = s.stats.tokens_seen
             s.feed_text(filler[4000:12000])
-            assert s.stats.tokens_seen - start > 2000 and not np.isin(np.arange(start, end), s.cached_stream_indices()).any()
+            assert s.stats.tokens_seen - start > 2000
+            assert not np.isin(np.arange(start, end), s.cached_stream_indices()).any()
             query = s.model.tokenize(QUESTION, add_special=False)
             ids, indices = s.memory.store.arrays()
             order, starts = s.memory.rank(s.cache, query, ids, indices)

@@ -81,6 +81,8 @@ def test_plan_refuses_what_it_cannot_lay_out():
 
 def test_rollback_returns_to_the_exact_snapshot(default_model):
     text = "The quiet harbour lay under fog while the boats came home. " * 40
+    # memory off: on this text (one sentence forty times) the hidden ranking re-reads the stream's
+    # first block, and SmolLM2 then answers nothing (a known issue of the ranking, not of rollback)
     with StreamSession(default_model, "inf-mllm", budget=128, chunk=64, n_threads=2, memory=False) as s:
         s.feed_text(text)
         state, logits, stats = s.snapshot(), s.runtime.logits().copy(), s.stats

@@ -275,7 +275,8 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
                 return p, p.feed, p.wait
             if not reindex:  # the controller's own path for models that cannot shift (positions keep growing)
                 policy = unshifted(policy)
-            s = StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, memory=False, **kv)
+            s = StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, memory=False,
+                              **kv)
             s.cache.reindex = s.cache.reindex and reindex
             return s, s.feed_tokens, s.runtime.logits
 

@@ -74,6 +74,35 @@ def weighted_bm25(tokens: np.ndarray, starts: np.ndarray, window: int,
     return score, np.count_nonzero(tf > 1e-9, axis=1)
 
 
+def held_verbatim(tokens: np.ndarray, held: np.ndarray, starts: np.ndarray, window: int,
+                  blocks: np.ndarray, skip: int = -1, piece: int = 8) -> np.ndarray:
+    """bool[len(blocks)]: whether each block's text (tokens[s:s+window], s = starts[k] for k in
+    `blocks`) is held already: every run of `piece` tokens in it occurs, contiguous, inside a run of
+    `held` tokens (a repeated sentence, however the block cuts it), so that re-reading would only
+    repeat what the cache holds. Blocks holding the token `skip` (an image's placeholder, whose
+    cells differ though the ids match) are never held verbatim."""
+    out = np.zeros(len(blocks), dtype=bool)
+    tokens = np.asarray(tokens, dtype="<i4")
+    separator = np.array([-1], dtype="<i4").tobytes()  # no token id: no piece spans two runs
+    text = separator.join(tokens[a:b].tobytes() for a, b in runs(held))
+    if not text:
+        return out
+
+    def occurs(needle: bytes) -> bool:
+        at = text.find(needle)
+        while at >= 0 and at % 4:  # a match must start on a token
+            at = text.find(needle, at + 1)
+        return at >= 0
+
+    for j, k in enumerate(blocks):
+        block = tokens[starts[k]:starts[k] + window]
+        if np.any(block == skip):
+            continue
+        size = min(piece, block.size)
+        out[j] = all(occurs(block[i:i + size].tobytes()) for i in range(block.size - size + 1))
+    return out
+
+
 def choose(order: np.ndarray, starts: np.ndarray, window: int, n_tokens: int, room: int) -> list[tuple[int, int]]:
     """Blocks taken in `order` (best first) while their union fits `room` tokens; returns the union
     as sorted, merged token ranges [a, b)."""

@@ -5,8 +5,9 @@ Every text token the stream decodes is kept, as its token id and stream index, i
 vector of the model's own layer output (`hidden`, 128 bytes a token, up to `vector_cap`). At each
 new prompt (`StreamSession.generate` with a prompt, a user turn) the prompt ranks the memory's
 blocks (`ranking`, `hidden`, `embedding`), and the best that the cache no longer holds are
-*re-read*: decoded again, in stream order, right before the prompt, inside the budget. Room for them and the prompt is made first by the policy itself, evicting at a
-smaller budget (`CacheController.make_room`), so the answer reads them with nothing else evicted.
+*re-read*: decoded again, in stream order, right before the prompt, inside the budget. Room for
+them and the prompt is made first by the policy itself, evicting at a smaller budget
+(`CacheController.make_room`), so the answer reads them with nothing else evicted.
 A re-read block is a copy: it takes new stream indices (counted in `tokens_seen`), is not stored
 again, and competes for the cache like any other cells afterwards.
 
@@ -29,7 +30,7 @@ import numpy as np
 from .images import IMAGE_ID, ImageStore, whole_images
 from .embedding import TokenVectors
 from .hidden import HiddenStates, VectorStore, maxsim
-from .ranking import block_starts, bm25, choose, weighted_bm25
+from .ranking import block_starts, bm25, choose, held_verbatim, weighted_bm25
 from .store import TokenStore
 
 if TYPE_CHECKING:
@@ -37,15 +38,17 @@ if TYPE_CHECKING:
 
 RANKINGS = ("lexical", "embedding", "hidden", "attention")
 STORES = ("ram", "disk")
+CHECKED_BLOCKS = 64  # the best blocks checked for text the cache holds verbatim
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """How the memory ranks and re-reads. `reserve`: cells of the budget that re-read blocks may
     take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
-    every half window (0: 64, 32 for the `hidden` ranking, or the reserve if smaller); `cap`: tokens kept in RAM (12 bytes
-    each), the oldest beyond it dropped (`store` "ram") or appended to a file in `directory`
-    (`store` "disk"; default: <cache>/memory), deleted with the session unless a save names it;
+    every half window (0: 64, 32 for the `hidden` ranking, or the reserve if smaller); `cap`:
+    tokens kept in RAM (12 bytes each), the oldest beyond it dropped (`store` "ram") or appended
+    to a file in `directory` (`store` "disk"; default: <cache>/memory), deleted with the session
+    unless a save names it;
     `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond;
     `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (128 bytes each)."""
     ranking: str = "hidden"
@@ -232,11 +235,12 @@ class Memory:
         `query`, best first: (order, block starts). A block qualifies when the cache holds less
         than half of it, or, when each layer keeps its own tokens, when any layer lacks any of it
         (per-layer eviction scatters a fact over the layers, each holding fragments, and the model
-        answers from them: 4813 for 48213); when it shares at least two distinct tokens with the
-        query (one if the query has one); and when it scores above every block the cache holds: a
-        weaker match than what the cache already has would only distract (a fact still cached, and
-        another needle with the same words re-read right before the question, which the model then
-        answers from).
+        answers from them: 4813 for 48213); for the word rankings, when it shares at least two
+        distinct tokens with the query (one if the query has one); and when it scores above every
+        block the cache holds: a weaker match than what the cache already has would only distract
+        (a fact still cached, and another needle with the same words re-read right before the
+        question, which the model then answers from); and when the cache does not hold its text
+        word for word elsewhere (a repeated sentence).
         `blocks`: `self.blocks(ids, indices, query)`, when already computed."""
         starts, score, matched = blocks if blocks is not None else self.blocks(ids, indices, query)
         rows = cache.held_by_layer
@@ -248,7 +252,12 @@ class Memory:
         need = min(2, np.unique(np.asarray(query)).size)
         best_held = score[~mostly_gone].max(initial=0.0)
         eligible = np.flatnonzero(mostly_gone & (matched >= need) & (score > best_held))
-        return eligible[np.argsort(-score[eligible], kind="stable")], starts
+        order = eligible[np.argsort(-score[eligible], kind="stable")]
+        # text the cache holds word for word elsewhere (a repeated sentence) is not re-read: checked
+        # for the best blocks, more than the reserve can take
+        first = order[:CHECKED_BLOCKS]
+        repeated = held_verbatim(ids, held, starts, self.window, first, skip=IMAGE_ID)
+        return np.concatenate((first[~repeated], order[CHECKED_BLOCKS:])), starts
 
     def read_prompt(self, cache: "CacheController", query: Sequence[int], prompt: Sequence[int], chunk: int) -> int:
         """Feed the token ids `prompt` after re-reading the blocks `query` ranks best, room made

@@ -58,7 +58,8 @@ def passages(path: str | os.PathLike, n: int, offset: int) -> list[str]:
 
 
 def make_chat_plan(filler: str | os.PathLike, *, rounds: int = 300, facts: int = 10,
-                   probes: Sequence[int] = PROBE_ROUNDS, kinds: Sequence[str] = VERBATIM_KINDS, seed: int = 0) -> ChatPlan:
+                   probes: Sequence[int] = PROBE_ROUNDS, kinds: Sequence[str] = VERBATIM_KINDS,
+                   seed: int = 0) -> ChatPlan:
     if rounds < 1 or facts < 1:
         raise ValueError(f"need at least one round and one fact (got {rounds}, {facts})")
     probes = tuple(sorted({p for p in probes if 1 <= p <= rounds}))

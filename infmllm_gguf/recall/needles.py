@@ -93,7 +93,8 @@ class NeedleMaker:
     def make(self, kind: str) -> Needle:
         if kind in ("number", "distractor"):
             label, key = self._take(self.labels, "labels"), self._key()
-            extras = ((f"The pass key of the {label} is kept in a sealed letter.", 0.5),) if kind == "distractor" else ()
+            distractor = f"The pass key of the {label} is kept in a sealed letter."  # the question's words, no key
+            extras = ((distractor, 0.5),) if kind == "distractor" else ()
             return Needle(kind, f"The pass key of the {label} is {key}. Remember it.",
                           f"What is the pass key of the {label}?", f"The pass key of the {label} is", key, extras)
         if kind == "update":

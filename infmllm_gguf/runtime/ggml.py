@@ -1,6 +1,6 @@
 """ctypes mirror of the few ggml functions that llama-cpp-python does not bind: the RPC backend's
 devices (`ggml-rpc.h`, `ggml-backend.h`), ggml's abort hook (`ggml.h`), and what an eval callback
-reads of a tensor (its name, size, shape and data).
+reads of a tensor (its name, shape and data).
 
 As in `native`, each binding carries its C prototype as a comment. The libraries are those that
 llama-cpp-python loaded (the `lib` folder beside its package); `make setup` builds them with
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -62,45 +63,6 @@ def _binding(library: _Library, name: str, argtypes: list, restype):
 
 
 ggml_backend_reg_t = ctypes.c_void_p
-ggml_tensor_p = ctypes.c_void_p
-
-# GGML_API const char * ggml_get_name(const struct ggml_tensor * tensor);
-ggml_get_name = _binding(_BASE, "ggml_get_name", [ggml_tensor_p], ctypes.c_char_p)
-
-# GGML_API void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
-ggml_backend_tensor_get = _binding(_BASE, "ggml_backend_tensor_get",
-                                   [ggml_tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None)
-
-GGML_TYPE_F32 = 0
-
-
-def tensor_shape(tensor: int) -> tuple[int, tuple[int, ...]]:
-    """(type, ne[4]) of a `struct ggml_tensor *`, read from the struct: { enum ggml_type type;
-    struct ggml_backend_buffer * buffer; int64_t ne[4]; ... } (type at 0, ne at 16 on 64-bit)."""
-    return ctypes.c_int32.from_address(tensor).value, tuple((ctypes.c_int64 * 4).from_address(tensor + 16))
-
-
-def tensor_reader(name: str, receive: Callable[[np.ndarray], None], *, stop: bool = False):
-    """An eval callback for a context (`Runtime(eval_callback=...)`) that hands `receive` each
-    value of the 2-D float32 tensor `name` that a forward pass computes ([rows, ne0]: one row per
-    token of the batch for a layer's output). With `stop`, the pass ends there: llama.cpp stops
-    computing a graph when the callback returns false. The caller keeps the callback alive."""
-    wanted = name.encode()
-
-    def see(tensor: int, ask: bool, _user) -> bool:
-        if ggml_get_name(tensor) != wanted:
-            return not ask  # not wanted; when shown anyway, go on
-        if ask:
-            return True
-        kind, ne = tensor_shape(tensor)
-        if kind == GGML_TYPE_F32 and ne[2] == ne[3] == 1:
-            data = np.empty((ne[1], ne[0]), dtype=np.float32)
-            ggml_backend_tensor_get(tensor, data.ctypes.data, 0, data.nbytes)
-            receive(data)
-        return not stop
-
-    return llama.ggml_backend_sched_eval_callback(see)
-
 ggml_backend_dev_t = ctypes.c_void_p
 
 # typedef void (*ggml_abort_callback_t)(const char * error_message);
@@ -165,3 +127,47 @@ _ABORT_HOOK = ggml_abort_callback_t(_exit_on_abort)  # referenced here: C keeps 
 
 def install_abort_hook() -> None:
     ggml_set_abort_callback(_ABORT_HOOK)
+
+
+ggml_tensor_p = ctypes.c_void_p
+
+# GGML_API const char * ggml_get_name(const struct ggml_tensor * tensor);
+ggml_get_name = _binding(_BASE, "ggml_get_name", [ggml_tensor_p], ctypes.c_char_p)
+
+# GGML_API void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
+ggml_backend_tensor_get = _binding(_BASE, "ggml_backend_tensor_get",
+                                   [ggml_tensor_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None)
+
+GGML_TYPE_F32 = 0
+
+
+def tensor_shape(tensor: int) -> tuple[int, tuple[int, ...]]:
+    """(type, ne[4]) of a `struct ggml_tensor *`, read from the struct: { enum ggml_type type;
+    struct ggml_backend_buffer * buffer; int64_t ne[4]; ... } (type at 0, ne at 16 on 64-bit)."""
+    return ctypes.c_int32.from_address(tensor).value, tuple((ctypes.c_int64 * 4).from_address(tensor + 16))
+
+
+def tensor_reader(name: str, receive: Callable[[np.ndarray], None], *, stop: bool = False):
+    """An eval callback for a context (`Runtime(eval_callback=...)`) that hands `receive` each
+    value of the 2-D float32 tensor `name` that a forward pass computes ([rows, ne0]: one row per
+    token of the batch for a layer's output). With `stop`, the pass ends there: llama.cpp stops
+    computing a graph when the callback returns false. The caller keeps the callback alive."""
+    wanted = name.encode()
+
+    def see(tensor: int, ask: bool, _user) -> bool:
+        if ggml_get_name(tensor) != wanted:
+            return not ask  # not wanted; when shown anyway, go on
+        if ask:
+            return True
+        kind, ne = tensor_shape(tensor)
+        if kind == GGML_TYPE_F32 and ne[2] == ne[3] == 1:
+            data = np.empty((ne[1], ne[0]), dtype=np.float32)
+            ggml_backend_tensor_get(tensor, data.ctypes.data, 0, data.nbytes)
+            try:
+                receive(data)
+            except Exception as exc:  # an exception cannot cross llama.cpp: say it, and let the pass go on
+                warnings.warn(f"reading {name} failed: {exc!r}", stacklevel=1)
+                return True
+        return not stop
+
+    return llama.ggml_backend_sched_eval_callback(see)
