@@ -3,11 +3,12 @@
 # make demo                           attention scores of a short text, then 2,048 tokens of Shakespeare
 #                                     streamed through a 256-cell cache by inf-mllm and streaming-llm
 # make test                           setup, then the test suite
+# make test-fast                      the suite without the tests marked slow (the edit loop)
 PY      := .venv/bin/python
 CUDA    ?= 0
 CUDA_ARCH ?=
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test test-fast clean
 
 .venv/.deps: pyproject.toml
 	python3 -m venv .venv
@@ -43,6 +44,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m 'not slow' tests
 
 clean:
 	rm -rf .venv .browser build *.egg-info
