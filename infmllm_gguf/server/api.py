@@ -11,9 +11,9 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..generation import DEFAULTS
 from ..multimodal import load_image
@@ -39,6 +39,20 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _utf8(text):
+    """Text the model can read, or ValueError: JSON carries lone surrogates ("\\ud800"), which UTF-8,
+    so the tokenizer, cannot (a list: each of its texts, a content part's included)."""
+    for t in text if isinstance(text, list) else [text]:
+        t = getattr(t, "text", t)
+        try:
+            if isinstance(t, str):
+                t.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the text holds a lone surrogate ({t[exc.start]!r} at {exc.start}): not "
+                             "valid Unicode") from None
+    return text
+
+
 class ImageURL(BaseModel):
     url: str
     detail: str | None = None
@@ -52,7 +66,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[str | list[ContentPart] | None, AfterValidator(_utf8)] = None
     name: str | None = None
 
 
@@ -68,7 +82,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(DEFAULTS.temperature, ge=0.0, le=2.0)
     top_p: float = Field(DEFAULTS.top_p, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_utf8)] = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -104,7 +118,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: Annotated[str, AfterValidator(_utf8)]
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
