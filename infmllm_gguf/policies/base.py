@@ -288,13 +288,16 @@ class ScoredPolicy(Policy):
         if observation.attention is None:
             raise ValueError(f"policy '{self.name}' reads attention: pass the attention of the captured queries "
                              "and their visibility")
+        if np.ndim(observation.attention) != 2 or np.shape(observation.attention)[0] < 1:
+            raise ValueError(f"attention must be [n_layer, n] (got shape {np.shape(observation.attention)})")
         n_layer = np.shape(observation.attention)[0]
         indices, carried = np.asarray(observation.stream_indices), observation.carried
         if indices.ndim == 1:  # every layer holds the same cells (before the first per-layer eviction)
             indices = np.broadcast_to(indices, (n_layer, indices.size))
         if carried is not None and np.ndim(carried) == 1:
             carried = np.broadcast_to(carried, (n_layer, np.size(carried)))
-        if indices.shape[0] != n_layer or (carried is not None and np.shape(carried)[0] != n_layer):
+        if indices.ndim != 2 or indices.shape[0] != n_layer or \
+                (carried is not None and (np.ndim(carried) != 2 or np.shape(carried)[0] != n_layer)):
             raise ValueError(f"per-layer stream indices and carried scores must have one row per layer ({n_layer})")
         one_decision = dataclasses.replace(self, granularity="token")
         rows = [one_decision.select(Observation(indices[layer], observation.attention[layer:layer + 1],
