@@ -47,16 +47,15 @@ ARGS = ["--budget", "96", "--recent", "16", "--chunk", "32", "--threads", "1", "
         "--max-sessions", "2"]
 TIMEOUT_S = 30  # per request: a hang is a finding, never a stuck test
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-# (operation label, mode) -> examples; about 90 s in all on 2 busy cores
-EXAMPLES = {"POST /v1/chat/completions": (160, 60), "POST /v1/completions": (100, 60),
+# (operation label, mode) -> examples (positive, negative): 484 requests, about 100 s on 2 busy cores
+EXAMPLES = {"POST /v1/chat/completions": (200, 60), "POST /v1/completions": (130, 60),
             "GET /v1/sessions/{session_id}": (30, 0), "GET /v1/models": (3, 0), "GET /health": (3, 0),
             "GET /metrics": (3, 0), "GET /": (3, 0)}
 
-# Findings another change is fixing (issue 37); while they stand the fuzzer counts them apart
-# instead of failing on them. Set to False once fixed, so that any recurrence fails.
-KNOWN_NEGATIVE_SEED_500 = True  # "seed": -1 (any negative seed) answers 500 (numpy's default_rng refuses it)
-KNOWN_VALIDATION_422 = True     # a body that fails validation answers 422, where OpenAI answers 400
-# Findings whose fix goes into files this test's author does not own (each pinned by a strict xfail):
+# Findings whose fix goes into server/app.py or generation.py: while they stand the fuzzer counts
+# them apart instead of failing on them (each is pinned by a strict xfail); set a flag to False once
+# its fix lands, so that any recurrence fails. (Fixed meanwhile, no longer excluded: a negative seed
+# answered 500, a validation error 422.)
 # a temperature above 0 but tiny (1e-74) answers 500 "Probabilities contain NaN" (generation.make_sampler
 # divides float32 logits by it: inf - inf; tests/test_properties.py::test_a_tiny_temperature_samples_greedily)
 KNOWN_TINY_TEMPERATURE_NAN = True
@@ -107,15 +106,15 @@ def contract(served: dict) -> dict:
                              for c in codes}
     paths = spec["paths"]
     for path, schema in [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]:
-        # 400: checks and bounds; 408: --request-timeout; 413: --max-body-mib; 422: validation (see
-        # KNOWN_VALIDATION_422); 503: the queue is full
+        # 400: checks, validation and bounds; 408: --request-timeout; 413: --max-body-mib; 503: the
+        # queue is full
         paths[path]["post"]["responses"] = {
             "200": {"description": "a reply, or its events", "content": {
                 **json_body(schema), "text/event-stream": {"schema": SSE_EVENT}}},
-            **errors(400, 408, 413, 422, 503)}
+            **errors(400, 408, 413, 503)}
     paths["/v1/sessions/{session_id}"]["get"]["responses"] = {
         "200": {"description": "a conversation's view", "content": json_body({"type": "object"})},
-        **errors(404, 422)}
+        **errors(404)}
     paths["/v1/models"]["get"]["responses"]["200"]["content"] = json_body(
         {"type": "object", "required": ["object", "data"], "properties": {
             "object": {"const": "list"}, "data": {"type": "array", "minItems": 1, "items": {
@@ -173,11 +172,6 @@ def media_type(response) -> str:
     return (value[0] if isinstance(value, list) else value).split(";")[0].strip()
 
 
-def negative_seed(case) -> bool:
-    body = case.body if isinstance(case.body, dict) else {}
-    return isinstance(body.get("seed"), int) and not isinstance(body.get("seed"), bool) and body["seed"] < 0
-
-
 class Findings:
     """Every finding of a run, grouped (a fuzzer's run goes on after one, so that a single run shows
     them all), and the cases counted per operation, mode and status."""
@@ -203,8 +197,6 @@ class Findings:
 def check(case, response, elapsed: float, findings: Findings) -> None:
     label, status = case.operation.label, response.status_code
     known = None
-    if status >= 500 and KNOWN_NEGATIVE_SEED_500 and negative_seed(case):
-        known = "negative seed: 500"
     if status >= 500 and KNOWN_TINY_TEMPERATURE_NAN and tiny_temperature(case) and "NaN" in response.text:
         known = "tiny temperature: 500 NaN"
     if status == 400 and KNOWN_UNPARSEABLE_BODY_DETAIL and not isinstance(case.body, (dict, list)) and \
@@ -212,9 +204,7 @@ def check(case, response, elapsed: float, findings: Findings) -> None:
         known = "unparseable body: Starlette's detail"
     if status >= 500 and KNOWN_NO_TOKEN_PROMPT and "nothing to continue" in response.text:
         known = "prompt of no token: 500"
-    if status == 422 and KNOWN_VALIDATION_422:
-        known = "validation: 422"
-    if status == 422 and not KNOWN_VALIDATION_422:
+    if status == 422:
         findings.add("a validation error answers 422 (OpenAI answers 400)", case, response.text)
     if known:
         findings.known[known] += 1
@@ -235,9 +225,7 @@ def check(case, response, elapsed: float, findings: Findings) -> None:
         for event in events:
             if "error" in event:
                 e = event["error"]
-                if e.get("type") == "server_error" and KNOWN_NEGATIVE_SEED_500 and negative_seed(case):
-                    findings.known["negative seed: streamed server_error"] += 1
-                elif e.get("type") == "server_error" and KNOWN_NO_TOKEN_PROMPT and \
+                if e.get("type") == "server_error" and KNOWN_NO_TOKEN_PROMPT and \
                         "nothing to continue" in e.get("message", ""):
                     findings.known["prompt of no token: streamed server_error"] += 1
                 elif e.get("type") == "server_error" and KNOWN_TINY_TEMPERATURE_NAN and tiny_temperature(case) \
@@ -321,7 +309,7 @@ def test_a_lone_surrogate_is_refused_not_a_500(server):
                                                 b'"text": "\\ud83d"}]}], "max_tokens": 1}'),
                        ("/v1/completions", b'{"prompt": "a", "stop": ["\\ud800"], "max_tokens": 1}')]:
         status, answer, _ = post(server, path, body)
-        assert status in (400, 422), (path, body, status, answer)  # 422 until validation answers 400
+        assert status == 400, (path, body, status, answer)
         assert "lone surrogate" in answer["error"]["message"], answer
 
 
