@@ -23,16 +23,15 @@ set to anything but their defaults, never ignored.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 import uuid
 from typing import Iterator, Sequence
 
-import numpy as np
-
 from .generation import Piece, TokenLogprob, make_sampler
 from .memory import MemoryConfig
+from .openai_format import (InvalidRequest, chain, chat_from_completion_logprobs, check_roles, completion_logprobs,
+                            delta_choice, head, message_choice, refuse_unsupported, request_rng, role_chunk,
+                            text_choice, usage)
 from .session import StreamSession
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's: a random seed
@@ -49,8 +48,9 @@ UNSUPPORTED = {"suffix": None, "echo": False, "frequency_penalty": 0.0, "presenc
                "response_format": None}
 
 
-def _digest(previous: str, message: dict) -> str:
-    return hashlib.sha256((previous + json.dumps([message.get("role"), message.get("content")])).encode()).hexdigest()
+def _message_part(message: dict) -> bytes:
+    """What identifies a message in the chain of digests of the messages the stream holds."""
+    return json.dumps([message.get("role"), message.get("content")]).encode()
 
 
 class Llama:
@@ -109,7 +109,7 @@ class Llama:
                           top_k: int = 40, stream: bool = False, seed: int | None = None, model: str | None = None,
                           logprobs: int | None = None, **options):
         """Text after `prompt`: a `text_completion` dict, or an iterator of its chunks (`stream`)."""
-        refuse_unsupported(options)
+        refuse_options(options)
         if not isinstance(prompt, str):
             raise ValueError("prompt: this Llama takes text (token-id prompts are not supported)")
         session = self._session
@@ -120,22 +120,20 @@ class Llama:
         n_prompt = len(session.model.tokenize(prompt, add_special=True))
         pieces = session.generate(new, **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed,
                                                         logprobs))
-        head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
-                "model": model or self.model_path}
+        top = head(f"cmpl-{uuid.uuid4()}", "text_completion", model or self.model_path)
         offsets = TextOffsets(len(prompt))
 
         def remember(text: str) -> None:
             self._held_text = prompt + text
 
         def choice(text: str, finish: str | None, noted: Sequence[TokenLogprob] | None) -> dict:
-            return {"text": text, "index": 0, "logprobs": self._completion_logprobs(noted, offsets),
-                    "finish_reason": finish}
+            return text_choice(text, finish, self._completion_logprobs(noted, offsets))
         if stream:
-            return self._stream(pieces, head, choice, remember)
+            return self._stream(pieces, top, choice, remember)
         text, noted = self._join(pieces)
         remember(text)
         reply = session.last_reply
-        return {**head, "choices": [choice(text, reply.finish_reason, noted)],
+        return {**top, "choices": [choice(text, reply.finish_reason, noted)],
                 "usage": usage(n_prompt, reply.n_tokens)}
 
     def create_chat_completion(self, messages: list[dict], temperature: float = 0.2, top_p: float = 0.95,
@@ -145,12 +143,10 @@ class Llama:
                                top_logprobs: int | None = None, **options):
         """The assistant's reply to `messages`: a `chat.completion` dict, or an iterator of
         `chat.completion.chunk` dicts (`stream`)."""
-        refuse_unsupported(options)
+        refuse_options(options)
         turns = checked_messages(messages)
         session = self._session
-        digests = [""]
-        for m in messages:
-            digests.append(_digest(digests[-1], m))
+        digests = chain(map(_message_part, messages))
         held = len(self._held_chat)
         if self._held_text or not held or held >= len(messages) or self._held_chat != digests[1:held + 1]:
             session.reset()  # not a continuation of what the stream holds: read the whole conversation
@@ -163,34 +159,32 @@ class Llama:
         top = top_logprobs if logprobs else None  # as llama-cpp-python: logprobs alone asks for none
         pieces = session.chat_stream(new[-1][1], system=system if len(new) == 1 else None,
                                      **self._sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed, top))
-        head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
+        rid, name = f"chatcmpl-{uuid.uuid4()}", model or self.model_path
         offsets = TextOffsets(0)
 
         def remember(text: str) -> None:
-            self._held_chat = digests[1:] + [_digest(digests[-1], {"role": "assistant", "content": text})]
+            self._held_chat = digests[1:] + chain([_message_part({"role": "assistant", "content": text})],
+                                                  digests[-1])[1:]
 
         def chat_logprobs(noted: Sequence[TokenLogprob] | None) -> dict | None:
             return chat_from_completion_logprobs(self._completion_logprobs(noted, offsets))
 
         def choice(text: str, finish: str | None, noted: Sequence[TokenLogprob] | None) -> dict:
-            return {"index": 0, "delta": {"content": text} if finish is None else {}, "logprobs": chat_logprobs(noted),
-                    "finish_reason": finish}
+            return delta_choice(text if finish is None else None, finish, chat_logprobs(noted))
         if stream:
-            start = {**head, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
-            return self._stream(pieces, {**head, "object": "chat.completion.chunk"}, choice, remember, first=start)
+            chunk_head = head(rid, "chat.completion.chunk", name)
+            return self._stream(pieces, chunk_head, choice, remember, first=role_chunk(chunk_head))
         text, noted = self._join(pieces)
         remember(text)
         reply = session.last_reply
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": chat_logprobs(noted), "finish_reason": reply.finish_reason}],
+        return {**head(rid, "chat.completion", name),
+                "choices": [message_choice(text, reply.finish_reason, chat_logprobs(noted))],
                 # the whole conversation read so far, as llama-cpp-python counts its prompt
                 "usage": usage(session.stats.tokens_seen - reply.n_tokens, reply.n_tokens)}
 
     # -- shared ------------------------------------------------------------------------------
     def _sampling(self, max_tokens, temperature, top_p, top_k, min_p, stop, seed, logprobs) -> dict:
-        rng = self._session.rng if seed is None else np.random.default_rng(seed)
+        rng = request_rng(seed, self._session.rng)  # a negative seed: a random one, as llama-cpp-python's -1
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         limit = max_tokens if max_tokens is not None and max_tokens > 0 else self.n_ctx()  # as llama-cpp-python
         return {"max_tokens": limit, "stop": stops, "logprobs": logprobs,
@@ -205,10 +199,11 @@ class Llama:
         if noted is None:
             return None
         texts = [self._token_text(t.token) for t in noted]
-        return {"tokens": texts, "text_offset": [offsets.after(text) for text in texts],
-                "token_logprobs": [t.logprob for t in noted],
-                "top_logprobs": [{**{self._token_text(i): lp for i, lp in t.top}, text: t.logprob}
-                                 for t, text in zip(noted, texts)]}
+        out = completion_logprobs(texts, [t.logprob for t in noted],
+                                  [{**{self._token_text(i): lp for i, lp in t.top}, text: t.logprob}
+                                   for t, text in zip(noted, texts)], offsets.at)
+        offsets.at += sum(map(len, texts))
+        return out
 
     @staticmethod
     def _join(pieces: Iterator[Piece]) -> tuple[str, list[TokenLogprob] | None]:
@@ -239,39 +234,21 @@ class Llama:
 
 
 class TextOffsets:
-    """Where each token's text starts in the whole text, token after token (from `at`)."""
+    """Where the next token's text starts in the whole text (streamed replies count on from one chunk
+    to the next)."""
 
     def __init__(self, at: int):
         self.at = at
 
-    def after(self, text: str) -> int:
-        """The offset of `text`, the next token's; the one after it moves past it."""
-        self.at += len(text)
-        return self.at - len(text)
 
-
-def chat_from_completion_logprobs(logprobs: dict | None) -> dict | None:
-    """Completion logprobs in chat's form, as llama-cpp-python converts them (no bytes)."""
-    if logprobs is None:
-        return None
-    return {"content": [{"token": token, "bytes": None, "logprob": logprob,
-                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()]}
-                        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
-                                                       logprobs["top_logprobs"])],
-            "refusal": None}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def refuse_unsupported(options: dict) -> None:
-    for name, value in options.items():
-        if name not in UNSUPPORTED:
-            raise TypeError(f"unexpected keyword argument {name!r}")
-        if value not in (UNSUPPORTED[name], None, [], {}):
-            raise ValueError(f"{name}={value!r}: this Llama does not implement {name} (leave it at its default)")
+def refuse_options(options: dict) -> None:
+    """TypeError for an option llama-cpp-python does not have; ValueError (`InvalidRequest`) for one
+    of its options that this class does not implement, set to anything but its default."""
+    unknown = next((name for name in options if name not in UNSUPPORTED), None)
+    if unknown is not None:
+        raise TypeError(f"unexpected keyword argument {unknown!r}")
+    refuse_unsupported(options, UNSUPPORTED, lambda name, value: f"{name}={value!r}: this Llama does not implement "
+                                                                  f"{name} (leave it at its default)")
 
 
 def checked_messages(messages: list[dict]) -> list[tuple[str, str, list]]:
@@ -281,11 +258,9 @@ def checked_messages(messages: list[dict]) -> list[tuple[str, str, list]]:
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: a system, user or assistant message with text content is needed "
-                             f"(got role {role!r}, content of type {type(content).__name__})")
-        if role == "system" and i > 0:
-            raise ValueError(f"messages[{i}]: a system message goes first")
+            raise InvalidRequest(f"messages[{i}]: a system, user or assistant message with text content is needed "
+                                 f"(got role {role!r}, content of type {type(content).__name__})",
+                                 param=f"messages[{i}]")
         turns.append((role, content, []))
-    if not turns or turns[-1][0] != "user":
-        raise ValueError("the last message must be the user's")
+    check_roles([role for role, _, _ in turns], assistant_answers_user=False)  # llama-cpp-python renders any order
     return turns

@@ -86,6 +86,7 @@ def chat_for_a_while(Llama, model_path, turns=24):
     return llm, replies
 
 
+@pytest.mark.slow
 def test_a_llama_cpp_python_script_runs_past_the_context(default_model):
     with pytest.raises(ValueError, match="exceed context window of 256"):
         chat_for_a_while(llama_cpp.Llama, str(default_model))
@@ -108,6 +109,10 @@ def test_options_it_does_not_implement_are_refused_not_ignored(default_model):
             llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], grammar=object())
         with pytest.raises(TypeError, match="unexpected keyword argument 'banana'"):
             llm.create_completion("Hi", banana=1)
+        with pytest.raises(ValueError, match="the last message must be the user's"):
+            llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}])
+        # llama-cpp-python's "random seed" (was: numpy's "expected non-negative integer")
+        assert llm.create_completion("Hi", max_tokens=2, seed=-1)["choices"][0]["finish_reason"]
     with pytest.raises(TypeError, match="lora_path"):
         Llama(model_path=str(default_model), lora_path="x.gguf")
 

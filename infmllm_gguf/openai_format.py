@@ -1,0 +1,146 @@
+"""OpenAI's request and response shapes, shared by the server (`server/`) and `Llama` (llama_compat):
+the objects a reply is made of (chat.completion, chat.completion.chunk, text_completion), usage
+and logprobs; the chain of digests that finds a conversation from the messages a client repeats;
+the checks of a message list; the refusal of options that are not implemented; a request's seed.
+
+Errors of a request are `InvalidRequest` (a ValueError, as `Llama` raises them; the server answers
+them with OpenAI's 400 error body, `error_body`).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+ROOT = hashlib.sha256(b"infmllm-gguf chat").hexdigest()  # the digest of an empty conversation
+
+
+class InvalidRequest(ValueError):
+    """A request OpenAI's API refuses as an `invalid_request_error`; `param` names what is wrong."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# -- requests ---------------------------------------------------------------------------------
+def chain(parts: Iterable[bytes], start: str = ROOT) -> list[str]:
+    """The digest of a conversation after each number of messages (0 .. len(parts)), each message
+    given by the bytes that identify it, starting from the digest `start` of what came before: a
+    chain, so that a conversation is found from the digest of the messages a request repeats, and
+    continued from its own."""
+    out = [start]
+    for part in parts:
+        out.append(hashlib.sha256(out[-1].encode() + b"\1" + part).hexdigest())
+    return out
+
+
+def check_roles(roles: Sequence[str], *, assistant_answers_user: bool = True) -> None:
+    """Roles in an order a chat template renders: a system message first if any, the last message
+    the user's, and (`assistant_answers_user`) each assistant message after a user message."""
+    for i, role in enumerate(roles):
+        if role == "system" and i > 0:
+            raise InvalidRequest(f"messages[{i}]: a system message goes first", param=f"messages[{i}]")
+        if assistant_answers_user and role == "assistant" and (i == 0 or roles[i - 1] != "user"):
+            raise InvalidRequest(f"messages[{i}]: an assistant message answers a user message",
+                                 param=f"messages[{i}]")
+    if not roles or roles[-1] != "user":
+        raise InvalidRequest("the last message must be the user's", param=f"messages[{max(len(roles) - 1, 0)}]")
+
+
+def refuse_unsupported(options: Mapping[str, object], defaults: Mapping[str, object],
+                       says: Callable[[str, object], str]) -> None:
+    """InvalidRequest (code "unsupported", the message `says(name, value)`) for the first option of
+    `defaults` that `options` sets to anything but its default: refused, never ignored (None, []
+    and {} count as not set)."""
+    for name, default in defaults.items():
+        value = options.get(name, default)
+        if value not in (default, None, [], {}):
+            raise InvalidRequest(says(name, value), param=name, code="unsupported")
+
+
+def request_rng(seed: int | None, default: np.random.Generator) -> np.random.Generator:
+    """The random generator a request samples with: `default` (the stream's own) without a seed, a
+    new one seeded with `seed`, or a fresh random one for a negative seed (llama-cpp-python's -1,
+    "a random seed"; OpenAI takes any integer)."""
+    if seed is None:
+        return default
+    return np.random.default_rng(seed if seed >= 0 else None)
+
+
+# -- responses --------------------------------------------------------------------------------
+def head(rid: str, kind: str, model: str, created: float | None = None) -> dict:
+    """What every object of a reply starts with; `kind`: "chat.completion", "chat.completion.chunk"
+    or "text_completion"."""
+    return {"id": rid, "object": kind, "created": int(time.time() if created is None else created), "model": model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def message_choice(text: str, finish: str | None, logprobs: dict | None) -> dict:
+    """A chat.completion's choice: the whole message."""
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def delta_choice(text: str | None, finish: str | None, logprobs: dict | None) -> dict:
+    """A chat.completion.chunk's choice: a piece of the message (`text`), or none on the last one."""
+    return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def role_chunk(chunk_head: dict, content: str | None = None) -> dict:
+    """The first chat.completion.chunk: the message's role (and an empty `content`, where given, as
+    OpenAI sends it; llama-cpp-python sends the role alone)."""
+    delta = {"role": "assistant"} if content is None else {"role": "assistant", "content": content}
+    return {**chunk_head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+
+def text_choice(text: str, finish: str | None, logprobs: dict | None) -> dict:
+    """A text_completion's choice, whole or streamed."""
+    return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+
+
+def logprob_entry(data: bytes, logprob: float) -> dict:
+    """Chat's logprobs entry of one token, given its bytes (OpenAI's form: its text, bytes and
+    log-probability)."""
+    return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], tops: list[dict[str, float]],
+                        offset: int = 0) -> dict:
+    """Legacy completions' `logprobs`: each token's text, log-probability and alternatives by text,
+    and where its text starts (counted from `offset`)."""
+    offsets, at = [], offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": logprobs, "top_logprobs": tops}
+
+
+def completion_from_chat_logprobs(content: list[dict], offset: int = 0) -> dict:
+    """Legacy completions' `logprobs` from chat's entries (`logprob_entry`)."""
+    return completion_logprobs([c["token"] for c in content], [c["logprob"] for c in content],
+                               [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content], offset)
+
+
+def chat_from_completion_logprobs(logprobs: dict | None) -> dict | None:
+    """Completion logprobs in chat's form, as llama-cpp-python converts them (no bytes)."""
+    if logprobs is None:
+        return None
+    return {"content": [{"token": token, "bytes": None, "logprob": logprob,
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()]}
+                        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                                       logprobs["top_logprobs"])],
+            "refusal": None}
