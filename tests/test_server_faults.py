@@ -1,5 +1,6 @@
-"""`infmllm-gguf serve` under load and faults: reads while replies stream, bounded requests, a
-server killed mid-reply, a state directory of the previous release."""
+"""`infmllm-gguf serve` under load and faults: reads while replies stream and a server killed
+mid-reply (a real process); bounded requests and a state directory of the previous release (the
+application in the test process); the turn log and the index files."""
 import json
 import shutil
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from infmllm_gguf.server.journal import IndexEntry, TurnLog, continuing
 from infmllm_gguf.state import read_state
-from server_process import running
+from server_process import in_process, running
 
 ARGS = ["--budget", "160", "--chunk", "64", "--no-flash-attn", "--threads", "1"]
 FIXTURE = Path(__file__).parent / "data" / "state-dir-c418518"  # written by the server of commit c418518
@@ -100,7 +101,7 @@ def test_reads_while_replies_stream_are_consistent(tmp_path):
 def test_requests_are_bounded_and_a_refused_one_changes_nothing(tmp_path):
     args = [*ARGS, "--max-tokens", "1000", "--max-prompt-tokens", "300", "--max-body-mib", "0.05",
             "--request-timeout", "3"]
-    with running(args, tmp_path / "state") as server:
+    with in_process(args, tmp_path / "state") as server:
         first = [{"role": "user", "content": "My cat is called Pixel."}]
         status, r, _ = server.post("/v1/chat/completions", {"messages": first, "max_tokens": 4, "temperature": 0},
                                    headers={"X-Session-Id": "bounded"})
@@ -200,7 +201,7 @@ def test_a_state_directory_of_the_previous_release_loads(tmp_path):
     shutil.copytree(FIXTURE, state)
     messages = json.loads((state / "messages.json").read_text())
     (state / "messages.json").unlink()
-    with running(ARGS, state) as server:
+    with in_process(ARGS, state) as server:
         view = server.get("/v1/sessions/fixture")[1]
         assert view == {"id": "fixture", "live": False, "messages": 4}
         # the whole history again, as a client that keeps it sends it: found and continued

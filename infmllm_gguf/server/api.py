@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..generation import DEFAULTS
 from ..multimodal import load_image
+from ..openai_format import ROOT, InvalidRequest, chain, check_roles, error_body, refuse_unsupported
 from .limits import DEFAULT_MAX_TOKENS
 
 #: parameters of OpenAI's API that this server does not implement: refused when set, never ignored
@@ -36,7 +37,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return error_body(self.message, kind=self.kind, param=self.param, code=self.code)
+
+    @classmethod
+    def invalid(cls, exc: InvalidRequest) -> "ApiError":
+        """A request the shared checks (`openai_format`) refused: 400."""
+        return cls(400, exc.message, param=exc.param, code=exc.code)
 
 
 def _utf8(text):
@@ -74,8 +80,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """What both routes take."""
+class RequestBody(BaseModel):
+    """What both routes take: the model, the reply's length, sampling, stop strings, streaming."""
     model_config = ConfigDict(extra="allow")  # other OpenAI fields (user, metadata, store) do not matter here
 
     model: str | None = None
@@ -104,20 +110,22 @@ class Sampling(BaseModel):
         return stops
 
     def refuse_unsupported(self) -> None:
-        for name, default in UNSUPPORTED.items():
-            value = (self.model_extra or {}).get(name, default)
-            if value not in (default, None, [], {}):
-                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported")
+        """400 for an option of OpenAI's that this server does not implement, when set."""
+        try:
+            refuse_unsupported(self.model_extra or {}, UNSUPPORTED, lambda name, _: f"{name} is not supported by "
+                                                                                   "this server")
+        except InvalidRequest as exc:
+            raise ApiError.invalid(exc) from None
 
 
-class ChatRequest(Sampling):
+class ChatRequest(RequestBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(RequestBody):
     prompt: Annotated[str, AfterValidator(_utf8)]
     logprobs: int | None = Field(None, ge=0, le=5)
 
@@ -185,32 +193,22 @@ def checked_turns(messages: list[Message], *, images_allowed: bool) -> list[Turn
             images.append(image)
             digests.append(digest)
         turns.append(Turn(role, "\n".join(texts), tuple(images), tuple(digests)))
-    for i, t in enumerate(turns):
-        if t.role == "system" and i > 0:
-            raise ApiError(400, f"messages[{i}]: a system message goes first", param=f"messages[{i}]")
-        if t.role == "assistant" and (i == 0 or turns[i - 1].role != "user"):
-            raise ApiError(400, f"messages[{i}]: an assistant message answers a user message",
-                           param=f"messages[{i}]")
-    if turns[-1].role != "user":
-        raise ApiError(400, "the last message must be the user's", param=f"messages[{len(turns) - 1}]")
+    try:
+        check_roles([t.role for t in turns])
+    except InvalidRequest as exc:
+        raise ApiError.invalid(exc) from None
     return turns
 
 
-ROOT = hashlib.sha256(b"infmllm-gguf chat").hexdigest()  # the digest of an empty conversation
-
-
-def chain(turns: list[Turn], start: str = ROOT) -> list[str]:
-    """The digest of the conversation after each number of turns (0 .. len(turns)), starting
-    from the digest `start` of what came before: a chain, so that a conversation is found from
-    the digest of the messages a request repeats, and continued from its own."""
-    out = [start]
-    for t in turns:
-        out.append(hashlib.sha256(out[-1].encode() + b"\1" + t.digest_part()).hexdigest())
-    return out
+def turn_digests(turns: list[Turn], start: str = ROOT) -> list[str]:
+    """The chain of digests (`openai_format.chain`) of the conversation after each number of
+    turns (0 .. len(turns)), from the digest `start` of what came before."""
+    return chain([t.digest_part() for t in turns], start)
 
 
 def error_from_validation(errors: list[dict[str, Any]]) -> ApiError:
+    """A body that does not validate: 400, as OpenAI answers it (FastAPI's default is 422)."""
     first = errors[0]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return ApiError(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None,
+    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None,
                     code="invalid_value")

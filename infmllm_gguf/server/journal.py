@@ -9,17 +9,27 @@ On disk, per conversation `ID`:
               continues from (`before`), so that entries the snapshot already holds are skipped
 Every file but the log is replaced atomically (written aside, fsync'd, renamed, the directory
 fsync'd); the log is only appended to, and a line torn by a crash is cut off when it is read.
+
+`Journal` keeps a state directory: it loads its index, appends to the logs, writes the snapshots
+(those of idle conversations in a thread of its own) and restores a conversation from them.
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from ..state import fsync_directory, replacing
+from ..runtime import Model
+from ..session import StreamSession
+from ..state import fsync_directory, read_header, replacing
 from .api import ROOT, Turn
+from .live import Conversation, SessionSettings
 
 INDEX_SCHEMA = 2  # 1: {"id", "digest", "n_messages"} with the snapshot always present (before the log)
 
@@ -106,3 +116,142 @@ def continuing(entries: list[dict], n_messages: int) -> list[dict]:
             out.append(entry)
             n_messages = entry["after"]
     return out
+
+
+def read_history(session: StreamSession, turns: list[Turn], system: str | None = None) -> None:
+    """Feed messages the stream has not read, without sampling (`StreamSession.read_turns`)."""
+    session.read_turns([(t.role, t.text, t.images) for t in turns], system)
+
+
+def replay(session: StreamSession, entry: dict) -> None:
+    """Read a logged request again: its messages and the reply it got."""
+    if entry["kind"] == "completion":
+        session.feed_prompt(entry["prompt"])
+        session.feed_text(entry["reply"])
+        return
+    turns = [turn_from_json(t) for t in entry["turns"]]
+    system = turns.pop(0).text if turns[0].role == "system" else None
+    read_history(session, turns + [Turn("assistant", entry["reply"])], system)
+
+
+class Journal:
+    """The conversations' files in `state_dir` (see the module), and what writing them costs."""
+
+    def __init__(self, state_dir: Path, model: Model, settings: SessionSettings, *, snapshot_after: float = 2.0):
+        self.state_dir, self.model, self.settings = Path(state_dir), model, settings
+        self.snapshot_after = snapshot_after  # seconds a conversation is idle before its snapshot is written
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # guards the counters
+        self.saves = self.restores = self.replays = self.logged = 0
+        self.log_s = self.snapshot_s = 0.0  # what durability costs: the turn log's appends, the snapshots
+        self._stop = threading.Event()
+        self._snapshotter: threading.Thread | None = None
+
+    def path(self, cid: str, suffix: str = ".npz") -> Path:
+        return self.state_dir / f"{cid}{suffix}"
+
+    def log(self, cid: str) -> TurnLog:
+        return TurnLog(self.path(cid, ".log"))
+
+    def _count(self, **amounts) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def counters(self) -> dict:
+        with self._lock:
+            return {"saves": self.saves, "restores": self.restores, "replays": self.replays,
+                    "logged": self.logged, "log_s": self.log_s, "snapshot_s": self.snapshot_s}
+
+    def load_index(self) -> list[Conversation]:
+        """The conversations a previous server left in the state directory, each at its last
+        completed request: its snapshot's messages, then those its log adds."""
+        for tmp in self.state_dir.glob("*.tmp"):  # a write a crash cut short: the file it replaces is whole
+            tmp.unlink()
+        out = []
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                entry = IndexEntry.read(path)
+                if entry.n_messages and not self.path(entry.id).exists():
+                    raise ValueError(f"its snapshot {self.path(entry.id).name} is missing")
+                conv = Conversation(entry.id, entry.digest, entry.n_messages, snapshot_messages=entry.n_messages)
+                for logged in continuing(self.log(entry.id).entries(), entry.n_messages):
+                    conv.digest, conv.n_messages = logged["digest"], logged["after"]
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                sys.stderr.write(f"warning: {path.name} is skipped: {exc}\n")
+                continue
+            if conv.n_messages:
+                out.append(conv)
+        return out
+
+    def append(self, conv: Conversation, entry: dict, n_messages: int, digest: str) -> None:
+        """Under the conversation's lock: log a completed request, durably (`entry`: what it fed and
+        the reply, as `replay` reads it), before the conversation moves on to `n_messages`."""
+        t0 = time.perf_counter()
+        index = self.path(conv.id, ".json")
+        if not index.exists():
+            IndexEntry(conv.id).write(index)
+        self.log(conv.id).append({**entry, "before": conv.n_messages, "after": n_messages, "digest": digest})
+        self._count(logged=1, log_s=time.perf_counter() - t0)
+
+    def save(self, conv: Conversation) -> None:
+        """Under the conversation's lock: write its session's snapshot, then its index entry, then
+        clear its log (a crash in between leaves entries that `continuing` skips)."""
+        if conv.snapshot_messages == conv.n_messages and self.path(conv.id).exists():
+            return  # the snapshot is current
+        t0 = time.perf_counter()
+        conv.session.save(self.path(conv.id), extra={"conversation": {"n_messages": conv.n_messages,
+                                                                      "digest": conv.digest}})
+        IndexEntry(conv.id, conv.n_messages, conv.digest).write(self.path(conv.id, ".json"))
+        self.log(conv.id).clear()
+        conv.snapshot_messages = conv.n_messages
+        self._count(saves=1, snapshot_s=time.perf_counter() - t0)
+
+    def restore(self, conv: Conversation) -> StreamSession:
+        """The conversation at its last completed request: its snapshot (or a new session), then
+        the requests its log holds beyond it, read again."""
+        s, path = self.settings, self.path(conv.id)
+        entries = self.log(conv.id).entries()
+        if path.exists() and conv.n_messages:
+            session = StreamSession.restore(path, self.model, n_threads=s.n_threads, mmproj=s.mmproj,
+                                            view_tokens=s.view_tokens)
+            extra = read_header(path).get("extra", {}).get("conversation")
+            # a snapshot from before the log (index schema 1) holds what its index entry says
+            held = conv.snapshot_messages if extra is None else extra["n_messages"]
+            self._count(restores=1)
+        else:
+            session, held = s.new_session(self.model), 0
+        try:
+            for entry in continuing(entries, held):
+                replay(session, entry)
+                self._count(replays=1)
+        except Exception:
+            session.close()
+            raise
+        return session
+
+    # -- the snapshots of idle conversations, off the requests' path -------------------------
+    def start_snapshots(self, live: Callable[[], list[Conversation]]) -> None:
+        """Write the snapshot of each conversation of `live()` idle for `snapshot_after` seconds."""
+        self._snapshotter = threading.Thread(target=self._snapshot_idle, args=(live,), name="snapshots", daemon=True)
+        self._snapshotter.start()
+
+    def stop_snapshots(self) -> None:
+        self._stop.set()
+        if self._snapshotter is not None:
+            self._snapshotter.join()
+
+    def _snapshot_idle(self, live: Callable[[], list[Conversation]]) -> None:
+        while not self._stop.wait(self.snapshot_after / 2):
+            pending = [c for c in live() if c.session is not None and c.n_messages > c.snapshot_messages
+                       and time.monotonic() - c.last_used >= self.snapshot_after]
+            for conv in pending:
+                if not conv.lock.acquire(blocking=False):
+                    continue  # a request holds it: next time
+                try:
+                    if conv.session is not None:
+                        self.save(conv)
+                except (OSError, ValueError, RuntimeError) as exc:  # the log still holds every turn
+                    sys.stderr.write(f"warning: the snapshot of conversation {conv.id} failed: {exc}\n")
+                finally:
+                    conv.lock.release()

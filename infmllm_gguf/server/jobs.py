@@ -1,0 +1,154 @@
+"""What a request asks, one class per route: which conversation it continues, what it feeds the
+stream, what the journal logs of it, and the shape of its reply (`openai_format`). `RequestRunner`
+runs them; every request's body is checked when its job is made, before anything is admitted."""
+from __future__ import annotations
+
+from typing import ClassVar, Iterator
+
+from ..generation import Piece
+from ..openai_format import (completion_from_chat_logprobs, delta_choice, message_choice, role_chunk,
+                             text_choice)
+from ..session import StreamSession
+from .api import ApiError, ChatRequest, CompletionRequest, RequestBody, Turn, checked_turns, turn_digests
+from .conversations import Conversation, ConversationStore
+from .journal import read_history, turn_to_json
+from .limits import Limits
+
+
+class Job:
+    """A request checked: its body, the reply's length, the conversation it names (`session_id`)."""
+    route: ClassVar[str]        # its name in /metrics
+    object: ClassVar[str]       # the reply's object
+    chunk_object: ClassVar[str]  # a streamed piece's
+    id_prefix: ClassVar[str]
+
+    def __init__(self, body: RequestBody, limits: Limits, session_id: str | None):
+        body.refuse_unsupported()
+        self.stops = body.stops()
+        self.max_tokens = body.reply_tokens(limits.max_tokens)
+        self.body, self.session_id = body, session_id
+        self.digests: list[str] = turn_digests([])
+
+    @property
+    def kept(self) -> bool:
+        """Whether a later request can continue its conversation (its requests are logged)."""
+        return True
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """The alternatives each token's logprobs entry lists (None: no logprobs)."""
+        raise NotImplementedError
+
+    def conversation(self, store: ConversationStore) -> Conversation:
+        """The conversation it continues (or a new one)."""
+        return store.find(self.digests, self.session_id)
+
+    def held(self, store: ConversationStore, conv: Conversation) -> int | None:
+        """Under the conversation's lock: how many of its messages the conversation holds (None: it
+        moved on meanwhile, find it again)."""
+        return 0
+
+    def new_texts(self, held: int) -> list[str]:
+        """What it feeds beyond what the conversation holds (`--max-prompt-tokens` counts these)."""
+        raise NotImplementedError
+
+    def start(self, session: StreamSession, held: int, **options) -> Iterator[Piece]:
+        """Feed it and start the reply: its pieces."""
+        raise NotImplementedError
+
+    def fed(self, held: int, text: str) -> tuple[list[Turn], dict]:
+        """The messages the stream holds after the reply `text`, beyond the conversation's, and the
+        journal's entry of the request (as `journal.replay` reads it)."""
+        raise NotImplementedError
+
+    # -- the reply's shape ------------------------------------------------------------------
+    def choice(self, text: str | None, finish: str | None, logprobs: list[dict] | None, *, stream: bool,
+               offset: int = 0) -> dict:
+        """The reply's choice, whole or a streamed piece of it (`text` None: the last piece);
+        `logprobs`: chat's entries of its tokens (`openai_format.logprob_entry`), `offset`: the
+        characters of the reply before it."""
+        raise NotImplementedError
+
+    def first_chunk(self, head: dict) -> dict | None:
+        """What a streamed reply starts with, before its first piece."""
+        return None
+
+
+class ChatJob(Job):
+    route, object, chunk_object, id_prefix = "chat", "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def __init__(self, body: ChatRequest, limits: Limits, session_id: str | None, *, images_allowed: bool):
+        super().__init__(body, limits, session_id)
+        self.turns = checked_turns(body.messages, images_allowed=images_allowed)
+        self.digests = turn_digests(self.turns)
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return (self.body.top_logprobs or 0) if self.body.logprobs else None
+
+    def held(self, store: ConversationStore, conv: Conversation) -> int | None:
+        held = store.held(conv, self.digests, self.session_id)
+        if held == 0 and conv.n_messages and self.turns[0].role == "system":
+            raise ApiError(400, "this conversation has begun: send its whole history, or only its new messages "
+                                "without a system message", param="messages")
+        return held
+
+    def new_texts(self, held: int) -> list[str]:
+        return [t.text for t in self.turns[held:]]
+
+    def start(self, session: StreamSession, held: int, **options) -> Iterator[Piece]:
+        new = self.turns[held:]
+        system = new[0].text if new[0].role == "system" else None
+        history = new[1:-1] if system is not None else new[:-1]
+        read_history(session, history, system)
+        return session.chat_stream(new[-1].text, media=list(new[-1].images) or None,
+                                   system=None if history else system, **options)
+
+    def fed(self, held: int, text: str) -> tuple[list[Turn], dict]:
+        new = self.turns[held:]
+        return new + [Turn("assistant", text)], {"kind": "chat", "turns": [turn_to_json(t) for t in new],
+                                                 "reply": text}
+
+    def choice(self, text: str | None, finish: str | None, logprobs: list[dict] | None, *, stream: bool,
+               offset: int = 0) -> dict:
+        shaped = None if logprobs is None else {"content": logprobs}
+        return delta_choice(text, finish, shaped) if stream else message_choice(text, finish, shaped)
+
+    def first_chunk(self, head: dict) -> dict | None:
+        return role_chunk(head, content="")
+
+
+class CompletionJob(Job):
+    """A text completion: a conversation of its own unless a session id names one to continue."""
+    route, object, chunk_object, id_prefix = "completions", "text_completion", "text_completion", "cmpl-"
+
+    def __init__(self, body: CompletionRequest, limits: Limits, session_id: str | None):
+        super().__init__(body, limits, session_id)
+        if not body.prompt:
+            raise ApiError(400, "prompt is empty", param="prompt")
+
+    @property
+    def kept(self) -> bool:
+        return self.session_id is not None
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.body.logprobs
+
+    def conversation(self, store: ConversationStore) -> Conversation:
+        return store.find(self.digests, self.session_id) if self.kept else store.new()
+
+    def new_texts(self, held: int) -> list[str]:
+        return [self.body.prompt]
+
+    def start(self, session: StreamSession, held: int, **options) -> Iterator[Piece]:
+        return session.generate(self.body.prompt, **options)
+
+    def fed(self, held: int, text: str) -> tuple[list[Turn], dict]:
+        return [Turn("user", self.body.prompt + text)], {"kind": "completion", "prompt": self.body.prompt,
+                                                         "reply": text}
+
+    def choice(self, text: str | None, finish: str | None, logprobs: list[dict] | None, *, stream: bool,
+               offset: int = 0) -> dict:
+        return text_choice(text or "", finish, None if logprobs is None else
+                           completion_from_chat_logprobs(logprobs, offset))
