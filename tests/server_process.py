@@ -9,7 +9,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from unittest import mock
 
 THREADS = ["--threads", "1"]  # the same sums as the in-process references (`reference_replies`)
@@ -50,7 +49,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Endpoint:
+    """What the tests call on a server: `request(method, path, body, headers, raw)` -> (status, body, headers);
+    `with` one, it is stopped at the end (unless a test stopped it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def request(self, method, path, body=None, headers=None, raw: bytes | None = None):
+        raise NotImplementedError
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+
+class Server(Endpoint):
+    """A real `infmllm-gguf serve` process."""
+
     def __init__(self, args, state_dir, api_key=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -88,12 +115,6 @@ class Server:
         body = json.loads(data) if headers.get("content-type", "").startswith("application/json") else data.decode()
         return r.status if hasattr(r, "status") else r.code, body, headers
 
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body=None, **kw):
-        return self.request("POST", path, body, **kw)
-
     def client(self):
         from openai import OpenAI
 
@@ -105,17 +126,15 @@ class Server:
         assert "Traceback" not in self.output(), self.output()
 
 
-@contextmanager
-def running(args, state_dir, api_key=None):
-    server = Server(args, state_dir, api_key)
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            server.stop()
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.stop()
 
 
-class InProcess:
+running = Server  # `with running(ARGS, state_dir) as server:`
+
+
+class InProcess(Endpoint):
     """The application `infmllm-gguf serve ARGS` makes, its flags read by the command itself, served
     in this process through a TestClient: `get`, `post`, `client` and `stop` as `Server` has them
     (a streamed reply comes whole, when it ends)."""
@@ -144,12 +163,6 @@ class InProcess:
         body = r.json() if headers.get("content-type", "").startswith("application/json") else r.text
         return r.status_code, body, headers
 
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body=None, **kw):
-        return self.request("POST", path, body, **kw)
-
     def client(self):
         from openai import OpenAI
 
@@ -160,10 +173,4 @@ class InProcess:
         self.http.__exit__(None, None, None)
 
 
-@contextmanager
-def in_process(args, state_dir, api_key=None):
-    server = InProcess(args, state_dir, api_key)
-    try:
-        yield server
-    finally:
-        server.stop()
+in_process = InProcess  # `with in_process(ARGS, state_dir) as server:`

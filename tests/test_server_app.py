@@ -13,7 +13,7 @@ from PIL import Image
 
 from infmllm_gguf import StreamSession
 from infmllm_gguf.synthetic_mmproj import write_mmproj
-from server_process import ARGS, SETTINGS, THREADS, converse, events, in_process, reference_replies
+from server_process import ARGS, SETTINGS, THREADS, events, in_process, reference_replies
 
 TURNS = ["Name a colour.", "Name an animal.", "Name a fruit."]
 ERROR_KEYS = {"message", "type", "param", "code"}

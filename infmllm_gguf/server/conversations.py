@@ -73,8 +73,10 @@ class ConversationStore:
         if not 1 <= parallel <= max_sessions:
             raise ValueError(f"--parallel ({parallel}) must be between 1 and --max-sessions ({max_sessions})")
         self.model, self.settings = model, settings
+        self.max_sessions, self.parallel, self.queue = max_sessions, parallel, queue
         self.admission = Admission(parallel, queue)
         self.journal = Journal(state_dir, model, settings, snapshot_after=snapshot_after)
+        self.state_dir = self.journal.state_dir
         self.live_set = LiveSet(max_sessions, self.journal)
         self._lock = threading.Lock()  # guards the tables below
         self.conversations: dict[str, Conversation] = {}
@@ -82,22 +84,6 @@ class ConversationStore:
         for conv in self.journal.load_index():
             self.conversations[conv.id] = conv
             self.by_digest[conv.digest] = conv.id
-
-    @property
-    def max_sessions(self) -> int:
-        return self.live_set.max_sessions
-
-    @property
-    def parallel(self) -> int:
-        return self.admission.parallel
-
-    @property
-    def queue(self) -> int:
-        return self.admission.queue
-
-    @property
-    def state_dir(self) -> Path:
-        return self.journal.state_dir
 
     # -- finding ----------------------------------------------------------------------------
     def find(self, digests: list[str], session_id: str | None) -> Conversation:
@@ -207,7 +193,7 @@ class ConversationStore:
         """Counts over the conversations, from what each last published."""
         with self._lock:
             convs = list(self.conversations.values())
-        counters = self.journal.counters()
+        counters = self.journal.counters.snapshot()
         live = [c.published for c in convs if c.session is not None and c.published]
         return {"sessions_live": sum(c.session is not None for c in convs),
                 "sessions_on_disk": sum(c.session is None and c.n_messages > 0 for c in convs),

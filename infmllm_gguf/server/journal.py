@@ -30,6 +30,7 @@ from ..session import StreamSession
 from ..state import fsync_directory, read_header, replacing
 from .api import ROOT, Turn
 from .live import Conversation, SessionSettings
+from .metrics import disk_counters
 
 INDEX_SCHEMA = 2  # 1: {"id", "digest", "n_messages"} with the snapshot always present (before the log)
 
@@ -141,9 +142,7 @@ class Journal:
         self.state_dir, self.model, self.settings = Path(state_dir), model, settings
         self.snapshot_after = snapshot_after  # seconds a conversation is idle before its snapshot is written
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # guards the counters
-        self.saves = self.restores = self.replays = self.logged = 0
-        self.log_s = self.snapshot_s = 0.0  # what durability costs: the turn log's appends, the snapshots
+        self.counters = disk_counters()
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
 
@@ -152,16 +151,6 @@ class Journal:
 
     def log(self, cid: str) -> TurnLog:
         return TurnLog(self.path(cid, ".log"))
-
-    def _count(self, **amounts) -> None:
-        with self._lock:
-            for name, amount in amounts.items():
-                setattr(self, name, getattr(self, name) + amount)
-
-    def counters(self) -> dict:
-        with self._lock:
-            return {"saves": self.saves, "restores": self.restores, "replays": self.replays,
-                    "logged": self.logged, "log_s": self.log_s, "snapshot_s": self.snapshot_s}
 
     def load_index(self) -> list[Conversation]:
         """The conversations a previous server left in the state directory, each at its last
@@ -192,7 +181,7 @@ class Journal:
         if not index.exists():
             IndexEntry(conv.id).write(index)
         self.log(conv.id).append({**entry, "before": conv.n_messages, "after": n_messages, "digest": digest})
-        self._count(logged=1, log_s=time.perf_counter() - t0)
+        self.counters.add(logged=1, log_s=time.perf_counter() - t0)
 
     def save(self, conv: Conversation) -> None:
         """Under the conversation's lock: write its session's snapshot, then its index entry, then
@@ -205,7 +194,7 @@ class Journal:
         IndexEntry(conv.id, conv.n_messages, conv.digest).write(self.path(conv.id, ".json"))
         self.log(conv.id).clear()
         conv.snapshot_messages = conv.n_messages
-        self._count(saves=1, snapshot_s=time.perf_counter() - t0)
+        self.counters.add(saves=1, snapshot_s=time.perf_counter() - t0)
 
     def restore(self, conv: Conversation) -> StreamSession:
         """The conversation at its last completed request: its snapshot (or a new session), then
@@ -218,13 +207,13 @@ class Journal:
             extra = read_header(path).get("extra", {}).get("conversation")
             # a snapshot from before the log (index schema 1) holds what its index entry says
             held = conv.snapshot_messages if extra is None else extra["n_messages"]
-            self._count(restores=1)
+            self.counters.add(restores=1)
         else:
             session, held = s.new_session(self.model), 0
         try:
             for entry in continuing(entries, held):
                 replay(session, entry)
-                self._count(replays=1)
+                self.counters.add(replays=1)
         except Exception:
             session.close()
             raise
