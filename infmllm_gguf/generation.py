@@ -81,7 +81,10 @@ def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, 
         return lambda logits: int(np.argmax(logits))
 
     def sample(logits: np.ndarray) -> int:
-        p = np.exp(log_softmax(logits / temperature))
+        # shifted to a peak of 0 first, in float64: a tiny temperature then sends the others to
+        # -inf (probability 0) instead of overflowing the peak to inf (inf - inf: NaN)
+        shifted = logits.astype(np.float64) - np.max(logits)
+        p = np.exp(log_softmax(shifted / temperature))
         order = np.argsort(-p)
         if top_k:
             order = order[:top_k]

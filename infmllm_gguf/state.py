@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -21,6 +22,10 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 STATE_VERSION = 2  # 1: the single-file format before the session was split into components
+
+#: what NumPy's reader raises for a file that is not a whole .npz of ours: cut (BadZipFile,
+#: EOFError), altered (a bad CRC, NotImplementedError for a flipped compression field), not JSON
+UNREADABLE = (ValueError, OSError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, json.JSONDecodeError)
 
 #: a component's state: JSON-able metadata and named arrays
 ComponentState = tuple[dict, dict[str, np.ndarray]]
@@ -80,7 +85,7 @@ def read_header(path: str | os.PathLike) -> dict:
             meta = json.loads(z["meta"].tobytes())
     except FileNotFoundError:
         raise FileNotFoundError(f"no saved session at {path}") from None
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+    except UNREADABLE as exc:
         raise ValueError(f"{path} is not a session saved by infmllm-gguf ({exc})") from None
     return _checked_header(path, meta)
 
@@ -95,7 +100,7 @@ def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, ComponentState]
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(arrays.pop("meta").tobytes())
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+    except UNREADABLE as exc:
         raise ValueError(f"{path} is not a session saved by infmllm-gguf ({exc})") from None
     _checked_header(path, meta)
     if not isinstance(meta.get("components"), dict):

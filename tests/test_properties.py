@@ -378,13 +378,6 @@ def read_refused_with_a_value_error(path: Path) -> None:
         # anything else (zipfile.BadZipFile, EOFError, NotImplementedError) propagates: the test fails
 
 
-STATE_READER = ("state.read_state/read_header: np.load of a truncated or altered .npz raises zipfile.BadZipFile "
-                "(a truncated file, a bad CRC, a garbled name), EOFError (cut inside the magic) or "
-                "NotImplementedError (a flipped compression field), none of them a ValueError: both readers' "
-                "except tuples should add zipfile.BadZipFile, EOFError, NotImplementedError")
-
-
-@pytest.mark.xfail(strict=True, reason=STATE_READER)
 @settings(FEWER, max_examples=25)
 @given(st.data())
 def test_a_state_file_cut_at_any_byte_is_refused_with_a_value_error(data):
@@ -395,7 +388,6 @@ def test_a_state_file_cut_at_any_byte_is_refused_with_a_value_error(data):
         read_refused_with_a_value_error(path)
 
 
-@pytest.mark.xfail(strict=True, reason=STATE_READER)
 @settings(FEWER, max_examples=40)
 @given(st.data())
 def test_a_state_file_with_a_byte_altered_is_read_or_refused_with_a_value_error(data):
@@ -435,12 +427,6 @@ def test_a_state_file_whose_header_is_altered_json_is_refused_with_a_value_error
 # ---------------------------------------------------------------------------------------------
 # the sampler at any temperature
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the NaN, while it lasts
-@pytest.mark.xfail(strict=True, reason="generation.make_sampler divides the float32 logits by the temperature: "
-                                       "below about 1e-37 they overflow to inf, log_softmax's inf - inf is NaN "
-                                       "and rng.choice raises 'Probabilities contain NaN' (the server answers 500 "
-                                       "to temperature 1e-74, which its check allows); subtract the max logit "
-                                       "before dividing, in float64")
 @FEWER
 @given(hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-30, 30, width=32)),
        st.floats(1e-300, 1e-38))
