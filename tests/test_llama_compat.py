@@ -42,6 +42,7 @@ def both(default_model):
     theirs.close()
 
 
+@pytest.mark.slow  # llama-cpp-python's own calls take ~20 s here (the module's fixture)
 def test_the_same_calls_return_the_same_dicts(both):
     theirs, ours = both
     for name in ("completion", "call", "chat"):
@@ -57,6 +58,7 @@ def test_the_same_calls_return_the_same_dicts(both):
     assert ours["completion"]["usage"] == theirs["completion"]["usage"]
 
 
+@pytest.mark.slow
 def test_the_same_calls_stream_the_same_chunks(both):
     theirs, ours = both
     for name, field in (("completion stream", "text"), ("chat stream", "delta")):

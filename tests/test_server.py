@@ -142,6 +142,7 @@ def browser():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("default_model")
 def test_the_web_page_streams_a_reply_and_shows_the_cache(tmp_path):
     from selenium.webdriver.common.by import By

@@ -47,6 +47,7 @@ def metric(text: str, name: str) -> float:
                or line.startswith(name + "{"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("default_model")
 def test_reads_while_replies_stream_are_consistent(tmp_path):
     """4 clients stream 3 replies each (2 at a time) while 3 threads poll every read-only route:

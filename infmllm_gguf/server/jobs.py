@@ -17,7 +17,6 @@ from .limits import Limits
 
 class Job:
     """A request checked: its body, the reply's length, the conversation it names (`session_id`)."""
-    route: ClassVar[str]        # its name in /metrics
     object: ClassVar[str]       # the reply's object
     chunk_object: ClassVar[str]  # a streamed piece's
     id_prefix: ClassVar[str]
@@ -75,7 +74,7 @@ class Job:
 
 
 class ChatJob(Job):
-    route, object, chunk_object, id_prefix = "chat", "chat.completion", "chat.completion.chunk", "chatcmpl-"
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     def __init__(self, body: ChatRequest, limits: Limits, session_id: str | None, *, images_allowed: bool):
         super().__init__(body, limits, session_id)
@@ -120,7 +119,7 @@ class ChatJob(Job):
 
 class CompletionJob(Job):
     """A text completion: a conversation of its own unless a session id names one to continue."""
-    route, object, chunk_object, id_prefix = "completions", "text_completion", "text_completion", "cmpl-"
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     def __init__(self, body: CompletionRequest, limits: Limits, session_id: str | None):
         super().__init__(body, limits, session_id)
