@@ -5,7 +5,9 @@ over a model, with the attention-score capture of `patches/` (`native`, its ctyp
 `mtmd.VisionEncoder` is libmtmd's image encoder. Nothing here changes process-wide state at
 import: llama.cpp's backends and log callback are set up when the first model loads.
 """
-from .runtime import CACHE_TYPES, SEQ, AttentionScores, CaptureError, Runtime, check_cache_types
+from .capture import AttentionScores, CaptureError
+from .cell_state import SEQ
+from .runtime import CACHE_TYPES, Runtime, check_cache_types
 from .model import Model, parse_endpoint, supports_gpu_offload, system_info
 from .native import UnpatchedLlamaError
 

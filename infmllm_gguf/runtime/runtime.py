@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from . import native
+from .capture import AttentionCapture, CaptureError
+from .cell_state import SEQ, CellState
 from .log import LOG
 from .model import Model
-
-SEQ = 0  # the one sequence a Runtime decodes
 
 #: KV cache element types, named as llama.cpp's tools name them (--cache-type-k/-v)
 CACHE_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0, "q4_0": llama.GGML_TYPE_Q4_0}
@@ -32,25 +31,6 @@ def check_cache_types(type_k: str, type_v: str, flash_attn: bool | None) -> None
     if type_v != "f16" and flash_attn is False:
         raise ValueError(f"a quantized V cache (--cache-type-v {type_v}) needs flash attention, as in llama.cpp: "
                          "drop --no-flash-attn or use --cache-type-v f16")
-
-
-class CaptureError(RuntimeError):
-    """Scores were asked for but none were captured."""
-
-
-@dataclass(frozen=True)
-class AttentionScores:
-    """Attention that the last decode's captured queries gave to each cached cell.
-
-    `scores[i, j]` is the attention probability that layer `layers[i]` gave to the cell at
-    llama.cpp position `positions[j]`, summed over heads and over the `n_queries` captured queries
-    (the last ones of the batch).
-    """
-
-    positions: np.ndarray  # int32 [n]
-    scores: np.ndarray     # float32 [len(layers), n]
-    layers: tuple[int, ...]
-    n_queries: int
 
 
 def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatch: int | None = None,
@@ -80,7 +60,7 @@ def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatc
     return ctx
 
 
-class Runtime:
+class Runtime(AttentionCapture, CellState):
     """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
     path to load one from, which the runtime then owns and frees). `cache_type_k`/`cache_type_v`:
     the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention.
@@ -233,81 +213,6 @@ class Runtime:
             raise RuntimeError(f"the last decode has fewer than {n_outputs} outputs")
         return np.ctypeslib.as_array(llama.llama_get_logits(self.ctx), shape=(n_outputs, self.model.n_vocab)).copy()
 
-    # -- state ------------------------------------------------------------------------------
-    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """The context's state for a save: llama.cpp's cells as bytes, and the last output's logits,
-        which llama.cpp's state does not include.
-
-        The cells are then loaded back, which packs them into the slots a restore gives them: where
-        a cell lies changes the order of llama.cpp's sums, and this model family turns that rounding
-        into logit differences of up to ~1. Packed alike, this context and a restored one continue
-        with bit-identical logits."""
-        buf = self._get_cells()
-        arrays = {"cells": buf}
-        if self._has_logits:
-            arrays["last_logits"] = self.logits()
-        reason = self._set_cells(buf)
-        if reason is not None:
-            raise RuntimeError(f"llama.cpp could not load back the cells it had just saved ({reason})")
-        self._restored_logits = arrays.get("last_logits")
-        return {"n_cells": self.n_cached()}, arrays
-
-    def check_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Raise ValueError unless `state()`'s output could be loaded here (the bytes themselves are
-        only checked by llama.cpp, in `load_state`)."""
-        cells = arrays.get("cells")
-        if cells is None or cells.dtype != np.uint8 or cells.ndim != 1:
-            raise ValueError("the saved llama.cpp cells are missing or not a byte array")
-        if not isinstance(meta.get("n_cells"), int) or not 0 <= meta["n_cells"] <= self.n_ctx:
-            raise ValueError(f"the saved state holds {meta.get('n_cells')!r} cells; this context has {self.n_ctx}")
-        logits = arrays.get("last_logits")
-        if logits is not None and logits.shape != (self.model.n_vocab,):
-            raise ValueError(f"saved logits have shape {logits.shape}, this model's vocabulary {self.model.n_vocab}")
-
-    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Load a checked state of a context of the same model and size. If llama.cpp refuses the
-        bytes, or they hold another number of cells, the previous cells are put back and
-        ValueError says why."""
-        backup = self._get_cells()
-        reason = self._set_cells(arrays["cells"])
-        if reason is None and self.n_cached() != meta["n_cells"]:
-            reason = f"they hold {self.n_cached()} cells, the saved state says {meta['n_cells']}"
-        if reason is not None:
-            self._set_cells(backup)
-            raise ValueError(f"llama.cpp could not load the saved cells ({reason}): they were saved from another "
-                             "model or context size")
-        logits = arrays.get("last_logits")
-        self._restored_logits = None if logits is None else logits.astype(np.float32)
-        self._has_logits = logits is not None
-
-    def _get_cells(self) -> np.ndarray:
-        """llama.cpp's cells as bytes, pending position shifts applied."""
-        self.apply_pending_shifts()
-        size = llama.llama_state_get_size(self.ctx)
-        buf = np.empty(size, dtype=np.uint8)
-        written = llama.llama_state_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size)
-        if written != size:
-            raise RuntimeError(f"llama_state_get_data wrote {written} of {size} bytes")
-        return buf
-
-    def _set_cells(self, data: np.ndarray) -> str | None:
-        """Replace the cells with `data`; None, or why llama.cpp refused them."""
-        data = np.ascontiguousarray(data, dtype=np.uint8)
-        read = llama.llama_state_set_data(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size)
-        if read != data.size:
-            self.clear()
-            return f"{read} of {data.size} bytes read"
-        return None
-
-    def sequence_bytes(self) -> int:
-        """Bytes of the sequence's saved state (its cells' K and V rows, positions, a header)."""
-        return llama.llama_state_seq_get_size(self.ctx, SEQ)
-
-    def apply_pending_shifts(self) -> None:
-        """Apply pending position shifts to the keys now. llama.cpp re-rotates shifted keys lazily, at
-        the next decode, and its saved state would lose the pending shift."""
-        native.llama_attn_capture_apply_shifts(self.ctx)
-
     # -- KV cache ---------------------------------------------------------------------------
     def pos_min(self) -> int:
         """Smallest position of the sequence (of the sliding-window cache, for iSWA models)."""
@@ -366,52 +271,3 @@ class Runtime:
 
     def clear(self) -> None:
         llama.llama_memory_clear(self.kv, True)
-
-    # -- attention capture ------------------------------------------------------------------
-    def _read_kv_layers(self) -> tuple[int, ...]:
-        n = native.llama_attn_capture_kv_layers(self.ctx, None, 0)
-        if n < 0:
-            return ()  # a recurrent model: no KV cache
-        layers = (ctypes.c_int32 * max(n, 1))()
-        native.llama_attn_capture_kv_layers(self.ctx, layers, n)
-        return tuple(layers[:n])
-
-    def capture_scores(self, n_queries: int, layers: Sequence[int] | None = None) -> None:
-        """Capture, at every following decode, the attention of its last `n_queries` queries (0: off)
-        in `layers` (default: every layer that has a KV cache)."""
-        if n_queries < 0:
-            raise ValueError(f"the number of captured queries must be >= 0, not {n_queries}")
-        if layers is None and len(self.kv_layers) < self.model.n_layer:
-            layers = self.kv_layers
-        if layers is None:
-            rc = native.llama_attn_capture_set(self.ctx, n_queries, None, 0)
-        else:
-            if not layers:
-                raise ValueError("layers must name at least one layer (or be None for all)")
-            arr = (ctypes.c_int32 * len(layers))(*layers)
-            rc = native.llama_attn_capture_set(self.ctx, n_queries, arr, len(layers))
-        if rc != 0:
-            raise ValueError(f"invalid capture layers {list(layers or [])} for a model of {self.model.n_layer} layers")
-        self._captured_queries = n_queries
-        self._capture_layers = tuple(range(self.model.n_layer)) if layers is None else tuple(sorted(set(layers)))
-
-    def read_scores(self) -> AttentionScores:
-        """The scores captured by the last decode, for the cells the sequence occupies now."""
-        n = native.llama_attn_capture_get(self.ctx, SEQ, None, None, 0)
-        if native.llama_attn_capture_n_queries(self.ctx) < 0:
-            raise CaptureError("no attention scores were captured: call capture_scores(n_queries) before decoding")
-        if n == -3:
-            raise CaptureError(f"attention capture needs a KV cache; {self.model.architecture} is a recurrent model "
-                               "and has none")
-        if n < 0:
-            raise CaptureError(f"llama_attn_capture_get failed with code {n}")
-        positions = np.zeros(n, dtype=np.int32)
-        scores = np.zeros((self.model.n_layer, n), dtype=np.float32)
-        rc = native.llama_attn_capture_get(
-            self.ctx, SEQ, positions.ctypes.data_as(ctypes.POINTER(llama.llama_pos)),
-            scores.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
-        if rc != n:
-            raise CaptureError(f"llama_attn_capture_get returned {rc}, expected {n}")
-        layers = self._capture_layers
-        return AttentionScores(positions, scores[list(layers)], layers,
-                               native.llama_attn_capture_n_queries(self.ctx))
