@@ -6,9 +6,9 @@ Each response is checked for: no 5xx, an answer within `TIMEOUT_S` (no hang), an
 served schema completed with what the server documents (README, "Requests are bounded") but FastAPI
 does not write into /openapi.json: the error statuses each route answers, all with OpenAI's error
 body, the reply objects, a streamed reply's content type and events, /metrics' and the page's
-content types (`contract`). That the served schema itself lacks these is a finding of its own
-(`test_the_served_schema_documents_what_the_server_answers`, xfail until `server/app.py` declares
-them).
+content types (`contract`; the reply objects are checked more closely than the served schema
+says). The served schema documents the statuses and content types too
+(`test_the_served_schema_documents_what_the_server_answers`).
 
 Generation is bounded by the server (`--max-tokens 8`, `--max-prompt-tokens 512`): a request asking
 more is a quick 400, one asking nothing gets 8 tokens. Half of the positive chat and completion
@@ -52,21 +52,9 @@ EXAMPLES = {"POST /v1/chat/completions": (200, 60), "POST /v1/completions": (130
             "GET /v1/sessions/{session_id}": (30, 0), "GET /v1/models": (3, 0), "GET /health": (3, 0),
             "GET /metrics": (3, 0), "GET /": (3, 0)}
 
-# Findings whose fix goes into server/app.py or generation.py: while they stand the fuzzer counts
-# them apart instead of failing on them (each is pinned by a strict xfail); set a flag to False once
-# its fix lands, so that any recurrence fails. (Fixed meanwhile, no longer excluded: a negative seed
-# answered 500, a validation error 422.)
-# a temperature above 0 but tiny (1e-74) answers 500 "Probabilities contain NaN" (generation.make_sampler
-# divides float32 logits by it: inf - inf; tests/test_properties.py::test_a_tiny_temperature_samples_greedily)
-KNOWN_TINY_TEMPERATURE_NAN = True
-# a body that is not UTF-8 answers 400 with Starlette's {"detail": ...}, not OpenAI's error body
-# (server/app.py handles RequestValidationError but not the HTTPException of an unparseable body;
-# test_an_unparseable_body_gets_an_openai_error below)
-KNOWN_UNPARSEABLE_BODY_DETAIL = True
-# a completions prompt that tokenizes to no token at all (SmolLM2 drops "\x04", "\x06", "\x13", "\x14",
-# "\x16", "\x1d") answers 500 "nothing to continue" (generation.generate_tokens raises ValueError on
-# an empty cache, server/app.py's worker answers every ValueError 500; test_a_prompt_of_no_token_is_refused)
-KNOWN_NO_TOKEN_PROMPT = True
+# Findings, each fixed with a test: a negative seed answered 500, a validation error 422, a tiny
+# temperature 500 (NaN), a body that is not UTF-8 Starlette's {"detail"}, a prompt of no token 500
+# ("nothing to continue"), a lone surrogate 500; the served schema lacked the statuses it answers.
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "37"))  # the same cases each run; another seed, other cases
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -161,12 +149,6 @@ def sse_events(text: str) -> list:
     return [json.loads(line[6:]) for line in lines[:-1]]
 
 
-def tiny_temperature(case) -> bool:
-    body = case.body if isinstance(case.body, dict) else {}
-    t = body.get("temperature")
-    return isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1e-3
-
-
 def media_type(response) -> str:
     value = response.headers.get("content-type") or [""]  # schemathesis' Response: each header a list
     return (value[0] if isinstance(value, list) else value).split(";")[0].strip()
@@ -178,7 +160,6 @@ class Findings:
 
     def __init__(self):
         self.found: dict[str, list] = collections.defaultdict(list)
-        self.known: collections.Counter = collections.Counter()
         self.cases: collections.Counter = collections.Counter()
         self.seconds: collections.Counter = collections.Counter()
 
@@ -196,25 +177,14 @@ class Findings:
 
 def check(case, response, elapsed: float, findings: Findings) -> None:
     label, status = case.operation.label, response.status_code
-    known = None
-    if status >= 500 and KNOWN_TINY_TEMPERATURE_NAN and tiny_temperature(case) and "NaN" in response.text:
-        known = "tiny temperature: 500 NaN"
-    if status == 400 and KNOWN_UNPARSEABLE_BODY_DETAIL and not isinstance(case.body, (dict, list)) and \
-            response.text.startswith('{"detail"'):
-        known = "unparseable body: Starlette's detail"
-    if status >= 500 and KNOWN_NO_TOKEN_PROMPT and "nothing to continue" in response.text:
-        known = "prompt of no token: 500"
     if status == 422:
         findings.add("a validation error answers 422 (OpenAI answers 400)", case, response.text)
-    if known:
-        findings.known[known] += 1
-    else:
-        try:
-            case.validate_response(response, checks=CHECKS)
-        except (Failure, FailureGroup) as exc:
-            failures = exc.exceptions if isinstance(exc, FailureGroup) else [exc]
-            for f in failures:
-                findings.add(f"{type(f).__name__}: {f.title}", case, f"{status} {f.message}\n    {response.text[:200]}")
+    try:
+        case.validate_response(response, checks=CHECKS)
+    except (Failure, FailureGroup) as exc:
+        failures = exc.exceptions if isinstance(exc, FailureGroup) else [exc]
+        for f in failures:
+            findings.add(f"{type(f).__name__}: {f.title}", case, f"{status} {f.message}\n    {response.text[:200]}")
     streamed = media_type(response) == "text/event-stream"
     if streamed and status == 200:
         try:
@@ -225,13 +195,7 @@ def check(case, response, elapsed: float, findings: Findings) -> None:
         for event in events:
             if "error" in event:
                 e = event["error"]
-                if e.get("type") == "server_error" and KNOWN_NO_TOKEN_PROMPT and \
-                        "nothing to continue" in e.get("message", ""):
-                    findings.known["prompt of no token: streamed server_error"] += 1
-                elif e.get("type") == "server_error" and KNOWN_TINY_TEMPERATURE_NAN and tiny_temperature(case) \
-                        and "NaN" in e.get("message", ""):
-                    findings.known["tiny temperature: streamed server_error"] += 1
-                elif e.get("type") == "server_error" or not e.get("message"):
+                if e.get("type") == "server_error" or not e.get("message"):
                     findings.add("a server error inside a stream", case, json.dumps(event))
             elif not event.get("choices") and "usage" not in event:
                 findings.add("a stream event with neither choices nor usage", case, json.dumps(event))
@@ -290,8 +254,6 @@ def test_the_server_answers_every_fuzzed_request_as_its_schema_says(server):
         print(f"  {key[0]:32s} {key[1]:9s} {key[2]}: {n}")
     for key, s in sorted(findings.seconds.items()):
         print(f"  {key[0]:32s} {key[1]:9s} {s:.1f} s")
-    for key, n in findings.known.items():
-        print(f"  known, excluded for now: {key}: {n}")
     assert status == 200 and health["in_flight"] == 0, health
     assert not findings.found, "findings:\n" + findings.report()
 
@@ -313,23 +275,16 @@ def test_a_lone_surrogate_is_refused_not_a_500(server):
         assert "lone surrogate" in answer["error"]["message"], answer
 
 
-@pytest.mark.xfail(strict=True, reason="server/app.py: a prompt of no token reaches generate_tokens, whose "
-                                       "ValueError the worker answers 500; it should be a 400 naming the prompt")
 def test_a_prompt_of_no_token_is_refused(server):
     status, answer, _ = post(server, "/v1/completions", b'{"prompt": "\\u0004", "max_tokens": 1}')
     assert status == 400, (status, answer)
 
 
-@pytest.mark.xfail(strict=True, reason="server/app.py: Starlette's HTTPException for a body it cannot parse "
-                                       "(not UTF-8) is answered with its own {\"detail\"} body, not OpenAI's error")
 def test_an_unparseable_body_gets_an_openai_error(server):
     status, answer, _ = server.request("POST", "/v1/chat/completions", raw=b"\x92T")
     assert status == 400 and isinstance(answer, dict) and answer.get("error", {}).get("message"), answer
 
 
-@pytest.mark.xfail(strict=True, reason="server/app.py: the routes declare no responses= , so /openapi.json "
-                                       "documents only 200 and FastAPI's 422 (with its HTTPValidationError body), "
-                                       "and application/json for /metrics, the page and streamed replies")
 def test_the_served_schema_documents_what_the_server_answers(server):
     """What `contract` adds to the served schema belongs in it: each route's error statuses with
     OpenAI's error body, and the real content types."""

@@ -5,6 +5,7 @@
 (`RequestRunner`: admitted, in a worker thread, replied whole or streamed); `conversations` finds
 them (`ConversationStore`) over `admission` (slots and the queue), `live` (the live set, least
 recently used out) and `journal` (the turn logs, the snapshots, restores); `metrics`, `middleware`
-(body limit, API key) and `app` (`create_app`: the routes) make the FastAPI application;
+(body limit, API key), `schema` (the OpenAPI schema as the server answers) and `app`
+(`create_app`: the routes) make the FastAPI application;
 `static/index.html` is the web page.
 """

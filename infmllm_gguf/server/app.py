@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from ..probes import rss_mib
 from .api import ApiError, ChatRequest, CompletionRequest, error_from_validation
@@ -20,6 +21,7 @@ from .limits import Limits
 from .metrics import Metrics, prometheus_text
 from .middleware import ApiKey, BodyLimit
 from .runner import RequestRunner
+from .schema import served_schema
 
 STATIC = Path(__file__).parent / "static"
 
@@ -45,6 +47,11 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # a body it cannot parse, an unknown route
+        err = ApiError(exc.status_code, str(exc.detail))
+        return JSONResponse(err.body(), status_code=err.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -102,4 +109,5 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    app.openapi = lambda: served_schema(app, api_key=api_key is not None)
     return app

@@ -141,6 +141,9 @@ class CompletionJob(Job):
         return [self.body.prompt]
 
     def start(self, session: StreamSession, held: int, **options) -> Iterator[Piece]:
+        if session.stats.tokens_seen == 0 and not session.tokenize(self.body.prompt):
+            raise ApiError(400, "the prompt holds no token this model reads (its tokenizer drops every character "
+                                "of it): nothing to continue", param="prompt")
         return session.generate(self.body.prompt, **options)
 
     def fed(self, held: int, text: str) -> tuple[list[Turn], dict]:
