@@ -209,7 +209,7 @@ def chat(
     try:
         session = StreamSession(model, policy, mmproj=mmproj, chunk=chunk, flash_attn=flash_attn, seed=seed,
                                 cache_type_k=backend["cache_type_k"], cache_type_v=backend["cache_type_v"],
-                                memory=memory if policy != "full" else None, **hardware, **policy_options)
+                                memory=memory, **hardware, **policy_options)
         session.chat_template()  # a model without one cannot chat: say so before the first turn
     except (ModelError, ProjectorError, UnpatchedLlamaError, ValueError) as exc:
         fail(str(exc))

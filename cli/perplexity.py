@@ -48,6 +48,7 @@ def perplexity(
     from infmllm_gguf.perplexity import TextFileError, check_text_file, plot_runs, stream_perplexity, table
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.runtime import UnpatchedLlamaError
+    from infmllm_gguf.session import SessionConfig
 
     try:
         check_text_file(file)
@@ -61,7 +62,7 @@ def perplexity(
         name = "-".join(part.replace(" ", "") for part in p.label().split(", "))  # the checkpoint's
         if (backend["cache_type_k"], backend["cache_type_v"]) != ("f16", "f16"):
             name += f"-kv{backend['cache_type_k']}-{backend['cache_type_v']}"
-        run_memory = memory if p.name != "full" else None  # full evicts nothing: no memory
+        run_memory = memory if p.evicts else None  # nothing evicted: no memory
         if run_memory is not None:
             name += f"-memory{run_memory.ranking}"
         bar = tqdm(total=max_tokens, unit="tok", desc=p.label(), dynamic_ncols=True, leave=True)
@@ -71,10 +72,10 @@ def perplexity(
             bar.set_postfix(ppl=f"{run.ppl:.2f}", cells=run.peak_cells, refresh=False)
 
         try:
+            config = SessionConfig(p, chunk=chunk, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                   memory=run_memory, **backend)
             run = stream_perplexity(
-                file, model=model, policy=p, chunk=chunk, max_tokens=max_tokens, segment=segment, progress=progress,
-                n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, **backend,
-                memory=run_memory,
+                file, model=model, config=config, max_tokens=max_tokens, segment=segment, progress=progress,
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{name}.npz",
                 checkpoint_every=checkpoint_every)
         except (ModelError, UnpatchedLlamaError, TextFileError, ValueError, FileNotFoundError) as exc:

@@ -96,6 +96,7 @@ def recall(
     from infmllm_gguf.perplexity import TextFileError, check_text_file
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.recall import RecallRun, heatmap, make_plan, policies_to_run, run_recall, table, text_filler
+    from infmllm_gguf.session import SessionConfig
 
     path = filler_path(filler)
     try:
@@ -121,7 +122,7 @@ def recall(
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for p, mem in ((p, mem) for p in policies_to_run(grid, m.n_ctx_train, len(plan))
-                   for mem in (memories if p.name != "full" else [None])):
+                   for mem in (memories if p.evicts else [None])):
         label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
         if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
             typer.echo(f"{label}: in {json_out} already", err=True)
@@ -134,8 +135,8 @@ def recall(
             bar.set_postfix(correct=f"{right}/{len(run.answers)}", refresh=False)
 
         try:
-            run = run_recall(plan, model=m, policy=p, chunk=chunk, answer_tokens=answer_tokens, progress=progress,
-                             n_threads=threads, flash_attn=flash_attn, memory=mem,
+            config = SessionConfig(p, chunk=chunk, n_threads=threads, flash_attn=flash_attn, memory=mem)
+            run = run_recall(plan, model=m, config=config, answer_tokens=answer_tokens, progress=progress,
                              checkpoint=None if checkpoint_dir is None else checkpoint_dir / checkpoint_name(label))
         except (ValueError, RuntimeError, OSError) as exc:
             bar.close()
@@ -179,6 +180,7 @@ def recall_chat(
     from infmllm_gguf.perplexity import TextFileError, check_text_file
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.recall import ChatRecallRun, make_chat_plan, plot_chat, run_chat_recall
+    from infmllm_gguf.session import SessionConfig
 
     path = filler_path(filler)
     try:
@@ -197,7 +199,7 @@ def recall_chat(
     done = {run_key(r.policy, "f16", r.memory) for r in runs}
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for p, mem in ((p, mem) for p in grid for mem in (memories if p.name != "full" else [None])):
+    for p, mem in ((p, mem) for p in grid for mem in (memories if p.evicts else [None])):
         label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
         if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
             continue
@@ -209,8 +211,9 @@ def recall_chat(
             bar.set_postfix(correct=f"{right}/{len(run.answers)}", refresh=False)
 
         try:
-            run = run_chat_recall(plan, model=m, policy=p, chunk=chunk, progress=progress, n_threads=threads,
-                                  memory=mem, checkpoint=None if checkpoint_dir is None
+            config = SessionConfig(p, chunk=chunk, n_threads=threads, memory=mem)
+            run = run_chat_recall(plan, model=m, config=config, progress=progress,
+                                  checkpoint=None if checkpoint_dir is None
                                   else checkpoint_dir / ("chat-" + checkpoint_name(label)))
         except (ValueError, RuntimeError, OSError) as exc:
             bar.close()

@@ -61,16 +61,17 @@ def serve(
         fail(str(exc))
     from infmllm_gguf.model_files import ModelError, cache_dir
     from infmllm_gguf.multimodal import ProjectorError
-    from infmllm_gguf.policies import make_policy
     from infmllm_gguf.runtime import Model, UnpatchedLlamaError
+    from infmllm_gguf.session import SessionConfig
     from infmllm_gguf.server.app import create_app
     from infmllm_gguf.server.conversations import ConversationStore, SessionSettings, limit_malloc_arenas
 
     limit_malloc_arenas()
     try:
-        settings = SessionSettings(make_policy(policy, **policy_options), chunk=chunk, n_threads=threads,
-                                   flash_attn=flash_attn, mmproj=mmproj, cache_type_k=backend["cache_type_k"],
-                                   cache_type_v=backend["cache_type_v"], memory=memory if policy != "full" else None)
+        config = SessionConfig.of(policy, chunk=chunk, n_threads=threads, flash_attn=flash_attn,
+                                  cache_type_k=backend["cache_type_k"], cache_type_v=backend["cache_type_v"],
+                                  memory=memory, **policy_options)
+        settings = SessionSettings(config, mmproj=mmproj)
         loaded = Model(model, n_gpu_layers=n_gpu_layers, rpc=backend["rpc"])
         store = ConversationStore(loaded, settings, max_sessions=max_sessions,
                                   state_dir=state_dir or cache_dir() / "sessions", parallel=parallel, queue=queue)

@@ -68,17 +68,16 @@ class ChatTranscript:
             self.fed = self.render(self.messages(), False)
 
     # -- state ------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"system": self.system, "last": self.last, "fed": self.fed}
+    def state(self) -> tuple[dict, dict]:
+        return {"system": self.system, "last": list(self.last), "fed": self.fed}, {}
 
-    @staticmethod
-    def check_state(state: dict) -> None:
+    def check_state(self, state: dict, arrays: dict | None = None) -> None:
         if not isinstance(state, dict) or not {"system", "last", "fed"} <= set(state) or \
                 not isinstance(state["fed"], str) or len(state["last"]) > 4 or \
                 not all(len(m) == 2 and m[0] in ROLES and isinstance(m[1], str) for m in state["last"]):
             raise ValueError("the saved chat transcript is not one this version writes")
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, arrays: dict | None = None) -> None:
         self.system = state["system"]
         self.last = [tuple(m) for m in state["last"]]
         self.fed = state["fed"]

@@ -6,6 +6,7 @@ each token's log-probability when asked (`LogprobSampler`)."""
 from __future__ import annotations
 
 import codecs
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -67,6 +68,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def nll_of(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits[i])[targets[i]] for each row (float64). Only the log-sum-exp is
+    computed, in float32 with a float64 sum: the whole log-softmax would dominate a long stream."""
+    peak = logits.max(axis=-1)
+    lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1, dtype=np.float64))
+    return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
 
 def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, top_k: int = 0,
@@ -191,3 +200,37 @@ def text_pieces(tokens: Iterable[int], detokenizer: StreamingDetokenizer, stop: 
             emitted = len(text) - hold
     if len(text) > emitted:
         yield text[emitted:]
+
+
+def reply_pieces(cache: CacheController, sampler: Sampler, *, max_tokens: int, stop: Sequence[str],
+                 is_end: Callable[[int], bool], token_bytes: Callable[[int], bytes], reply: Reply, n_prompt: int,
+                 prompt_tps: float, noting: LogprobSampler | None = None) -> Iterator[Piece]:
+    """`generate_tokens` as text `Piece`s with their counts and speeds (and, with `noting`, the
+    log-probabilities of their tokens); the last piece is empty and carries the finish reason.
+    The cache is brought back to its budget when the generation ends, however it ends."""
+    last: list[int | None] = [None]
+    noted: list[TokenLogprob] = []
+
+    def tokens_seen() -> Iterator[int]:
+        for token in tokens:
+            last[0] = token
+            if noting is not None:  # the end-of-generation token, sampled but never yielded, is left out
+                noted.append(noting.last)
+            yield token
+
+    def piece(text: str, finish_reason: str | None) -> Piece:
+        logprobs = None if noting is None else tuple(noted)
+        noted.clear()
+        return Piece(text, token=last[0], finish_reason=finish_reason, prompt_tokens=n_prompt,
+                     prompt_tps=prompt_tps, generation_tokens=reply.n_tokens,
+                     generation_tps=reply.n_tokens / max(time.perf_counter() - t0, 1e-9), logprobs=logprobs)
+    t0 = time.perf_counter()
+    tokens = generate_tokens(cache, noting or sampler, max_tokens=max_tokens, is_end=is_end, reply=reply)
+    try:
+        for text in text_pieces(tokens_seen(), StreamingDetokenizer(token_bytes), stop):
+            yield piece(text, None)
+    finally:
+        tokens.close()
+        if cache.n_cached > cache.policy.budget:
+            cache.evict()
+    yield piece("", reply.finish_reason)

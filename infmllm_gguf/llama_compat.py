@@ -71,9 +71,9 @@ class Llama:
         self._session = StreamSession(model_path, policy, budget=n_ctx, chunk=min(chunk, n_ctx),
                                       n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn,
                                       seed=None if seed == LLAMA_DEFAULT_SEED else seed,
-                                      memory=memory if policy != "full" else None)
+                                      memory=memory)
         if self._session.model.chat_template() is not None:
-            self._session.transcript.render = self._session.model.render_chat_jinja
+            self._session.render_chats_with(self._session.model.render_chat_jinja)
         self._held_text = ""      # the completion text the stream holds (prompts and replies)
         self._held_chat: list[str] = []  # digests of the chat messages it holds, in order
 

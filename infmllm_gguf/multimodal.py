@@ -13,9 +13,10 @@ larger side of its grid, and are kept or evicted whole (`infmllm_gguf.layout`).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Iterator, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,6 +31,16 @@ ImageLike = Union[str, os.PathLike, bytes, Image.Image]
 MediaPart = Union[str, ImageLike]
 
 __all__ = ["ImageChunk", "ImageLike", "MediaPart", "Projector", "ProjectorError", "TextChunk", "load_image"]
+
+
+def first_checked(parts: Iterable[MediaPart]) -> Iterator[MediaPart]:
+    """`parts` with its first item taken now, so that an empty or failing source (a video with no
+    frames) raises before anything is fed."""
+    it = iter(parts)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("no media to feed: the source gave no frames")
+    return itertools.chain([first], it)
 
 
 class ProjectorError(ValueError):

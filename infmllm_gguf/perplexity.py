@@ -22,12 +22,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .extras import pyplot
-from .memory import MemoryConfig
-from .policies import DEFAULT_POLICY, Full, Policy, declared_options, from_config
+from .policies import declared_options, from_config
 from .probes import rss_mib
 from .runtime import Model
 from .segments import Segment, SegmentClock
-from .session import StreamSession
+from .session import SessionConfig, StreamSession
+
+NO_MEMORY = SessionConfig(memory=False)  # the runs' default: a stream without prompts needs none
 
 BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 16
@@ -171,34 +172,31 @@ class PerplexityRun(PolicyRun):
 
 
 def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Sequence[int]], *,
-                      model: Model | str | os.PathLike | None = None, policy: Policy | str = DEFAULT_POLICY,
-                      chunk: int = 256, max_tokens: int | None = None, segment: int = 1024,
+                      model: Model | str | os.PathLike | None = None, config: SessionConfig = NO_MEMORY,
+                      max_tokens: int | None = None, segment: int = 1024,
                       checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
-                      progress: Callable[[PerplexityRun, int], None] | None = None, n_gpu_layers: int = -1,
-                      n_threads: int | None = None, flash_attn: bool | None = None, cache_type_k: str = "f16",
-                      cache_type_v: str = "f16", rpc: Sequence[str] = (), memory: MemoryConfig | None = None,
-                      **policy_options) -> PerplexityRun:
+                      progress: Callable[[PerplexityRun, int], None] | None = None) -> PerplexityRun:
     """Stream `source` (a text file, a list of token ids, or an iterable of blocks of them) chunk by
-    chunk, scoring each token's NLL given the bounded cache; return the run with its per-`segment`
-    curve. `policy`: a `Policy`, or a name with its options as keywords.
+    chunk, scoring each token's NLL given the bounded cache of a session made as `config` says;
+    return the run with its per-`segment` curve.
 
     `full` holds at most its budget and the model's training context: its stream stops there
     (`stopped_at`). With `checkpoint`, the session and the run are saved there every
     `checkpoint_every` tokens and at the end; an existing checkpoint of the same run is resumed.
-    `progress(run, tokens_done)` is called after every chunk. `cache_type_k`/`cache_type_v`, `rpc`
-    and `memory` are `StreamSession`'s; a memory re-reads only at prompts, which a perplexity stream
-    has none of: the scores are the same with it, its recording's cost shows in tokens/s.
+    `progress(run, tokens_done)` is called after every chunk. A memory (`config.memory`, off by
+    default) re-reads only at prompts, which a perplexity stream has none of: the scores are the
+    same with it, its recording's cost shows in tokens/s.
     """
     if isinstance(source, (str, os.PathLike)):
         check_text_file(source)
     elif isinstance(source, np.ndarray) or (isinstance(source, Sequence) and
                                             (len(source) == 0 or isinstance(source[0], (int, np.integer)))):
         source = [source]  # one block
-    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v, rpc=rpc,
-                       memory=memory, **policy_options) as session:
-        run = PerplexityRun(policy=session.policy.config(), chunk=chunk, cache_type_k=cache_type_k,
-                            cache_type_v=cache_type_v, memory=None if memory is None else memory.config())
+    chunk = config.chunk
+    with StreamSession.from_config(model, config) as session:
+        run = PerplexityRun(policy=session.policy.config(), chunk=chunk, cache_type_k=config.cache_type_k,
+                            cache_type_v=config.cache_type_v,
+                            memory=None if session.memory is None else session.memory.config.config())
         clock = SegmentClock(lambda: session.stats)
         seg_nll, seg_n = 0.0, 0
         if checkpoint is not None and Path(checkpoint).exists():
@@ -208,7 +206,7 @@ def stream_perplexity(source: str | os.PathLike | Sequence[int] | Iterable[Seque
             clock.restart(elapsed)
         done = session.stats.tokens_seen  # tokens fed, the unscored first one included
         full_limit = None
-        if isinstance(session.policy, Full):
+        if not session.policy.evicts:
             full_limit = min(session.policy.budget, session.model.n_ctx_train)
         limit = full_limit if max_tokens is None else min(max_tokens, full_limit or max_tokens)
         t_start = time.perf_counter() - run.seconds

@@ -165,14 +165,10 @@ def test_generate_feeds_its_prompt_when_called_and_yields_pieces_that_say_how_it
         assert last.generation_tokens == 6 == s.stats.tokens_seen - fed and last.prompt_tokens == fed
         assert [p.token for p in text] == [p.token for p in text if p.token is not None] and text[-1].token >= 0
         assert last.prompt_tps > 0 and last.generation_tps > 0
-        with pytest.warns(DeprecationWarning, match="cached_stream_indices"):
-            assert np.array_equal(s.cached_positions(), s.cached_stream_indices())
 
 
-def test_a_renamed_keyword_still_works_for_a_release(default_model):
-    with pytest.warns(DeprecationWarning, match="history= is now view_tokens="):
-        s = StreamSession(default_model, budget=128, n_threads=1, history=16)
-    with s:
+def test_view_tokens_keeps_the_last_tokens(default_model):
+    with StreamSession(default_model, budget=128, n_threads=1, view_tokens=16) as s:
         s.feed_text("One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
                     "seventeen eighteen.")
         assert len(s.recent_view()) == 16

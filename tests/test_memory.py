@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from infmllm_gguf.controller import CacheController
+from infmllm_gguf.controller import CacheController, Decoded
 from infmllm_gguf.memory import Memory, MemoryConfig, TokenStore, block_starts, bm25, choose
 from infmllm_gguf.memory.images import IMAGE_ID, ImageStore, whole_images
+from infmllm_gguf.memory.probe import rerank_by_attention
 from infmllm_gguf.policies import make_policy
 from infmllm_gguf.recall.needles import exact_match
 from infmllm_gguf.recall.run import ask
@@ -233,18 +234,18 @@ def test_memory_is_saved_with_the_session(default_model, filler, tmp_path):
     with StreamSession(default_model, "inf-mllm", budget=256, chunk=64, n_threads=2) as plain:
         with pytest.raises(ValueError, match="memory"):
             plain.load(tmp_path / "s.npz")
-    with pytest.raises(ValueError, match="needs no memory"):
-        StreamSession(default_model, "full", budget=256, memory=MemoryConfig())
 
 
 def test_memory_is_on_by_default_where_it_can_work(tiny_llama):
     """The default (`memory=True`): on where the policy evicts and the budget has room for a
-    reserve; off with the full policy or a budget too small for one block; False turns it off."""
+    reserve; off with the full policy (whatever is asked) or a budget too small for one block;
+    False turns it off."""
     def memory(policy, budget, **kw):
         with StreamSession(tiny_llama, policy, budget=budget, chunk=32, n_threads=2, **kw) as s:
             return s.memory
     assert memory("inf-mllm", 128).config == MemoryConfig()
     assert memory("full", 128) is None and memory("streaming-llm", 6, sinks=1, recent=4) is None
+    assert memory("full", 128, memory=MemoryConfig()) is None  # it evicts nothing: nothing to bring back
     assert memory("inf-mllm", 128, memory=False) is None and memory("inf-mllm", 128, memory=None) is None
 
 
@@ -258,7 +259,7 @@ def test_attention_probe_puts_the_cache_back(default_model, filler):
         ids, indices = s.memory.store.arrays()
         order, starts = s.memory.rank(s.cache, query, ids, indices)
         cells, logits = s.runtime._get_cells(), s.runtime.logits()
-        reranked = s.memory._rerank_by_attention(s.cache, order, starts, ids, query)
+        reranked = rerank_by_attention(s.cache, order, starts, s.memory.window, ids, query)
         assert np.array_equal(s.runtime._get_cells(), cells) and np.array_equal(s.runtime.logits(), logits)
         assert sorted(reranked.tolist()) == sorted(order.tolist()) and reranked.tolist() != order.tolist()
         assert s.cache.n_cached == s.runtime.n_cached() == 256
@@ -359,14 +360,14 @@ def test_a_fact_each_layer_holds_only_in_part_is_re_read():
     filler = [100 + i % 5 for i in range(64)]
     fact = [7, 8, 9, 10, 11, 12, 13, 14]
     stream = filler[:32] + fact + filler[32:]
-    memory.record(stream, np.arange(len(stream)))
+    memory.record(Decoded(stream, np.arange(len(stream))))
     ids, indices = memory.store.arrays()
     query = [9, 11, 13]
     everything = np.arange(len(stream))
     first_half, second_half = np.arange(32, 36), np.arange(36, 40)
-    per_layer = SimpleNamespace(held_by_layer=np.stack([np.setdiff1d(everything, second_half),
-                                                        np.setdiff1d(everything, first_half)]))
+    per_layer = SimpleNamespace(cells=SimpleNamespace(held_by_layer=np.stack([np.setdiff1d(everything, second_half),
+                                                                          np.setdiff1d(everything, first_half)])))
     order, starts = memory.rank(per_layer, query, ids, indices)
     assert order.size and starts[order[0]] == 32  # the fact's block
-    whole = SimpleNamespace(held_by_layer=everything[None])
+    whole = SimpleNamespace(cells=SimpleNamespace(held_by_layer=everything[None]))
     assert memory.rank(whole, query, ids, indices)[0].size == 0  # cached in the one row: nothing to re-read

@@ -49,12 +49,12 @@ def test_a_long_video_streams_through_a_bounded_cache(files):
         assert st.image_tokens_seen == 2 * N_FRAMES * per_frame
         assert st.cells_cached <= 192 and st.image_cells_evicted % per_frame == 0
         cache = s.cache
-        groups = image_groups(cache.advance)
-        assert groups and all(b - a == per_frame and cache.advance[b - 1] == max(nx, ny) for a, b in groups)
-        assert np.count_nonzero(cache.is_image) == len(groups) * per_frame  # whole frames only
+        groups = image_groups(cache.cells.advance)
+        assert groups and all(b - a == per_frame and cache.cells.advance[b - 1] == max(nx, ny) for a, b in groups)
+        assert np.count_nonzero(cache.cells.is_image) == len(groups) * per_frame  # whole frames only
         s.runtime.capture_scores(4)
         s.feed_text(" What is in the last frame?")
-        assert np.array_equal(s.runtime.read_scores().positions, positions(cache.advance))
+        assert np.array_equal(s.runtime.read_scores().positions, positions(cache.cells.advance))
     assert grown < 4.0, f"resident memory grew {grown:.1f} MiB over {N_FRAMES} frames"
 
 
@@ -66,4 +66,4 @@ def test_the_memory_rereads_a_frame_with_its_layout(files):
         s.generate("What happens at [t=00:00:01]?", max_tokens=2)
         assert s.memory.stats.images_recalled >= 1
         assert all(b - a == qwen2vl_grid(SIZE, SIZE)[0] * qwen2vl_grid(SIZE, SIZE)[1]
-                   for a, b in image_groups(s.cache.advance))
+                   for a, b in image_groups(s.cache.cells.advance))

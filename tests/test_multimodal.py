@@ -13,7 +13,7 @@ from llama_cpp import llama_cpp as llama
 from PIL import Image
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.controller import queries_seen
+from infmllm_gguf.scores import queries_seen
 from infmllm_gguf.multimodal import ProjectorError, TextChunk
 from infmllm_gguf.synthetic import write_model
 from infmllm_gguf.synthetic_mmproj import n_image_tokens, write_mmproj
@@ -54,7 +54,7 @@ def picture(seed: int, size=(40, 30)) -> Image.Image:
 
 def check_cache(s: StreamSession) -> None:
     """llama.cpp, the controller and the counters agree, within the budget."""
-    n, st, c = s.runtime.n_cached(), s.stats, s.cache
+    n, st, c = s.runtime.n_cached(), s.stats, s.cache.cells
     assert n == c.stream_indices.size == st.cells_cached <= s.policy.budget
     assert c.is_image.shape == ((s.model.n_layer, n) if c.per_layer else (n,))
     if c.per_layer:  # a token is an image token in every layer that holds it
@@ -76,7 +76,7 @@ def test_feed_image_puts_exactly_the_image_tokens_into_the_stream(default_model,
         assert s.feed_image(png) == N_IMAGE
         # a LLaVA projector adds no marker tokens: the stream grew by the image tokens exactly
         assert s.stats.tokens_seen == before + N_IMAGE and s.stats.image_tokens_seen == N_IMAGE
-        np.testing.assert_array_equal(s.cache.image_stream_indices(), np.arange(before, before + N_IMAGE))
+        np.testing.assert_array_equal(s.cache.cells.image_stream_indices(), np.arange(before, before + N_IMAGE))
         check_cache(s)
         after_png = s.runtime.logits()
         s.feed_image(picture(1))
@@ -101,8 +101,8 @@ def test_image_tokens_get_scores_and_are_evicted_like_text(default_model, mmproj
         s.feed_image(picture(2))
         s.feed_text(" The cat is")
         # no eviction yet: every layer holds the same cells
-        image_cols = np.isin(s.cache.stream_indices, s.cache.image_stream_indices())
-        attention = s.cache.attention  # what the last window gave each cached cell, per layer
+        image_cols = np.isin(s.cache.cells.stream_indices, s.cache.cells.image_stream_indices())
+        attention = s.cache.scores.attention  # what the last window gave each cached cell, per layer
         assert attention.shape[1] == image_cols.size and image_cols.sum() == N_IMAGE
         assert np.all(attention[:, image_cols].sum(axis=0) > 0)
         rng = np.random.default_rng(3)
@@ -227,7 +227,7 @@ with StreamSession(model, budget=96, chunk=32, recent=16, window=16, mmproj=mmpr
     s.save(out + "/s.npz")
     np.save(out + "/logits.npy", s.runtime.logits())
     np.save(out + "/ids.npy", s.cached_stream_indices())
-    np.save(out + "/image.npy", s.cache.is_image)
+    np.save(out + "/image.npy", s.cache.cells.is_image)
     json.dump(asdict(s.stats), open(out + "/stats.json", "w"))
     s.feed_text(" And then")
     np.save(out + "/next.npy", s.runtime.logits())
@@ -245,7 +245,7 @@ def test_save_then_restore_in_a_new_process_continues(default_model, mmproj, tmp
         assert r.stats.image_tokens_seen == N_IMAGE * (4 + r.memory.stats.images_recalled)
         assert r.stats.image_cells_evicted > 0
         np.testing.assert_array_equal(r.cached_stream_indices(), np.load(tmp_path / "ids.npy"))
-        np.testing.assert_array_equal(r.cache.is_image, np.load(tmp_path / "image.npy"))
+        np.testing.assert_array_equal(r.cache.cells.is_image, np.load(tmp_path / "image.npy"))
         np.testing.assert_array_equal(r.runtime.logits(), np.load(tmp_path / "logits.npy"))  # exactly
         r.feed_text(" And then")
         np.testing.assert_array_equal(r.runtime.logits(), np.load(tmp_path / "next.npy"))
@@ -279,12 +279,12 @@ def test_gemma3_image_markers_and_non_causal_attention(tmp_path):
         v.feed_text("hello there")
         n_old = v.stats.cells_cached
         v.cache.decode(body.embeddings, causal=False)
-        np.testing.assert_array_equal(v.cache.visibility, np.full(n_old + 16, 16.0))  # read both ways: all
-        np.testing.assert_allclose(v.cache.attention.sum(axis=1), 16 * v.model.n_head, rtol=1e-3)
+        np.testing.assert_array_equal(v.cache.scores.visibility, np.full(n_old + 16, 16.0))  # read both ways: all
+        np.testing.assert_allclose(v.cache.scores.attention.sum(axis=1), 16 * v.model.n_head, rtol=1e-3)
     with session(model, **options) as v:
         v.feed_text("hello there")
         v.cache.decode(body.embeddings)  # causally: an image query sees only the cells up to itself
-        np.testing.assert_array_equal(v.cache.visibility, queries_seen(n_old, 16, 16, causal=True))
+        np.testing.assert_array_equal(v.cache.scores.visibility, queries_seen(n_old, 16, 16, causal=True))
     with session(model, **{**options, "chunk": 8, "window": 8}) as small:
         small.feed_text("hello")
         seen = small.stats.tokens_seen

@@ -162,7 +162,7 @@ def test_a_per_layer_stream_stays_bounded_and_restores(default_model, tmp_path, 
         toks = m.tokenize(PROMPT * 30)[:1200]
         with StreamSession(m, policy, budget=128, chunk=64, recent=16, sinks=4, granularity="layer") as s:
             s.feed_tokens(toks[:1000])
-            rows = s.cache.layer_indices
+            rows = s.cache.cells.layer_indices
             assert rows.shape == (m.n_layer, 128) and s.runtime.n_cached() == 128
             assert np.all(np.diff(rows, axis=1) > 0)
             np.testing.assert_array_equal(rows[:, :4], np.tile(np.arange(4), (m.n_layer, 1)))  # the sinks
@@ -172,7 +172,7 @@ def test_a_per_layer_stream_stays_bounded_and_restores(default_model, tmp_path, 
             s.feed_tokens(toks[1000:1064])
             expected = s.runtime.logits()
         with StreamSession.restore(tmp_path / "s.npz", m) as r:
-            np.testing.assert_array_equal(r.cache.layer_indices, rows)
+            np.testing.assert_array_equal(r.cache.cells.layer_indices, rows)
             r.feed_tokens(toks[1000:1064])
             np.testing.assert_array_equal(r.runtime.logits(), expected)
 
@@ -185,5 +185,5 @@ def test_per_layer_eviction_refuses_sliding_window_models(tiny_gemma3):
 def test_the_default_granularity_is_per_layer_where_the_cache_allows(tiny_llama, tiny_gemma3):
     for model, settled in ((tiny_llama, "layer"), (tiny_gemma3, "token")):
         with StreamSession(model, "inf-mllm", budget=64, chunk=32, recent=8) as s:
-            assert s.policy.granularity == settled and s.cache.per_layer == (settled == "layer")
+            assert s.policy.granularity == settled and s.cache.cells.per_layer == (settled == "layer")
             assert s._settings()["policy"]["granularity"] == settled  # saves and records name what ran

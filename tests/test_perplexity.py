@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from infmllm_gguf import StreamSession
+from infmllm_gguf import SessionConfig, StreamSession
 from infmllm_gguf.data import shakespeare_path
 from infmllm_gguf.perplexity import PerplexityRun, cumulative_ppl, file_tokens, stream_perplexity, text_blocks
 from infmllm_gguf.runtime import Model
@@ -81,8 +81,9 @@ def test_the_command_agrees_with_a_direct_stream_session(cli_runs, text_file, de
 def test_gzip_gives_the_same_stream(text_file, default_model, tmp_path):
     gz = tmp_path / "plays.txt.gz"
     gz.write_bytes(gzip.compress(text_file.read_bytes()))
-    a = stream_perplexity(text_file, model=default_model, policy="streaming-llm", budget=256, max_tokens=300)
-    b = stream_perplexity(gz, model=default_model, policy="streaming-llm", budget=256, max_tokens=300)
+    config = SessionConfig.of("streaming-llm", budget=256, memory=False)
+    a = stream_perplexity(text_file, model=default_model, config=config, max_tokens=300)
+    b = stream_perplexity(gz, model=default_model, config=config, max_tokens=300)
     assert a.tokens == b.tokens == 299 and a.ppl == b.ppl
 
 
@@ -134,7 +135,7 @@ def test_full_matches_a_numpy_log_softmax_over_plain_llama_cpp_logits(text_file,
     from llama_cpp import Llama
 
     n = 512
-    run = stream_perplexity(text_file, model=default_model, policy="full", budget=1024, chunk=128,
+    run = stream_perplexity(text_file, model=default_model, config=SessionConfig.of("full", budget=1024, chunk=128),
                             max_tokens=n)
     llm = Llama(str(default_model), n_ctx=1024, n_batch=512, logits_all=True, verbose=False)
     ids = llm.tokenize(text_file.read_text(encoding="utf-8").encode(), add_bos=True)[:n]
@@ -162,7 +163,8 @@ def test_a_memory_records_the_stream_and_changes_no_score(cli_runs, text_file, t
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model, tmp_path):
     ck = tmp_path / "run.npz"
-    opts = dict(model=default_model, policy="inf-mllm", budget=256, chunk=128, segment=128, flash_attn=False)
+    config = SessionConfig.of("inf-mllm", budget=256, chunk=128, flash_attn=False, memory=False)
+    opts = dict(model=default_model, config=config, segment=128)
     # saving packs the cells (see Runtime.state), so the uninterrupted run saves on the same schedule
     whole = stream_perplexity(text_file, max_tokens=900, checkpoint=tmp_path / "whole.npz", checkpoint_every=256,
                               **opts)
@@ -176,7 +178,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(text_file, default_model
     assert resumed.ppl == whole.ppl  # exactly: a new process continues as the first would have
     assert resumed.ppl != first.ppl
     with pytest.raises(ValueError, match="'budget': 256"):  # a checkpoint of another run is refused
-        stream_perplexity(text_file, max_tokens=900, checkpoint=ck, **{**opts, "budget": 384})
+        stream_perplexity(text_file, max_tokens=900, checkpoint=ck,
+                          **{**opts, "config": config.replace(policy=config.policy.with_budget(384))})
 
 
 def test_full_stops_where_its_cache_is_full_and_says_so(text_file, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from infmllm_gguf.recall import exact_match, log_distances, make_chat_plan, make_plan, run_chat_recall, run_recall
 from infmllm_gguf.recall.needles import NeedleMaker
-from infmllm_gguf.session import StreamSession
+from infmllm_gguf.session import SessionConfig, StreamSession
 
 FILLER_BASE = 1_000_000  # fake filler token ids: FILLER_BASE + i, so order is checkable
 
@@ -109,11 +109,11 @@ def test_recall_end_to_end(default_model, tmp_path):
 
     with Model(default_model) as model:
         plan = small_plan(model)
-        bounded = run_recall(plan, model=model, policy="streaming-llm", budget=128, chunk=64, n_threads=2,
-                             checkpoint=tmp_path / "s.npz")
-        full = run_recall(plan, model=model, policy="full", budget=len(plan) + 128, chunk=64, n_threads=2)
-        resumed = run_recall(plan, model=model, policy="streaming-llm", budget=128, chunk=64, n_threads=2,
-                             checkpoint=tmp_path / "s.npz")
+        bounded_config = SessionConfig.of("streaming-llm", budget=128, chunk=64, n_threads=2, memory=False)
+        bounded = run_recall(plan, model=model, config=bounded_config, checkpoint=tmp_path / "s.npz")
+        full = run_recall(plan, model=model,
+                          config=SessionConfig.of("full", budget=len(plan) + 128, chunk=64, n_threads=2))
+        resumed = run_recall(plan, model=model, config=bounded_config, checkpoint=tmp_path / "s.npz")
     for run in (bounded, full):
         assert len(run.answers) == 4 and run.snapshots_done == 2
         assert run.accuracy() .keys() == {64, 600} and all(n == 2 for _, n in run.accuracy().values())
@@ -130,7 +130,8 @@ def test_chat_recall_asks_every_fact_after_each_probe(default_model, tmp_path):
     from infmllm_gguf.data import shakespeare_path
 
     plan = make_chat_plan(shakespeare_path(), rounds=3, facts=2, probes=(1, 3))
-    run = run_chat_recall(plan, model=default_model, policy="streaming-llm", budget=256, chunk=64, n_threads=2)
+    run = run_chat_recall(plan, model=default_model,
+                          config=SessionConfig.of("streaming-llm", budget=256, chunk=64, n_threads=2, memory=False))
     assert run.rounds_done == 3 and [(a.round, a.fact) for a in run.answers] == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert run.answers[2].tokens_seen > run.answers[0].tokens_seen  # rollbacks did not keep the questions
 

@@ -7,7 +7,7 @@ import pytest
 
 from infmllm_gguf import StreamSession
 from infmllm_gguf.generation import log_softmax
-from infmllm_gguf.session import nll_of
+from infmllm_gguf.generation import nll_of
 from infmllm_gguf.state import read_state, write_state
 
 
@@ -143,13 +143,13 @@ def test_a_failed_load_leaves_the_session_as_it_was(tiny_llama, tmp_path, compon
         for session in (s, untouched):
             session.feed_tokens(stream(250, seed=5))
             session.cache.decode([9], generating=True)
-        before = (s.cached_stream_indices(), replace(s.stats), s.runtime.logits(), s.cache.attention.copy())
+        before = (s.cached_stream_indices(), replace(s.stats), s.runtime.logits(), s.cache.scores.attention.copy())
         with pytest.raises(ValueError, match=message):
             s.load(path)
         np.testing.assert_array_equal(s.cached_stream_indices(), before[0])
         assert s.stats == before[1] and s.runtime.n_cached() == before[0].size
         np.testing.assert_array_equal(s.runtime.logits(), before[2])
-        np.testing.assert_array_equal(s.cache.attention, before[3])
+        np.testing.assert_array_equal(s.cache.scores.attention, before[3])
         assert s.transcript.state() == untouched.transcript.state()
         for session in (s, untouched):  # and it streams on as if nothing had happened
             session.feed_tokens(stream(60, seed=6))

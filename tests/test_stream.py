@@ -4,7 +4,7 @@ import pytest
 
 from conftest import PROMPT
 from infmllm_gguf import StreamSession
-from infmllm_gguf.controller import queries_seen
+from infmllm_gguf.scores import queries_seen
 from infmllm_gguf.policies import InfMLLM
 from infmllm_gguf.runtime import Model, Runtime
 
@@ -15,7 +15,7 @@ def check_cache(s: StreamSession):
     """What llama.cpp itself holds agrees with the controller, within the budget; with per-layer
     eviction, in every layer."""
     rt, policy = s.runtime, s.policy
-    rows = s.cache.held_by_layer
+    rows = s.cache.cells.held_by_layer
     n = rt.n_cached()
     assert n == rows.shape[1] <= policy.budget
     # re-indexed to contiguous positions (an iSWA model's pos_min is its window cache's)
@@ -112,14 +112,14 @@ def test_the_controller_hands_the_policy_what_its_queries_saw(tiny_llama):
     with StreamSession(tiny_llama, "inf-mllm", budget=96, recent=8, window=16, chunk=40) as s:
         s.feed_tokens(list(range(3, 43)))
         s.feed_tokens(list(range(50, 58)))
-        np.testing.assert_array_equal(s.cache.visibility, queries_seen(40, 8, 8, causal=True))
-        np.testing.assert_allclose(s.cache.attention.sum(axis=1), 8 * s.model.n_head, rtol=1e-3)
+        np.testing.assert_array_equal(s.cache.scores.visibility, queries_seen(40, 8, 8, causal=True))
+        np.testing.assert_allclose(s.cache.scores.attention.sum(axis=1), 8 * s.model.n_head, rtol=1e-3)
     with StreamSession(tiny_llama, "h2o", budget=96, recent=8, chunk=40) as s:  # H2O adds the chunks up
         s.feed_tokens(list(range(3, 43)))
         s.feed_tokens(list(range(50, 58)))
-        np.testing.assert_array_equal(s.cache.visibility, queries_seen(40, 8, 8, True) +
+        np.testing.assert_array_equal(s.cache.scores.visibility, queries_seen(40, 8, 8, True) +
                                       np.concatenate([queries_seen(0, 40, 40, True), np.zeros(8)]))
-        np.testing.assert_allclose(s.cache.attention.sum(axis=1), 48 * s.model.n_head, rtol=1e-3)
+        np.testing.assert_allclose(s.cache.scores.attention.sum(axis=1), 48 * s.model.n_head, rtol=1e-3)
 
 
 def kl(p_logits, q_logits):
@@ -212,7 +212,7 @@ def test_generation_captures_only_the_steps_the_policy_reads(default_model):
         check_cache(s)
         # the end's eviction kept the 16 steps that no captured query saw, as recent cells
         np.testing.assert_array_equal(s.cached_stream_indices()[-16:], np.arange(130 + 64, 130 + 80))
-        assert s.cache.unseen == 0 and s.runtime.n_cached() == 128
+        assert s.cache.scores.unseen == 0 and s.runtime.n_cached() == 128
 
 
 def test_every_step_is_captured_for_a_policy_that_reads_every_query(default_model):

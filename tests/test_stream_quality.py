@@ -4,6 +4,7 @@ import pytest
 
 from infmllm_gguf.data import shakespeare_path
 from infmllm_gguf.perplexity import stream_perplexity
+from infmllm_gguf.session import SessionConfig
 from infmllm_gguf.runtime import Model
 
 N_TOKENS = 3072
@@ -17,10 +18,11 @@ def shakespeare_tokens(default_model):
 
 
 def test_perplexity_orders_the_policies(default_model, shakespeare_tokens):
-    runs = {p: stream_perplexity(shakespeare_tokens, model=default_model, policy=p, budget=512, chunk=256)
+    runs = {p: stream_perplexity(shakespeare_tokens, model=default_model,
+                                 config=SessionConfig.of(p, budget=512, chunk=256, memory=False))
             for p in ("inf-mllm", "streaming-llm", "recent-only")}
-    runs["full"] = stream_perplexity(shakespeare_tokens, model=default_model, policy="full",
-                                     budget=N_TOKENS, chunk=256)
+    runs["full"] = stream_perplexity(shakespeare_tokens, model=default_model,
+                                     config=SessionConfig.of("full", budget=N_TOKENS, chunk=256))
     print(f"\nperplexity, SmolLM2-135M, {N_TOKENS} tokens of Shakespeare, budget 512, chunk 256")
     for name, r in runs.items():
         print(f"  {name:14s} {r.ppl:8.3f}  {r.tokens_per_s:6.1f} tok/s  evict {r.evict_share:.2%}  "

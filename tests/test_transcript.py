@@ -52,11 +52,11 @@ def test_a_turn_costs_the_same_at_round_100000_as_at_round_10():
     template = ChatML()
     transcript = ChatTranscript(template)
     converse(transcript, 10, system="Be brief.")
-    early, size_early = max(template.rendered), len(repr(transcript.state()))
+    early, size_early = max(template.rendered), len(repr(transcript.state()[0]))
     converse(transcript, 100_000, system="Be brief.")
     assert max(template.rendered) == early <= 4       # never more than system + one round + the new turn
     # the same last two rounds but for their numbers: 4 more digits, 8 times
-    assert len(transcript.state()["last"]) == 4 and len(repr(transcript.state())) == size_early + 32
+    assert len(transcript.state()[0]["last"]) == 4 and len(repr(transcript.state()[0])) == size_early + 32
 
 
 def test_the_real_template_feeds_what_rendering_the_whole_chat_gives(default_model):

@@ -7,9 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ..perplexity import stream_perplexity
 from ..policies import DEFAULT_POLICY, make_policy
 from ..probes import device_label
 from ..runtime import Model, Runtime
+from ..session import SessionConfig
 from .common import stream_tokens
 from .stream import run_label
 
@@ -74,8 +76,6 @@ def kv_cache_bench(model=None, *, types: Sequence[tuple[str, str]] = (("f16", "f
     and the default policy's perplexity at `budget` over `tokens` tokens of Shakespeare (eviction
     and re-indexing on the quantized cache). Flash attention is on by default: llama.cpp needs it
     for a quantized V."""
-    from .perplexity import stream_perplexity
-
     types = [("f16", "f16")] + [t for t in types if t != ("f16", "f16")]
     policy = make_policy(DEFAULT_POLICY, budget=budget)
     with Model(model, n_gpu_layers=n_gpu_layers, rpc=rpc) as loaded:
@@ -92,8 +92,9 @@ def kv_cache_bench(model=None, *, types: Sequence[tuple[str, str]] = (("f16", "f
                     sizes.append((min(i + chunk, score_tokens), rt.sequence_bytes()))
                 scores = rt.read_scores().scores.astype(np.float64)
                 (n0, b0), (n1, b1) = sizes[0], sizes[-1]
-            run = stream_perplexity(ids[:tokens], model=loaded, policy=policy, chunk=chunk, flash_attn=flash_attn,
-                                    n_threads=n_threads, cache_type_k=k, cache_type_v=v)
+            run = stream_perplexity(ids[:tokens], model=loaded, config=SessionConfig(
+                policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, cache_type_k=k, cache_type_v=v,
+                memory=False))
             measured.append(((k, v), (b1 - b0) / max(n1 - n0, 1), scores, run))
             if progress:
                 print(f"kv {k}/{v}: ppl {run.ppl:.3f}", file=sys.stderr)

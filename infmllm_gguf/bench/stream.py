@@ -5,7 +5,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class PlainBaseline:
     first `sinks` tokens as `streaming-llm` does."""
     budget: int
     sinks: int = StreamingLLM.sinks
+    evicts: ClassVar[bool] = True
 
     def config(self) -> dict:
         return {"name": PLAIN, "budget": self.budget, "sinks": self.sinks}
@@ -41,7 +42,7 @@ def run_label(config: dict) -> str:
 
 def with_baselines(policies: Sequence[Policy]) -> list[Policy | PlainBaseline]:
     """`policies`, then one plain llama.cpp baseline per budget of the bounded ones."""
-    budgets = dict.fromkeys(p.budget for p in policies if not isinstance(p, Full))
+    budgets = dict.fromkeys(p.budget for p in policies if p.evicts)
     return list(policies) + [PlainBaseline(b) for b in budgets]
 
 
@@ -58,7 +59,7 @@ def unshifted(policy: Policy) -> Policy:
 def bounded_by_context(policies: Sequence[Policy], context: int) -> list[Policy]:
     """The policies of a stream benchmark: `full` runs once, with a budget of `context` (it keeps
     every token, up to the context that it may fill)."""
-    out = [dataclasses.replace(p, budget=context) if isinstance(p, Full) else p for p in policies]
+    out = [p if p.evicts else p.with_budget(context) for p in policies]
     return list({tuple(p.config().items()): p for p in out}.values())
 
 
@@ -262,7 +263,7 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
             policies = with_baselines(policies)
         token_ids = stream_tokens(loaded, tokens, source)
         gpu = GpuMemory.open(n_gpu_layers)
-        planned = repeats * sum(full_budget if isinstance(p, Full) else tokens for p in policies)
+        planned = repeats * sum(tokens if p.evicts else full_budget for p in policies)
         # a log (not a terminal) gets a line every 30 s, so a long run shows how far it is
         bar = tqdm(total=planned, unit="tok", unit_scale=True, disable=not progress, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -277,11 +278,12 @@ def stream_bench(model=None, *, policies: Sequence[Policy], tokens: int = 20000,
                 policy = unshifted(policy)
             s = StreamSession(loaded, policy, chunk=chunk, flash_attn=flash_attn, n_threads=n_threads, memory=False,
                               **kv)
-            s.cache.reindex = s.cache.reindex and reindex
+            if not reindex:
+                s.cache.keep_positions()
             return s, s.feed_tokens, s.runtime.logits
 
         def stream_one(policy: Policy | PlainBaseline, repeat: int) -> StreamRun:
-            n = min(tokens, policy.budget) if isinstance(policy, Full) else tokens
+            n = tokens if policy.evicts else min(tokens, policy.budget)
             stream, feed, wait = open_stream(policy)
             with stream:
                 feed(token_ids[:chunk].tolist())  # warm-up: compute buffers, weight repacking, kernels

@@ -79,6 +79,15 @@ class VectorStore:
             self._pieces = [(indices[-self.cap:], vectors[-self.cap:])]
         return self._pieces[0]
 
+    def aligned(self, indices: np.ndarray) -> np.ndarray:
+        """The vectors of the tokens with stream `indices` (ascending), zeros where none is kept."""
+        kept, vectors = self.arrays()
+        out = np.zeros((indices.size, vectors.shape[1]), dtype=np.float16)
+        at = np.searchsorted(indices, kept)
+        found = (at < indices.size) & (indices[np.minimum(at, indices.size - 1)] == kept)
+        out[at[found]] = vectors[found]
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for _, v in self._pieces)
@@ -129,6 +138,9 @@ class HiddenStates:
         self._side_capture = HiddenCapture(model.n_layer, model.n_embd, stop=True)
         self._side = Runtime(model, n_ctx=side_cells, n_batch=side_cells, n_threads=n_threads,
                              eval_callback=self._side_capture.callback)
+
+    def reset(self) -> None:
+        self.store = VectorStore(self.store.cap)
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """The vectors of `tokens` (the last side_cells - 1 of a long prompt) decoded alone."""

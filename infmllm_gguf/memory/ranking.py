@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..controller import runs
+from ..cells import runs
 
 K1, B = 1.2, 0.75  # BM25's usual constants
 

@@ -29,12 +29,14 @@ import numpy as np
 
 from .images import IMAGE_ID, ImageStore, whole_images
 from .embedding import TokenVectors
-from .hidden import HiddenStates, VectorStore, maxsim
+from .hidden import HiddenStates, maxsim
+from .probe import rerank_by_attention
 from .ranking import block_starts, bm25, choose, held_verbatim, weighted_bm25
 from .store import TokenStore
 
 if TYPE_CHECKING:
-    from ..controller import CacheController
+    from ..controller import CacheController, Decoded
+    from ..policies import Policy
 
 RANKINGS = ("lexical", "embedding", "hidden", "attention")
 STORES = ("ram", "disk")
@@ -109,9 +111,26 @@ class MemoryStats:
                 + self.vector_bytes)
 
 
+def recall_room(policy: "Policy", n_prompt: int) -> int:
+    """The most cells that re-read memory may take before a prompt of `n_prompt` tokens, all within
+    the budget: what is left when the policy keeps its fewest cells (none if it never evicts)."""
+    return max(policy.budget - n_prompt - policy.min_cells, 0) if policy.evicts else 0
+
+
+def memory_for(setting: "MemoryConfig | dict | bool | None", policy: "Policy") -> "Memory | None":
+    """The memory a session under `policy` gets for `setting`: True, the default `MemoryConfig`
+    where the budget has room for it; a `MemoryConfig` (or a saved file's record of one); False or
+    None, none. A policy that evicts nothing (`full`) has nothing to bring back: none."""
+    if not setting or not policy.evicts:
+        return None
+    if setting is True:
+        return Memory(MemoryConfig(), policy.budget) if Memory.fits(MemoryConfig(), policy.budget) else None
+    return Memory(MemoryConfig.from_config(setting) if isinstance(setting, dict) else setting, policy.budget)
+
+
 class Memory:
-    """The memory of one session's stream (see the module's docstring). The controller calls
-    `record` at each decode; the session feeds each prompt through `read_prompt`."""
+    """The memory of one session's stream (see the module's docstring). It listens to the
+    controller's decodes (`record`); the session feeds each prompt through `read_prompt`."""
 
     def __init__(self, config: MemoryConfig, budget: int):
         self.config = config
@@ -131,7 +150,6 @@ class Memory:
         self.images = ImageStore(config.image_cap_mib * 2 ** 20)
         self.keep_file = False  # a save names the file: it outlives the session
         self._stats = MemoryStats()
-        self._rereading: np.ndarray | None = None  # the stream indices being re-read now
 
     @staticmethod
     def sizes(config: MemoryConfig, budget: int) -> tuple[int, int]:
@@ -160,8 +178,11 @@ class Memory:
         self.store = TokenStore(self.config.cap, self.store.spill)
         self.images = ImageStore(self.config.image_cap_mib * 2 ** 20)
         if self.hidden is not None:
-            self.hidden.store = VectorStore(self.config.vector_cap)
+            self.hidden.reset()
         self._stats = MemoryStats()
+
+    def named_by_save(self) -> None:  # the disk store's file outlives the session
+        self.keep_file = True
 
     def close(self) -> None:
         """Delete the file of a disk store that no save names; free the side context."""
@@ -181,37 +202,27 @@ class Memory:
                        vector_bytes=self.hidden.store.nbytes if self.hidden is not None else 0)
 
     # -- recording --------------------------------------------------------------------------
-    def record(self, tokens: Sequence[int] | np.ndarray, indices: np.ndarray, *, causal: bool = True,
-               layout: tuple[np.ndarray, int] | None = None) -> None:
-        """Token ids or an image's embeddings just decoded, with their stream indices (and an
-        M-RoPE image's `layout`); a re-read block is kept as copies."""
+    def record(self, decoded: "Decoded") -> None:
+        """Token ids or an image's embeddings just decoded (the controller's `Decoded`); a re-read
+        block is kept as copies of what it copies."""
+        tokens, indices = decoded.tokens, decoded.indices
         vectors = self.hidden.capture.take(len(indices)) if self.hidden is not None else None
-        if self._rereading is not None and self._rereading.size:
-            k = min(len(indices), self._rereading.size)  # a batch may end with the prompt after them
-            self.store.add_copies(np.asarray(indices[:k], dtype=np.int64), self._rereading[:k])
-            self._rereading = self._rereading[k:]
+        k = decoded.copies.size  # a batch may end with the prompt after the copies
+        if k:
+            self.store.add_copies(indices[:k], decoded.copies)
             tokens, indices = tokens[k:], indices[k:]
             vectors = None if vectors is None else vectors[k:]
             if not len(indices):
                 return
         if vectors is not None:
             self.hidden.store.append(indices, vectors)
-        if isinstance(tokens, np.ndarray) and tokens.dtype.kind == "f":
-            self.images.add(tokens, int(indices[0]), non_causal=not causal, layout=layout)
+        if decoded.is_image:
+            self.images.add(tokens, int(indices[0]), non_causal=not decoded.causal, layout=decoded.layout)
             self.store.append(np.full(len(indices), IMAGE_ID), indices)
         else:
             self.store.append(tokens, indices)
 
     # -- recall -----------------------------------------------------------------------------
-    def _stored_vectors(self, indices: np.ndarray) -> np.ndarray:
-        """The hidden-state vectors of the stored tokens (stream `indices`), zeros where none is kept."""
-        kept, vectors = self.hidden.store.arrays()
-        out = np.zeros((indices.size, vectors.shape[1]), dtype=np.float16)
-        at = np.searchsorted(indices, kept)
-        found = (at < indices.size) & (indices[np.minimum(at, indices.size - 1)] == kept)
-        out[at[found]] = vectors[found]
-        return out
-
     def blocks(self, ids: np.ndarray, indices: np.ndarray,
                query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The blocks of the stored tokens `ids` (stream `indices`) and their scores for `query`:
@@ -219,7 +230,7 @@ class Memory:
         does not change during one prompt's recall: computed once. The hidden ranking falls back
         to BM25 where the model's layer output was never seen (a model that names it otherwise)."""
         starts = block_starts(ids.size, self.window)
-        vectors = self._stored_vectors(indices) if self.hidden is not None else None
+        vectors = self.hidden.store.aligned(indices) if self.hidden is not None else None
         if self.config.ranking == "embedding":
             score, matched = weighted_bm25(ids, starts, self.window, self.vectors.expand(np.asarray(query)))
         elif vectors is not None and vectors.any():
@@ -243,7 +254,7 @@ class Memory:
         word for word elsewhere (a repeated sentence).
         `blocks`: `self.blocks(ids, indices, query)`, when already computed."""
         starts, score, matched = blocks if blocks is not None else self.blocks(ids, indices, query)
-        rows = cache.held_by_layer
+        rows = cache.cells.held_by_layer
         held = self.store.held(indices, functools.reduce(np.intersect1d, rows))  # held by every layer
         count = np.concatenate(([0], np.cumsum(held)))
         ends = np.minimum(starts + self.window, ids.size)
@@ -289,7 +300,7 @@ class Memory:
                n_prompt: int) -> list[tuple[int, int]]:
         """The stored token ranges to re-read before a prompt of `n_prompt` tokens, room made for
         them and the prompt."""
-        room = min(self.reserve, cache.room_for_recall(n_prompt))
+        room = min(self.reserve, recall_room(cache.policy, n_prompt))
         if room < 1 or ids.size == 0:
             return []
         blocks = self.blocks(ids, indices, query)
@@ -308,28 +319,24 @@ class Memory:
         decoded; the token ids `then` in the same batch as the last text, when the spans end with
         text (returns whether they were fed)."""
         at = np.concatenate([np.arange(a, b) for a, b in spans])
-        self._rereading = indices[at]
-        fed = False
-        try:
-            i = 0
-            while i < at.size:
-                if ids[at[i]] != IMAGE_ID:
-                    image_at = np.flatnonzero(ids[at[i:]] == IMAGE_ID)
-                    end = i + int(image_at[0]) if image_at.size else at.size
-                    fed = end == at.size and bool(then)
-                    cache.feed(ids[at[i:end]].tolist() + (then if fed else []), chunk)
-                    i = end
-                    continue
-                image = self.images.at(int(indices[at[i]]))
-                embeddings = image.embeddings.astype(np.float32)
-                if image.non_causal or image.layout is not None:
-                    cache.decode(embeddings, causal=not image.non_causal, layout=image.layout)
-                else:
-                    cache.feed(embeddings, chunk)
-                self._stats.images_recalled += 1
-                i += len(embeddings)
-        finally:
-            self._rereading = None
+        fed, i = False, 0
+        while i < at.size:
+            if ids[at[i]] != IMAGE_ID:
+                image_at = np.flatnonzero(ids[at[i:]] == IMAGE_ID)
+                end = i + int(image_at[0]) if image_at.size else at.size
+                fed = end == at.size and bool(then)
+                cache.feed(ids[at[i:end]].tolist() + (then if fed else []), chunk, copies=indices[at[i:end]])
+                i = end
+                continue
+            image = self.images.at(int(indices[at[i]]))
+            embeddings = image.embeddings.astype(np.float32)
+            copies = indices[at[i:i + len(embeddings)]]
+            if image.non_causal or image.layout is not None:
+                cache.decode(embeddings, causal=not image.non_causal, layout=image.layout, copies=copies)
+            else:
+                cache.feed(embeddings, chunk, copies=copies)
+            self._stats.images_recalled += 1
+            i += len(embeddings)
         return fed
 
     def _choose(self, cache: "CacheController", query: Sequence[int], ids: np.ndarray, indices: np.ndarray,
@@ -338,52 +345,9 @@ class Memory:
         ranking, images whole."""
         order, starts = self.rank(cache, query, ids, indices, blocks)
         if order.size and self.config.ranking == "attention":
-            order = self._rerank_by_attention(cache, order, starts, ids, query)
+            order = rerank_by_attention(cache, order, starts, self.window, ids, query)
         spans = choose(order, starts, self.window, ids.size, room)
         return whole_images(spans, ids, indices, self.images, room) if np.any(ids == IMAGE_ID) else spans
-
-    def _rerank_by_attention(self, cache: "CacheController", order: np.ndarray, starts: np.ndarray,
-                             ids: np.ndarray, query: Sequence[int]) -> np.ndarray:
-        """The lexical shortlist that fits the context's free cells, re-read with the query after it
-        and ordered by the attention the query's tokens give each block (its cells' scores summed
-        over layers, heads and queries); the cache is put back as it was. Blocks beyond the
-        shortlist keep their lexical order after it."""
-        runtime = cache.runtime
-        window = self.window
-        free = runtime.n_ctx - runtime.n_cached() - len(query) - 1  # putting the cells back takes one
-        spans = choose(order, starts, window, ids.size, free)
-        if not spans:
-            return order
-        probe = np.concatenate([np.arange(a, b) for a, b in spans])  # stored token numbers, in order
-        probe = probe[ids[probe] != IMAGE_ID]  # the probe reads the blocks' text
-        meta, saved = runtime.state()
-        try:
-            first = runtime.pos_max() + 1
-            runtime.capture_scores(0)
-            tokens = ids[probe].tolist()
-            for i in range(0, len(tokens), runtime.n_batch):
-                runtime.decode(tokens[i:i + runtime.n_batch], logits="none")
-            query = list(query)
-            head, tail = query[:-runtime.n_batch], query[-runtime.n_batch:]
-            for i in range(0, len(head), runtime.n_batch):
-                runtime.decode(head[i:i + runtime.n_batch], logits="none")
-            runtime.capture_scores(len(tail))
-            runtime.decode(tail, logits="none")
-            captured = runtime.read_scores()
-        finally:
-            runtime.load_state(meta, saved)
-            cache.forget_capture_setting()
-        per_position = dict(zip(captured.positions.tolist(), captured.scores.sum(axis=0, dtype=np.float64).tolist()))
-        attention = np.zeros(ids.size)
-        attention[probe] = [per_position.get(first + k, 0.0) for k in range(probe.size)]
-        ends = np.minimum(starts + window, ids.size)
-        probed = np.zeros(ids.size, dtype=bool)
-        probed[probe] = True
-        whole = np.array([probed[starts[k]:ends[k]].all() for k in order])
-        shortlist, rest = order[whole], order[~whole]
-        count = np.concatenate(([0], np.cumsum(attention)))
-        mass = count[ends[shortlist]] - count[starts[shortlist]]
-        return np.concatenate((shortlist[np.argsort(-mass, kind="stable")], rest))
 
     # -- state ------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

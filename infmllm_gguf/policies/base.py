@@ -101,6 +101,7 @@ class Policy:
     name: ClassVar[str] = "base"
     exact_budget: ClassVar[bool] = True
     reads_attention: ClassVar[bool] = False  # the controller captures scores only for those that do
+    evicts: ClassVar[bool] = True  # False: the cache only grows (`full`), nothing for a memory to bring back
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -118,6 +119,11 @@ class Policy:
     def options(cls) -> tuple[dataclasses.Field, ...]:
         """The options this policy takes (its init fields), as declared."""
         return tuple(f for f in dataclasses.fields(cls) if f.init)
+
+    @property
+    def min_cells(self) -> int:
+        """The fewest cells an eviction can leave: the sinks and one more."""
+        return self.sinks + 1
 
     def with_budget(self, budget: int) -> "Policy":
         """This policy at another budget (the memory makes room with a smaller one), `recent` cut

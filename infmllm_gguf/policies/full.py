@@ -17,6 +17,7 @@ class Full(Policy):
     sinks: int = fixed(0)
 
     name: ClassVar[str] = "full"
+    evicts: ClassVar[bool] = False
 
     def select(self, observation: Observation) -> Selection:
         raise RuntimeError(f"the stream ({len(observation.stream_indices)} tokens) outgrew the budget of "

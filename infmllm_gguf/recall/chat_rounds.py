@@ -18,11 +18,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..extras import pyplot
-from ..memory import MemoryConfig
-from ..perplexity import text_blocks
-from ..policies import DEFAULT_POLICY, Policy, from_config
+from ..perplexity import NO_MEMORY, text_blocks
+from ..policies import from_config
 from ..runtime import Model
-from ..session import StreamSession
+from ..session import SessionConfig, StreamSession
 from .needles import VERBATIM_KINDS, Needle, NeedleMaker, exact_match
 from .run import ask, run_from_json
 
@@ -125,19 +124,17 @@ class ChatRecallRun:
 
 
 def run_chat_recall(plan: ChatPlan, *, model: Model | str | os.PathLike | None = None,
-                    policy: Policy | str = DEFAULT_POLICY, chunk: int = 256, answer_tokens: int = 8,
+                    config: SessionConfig = NO_MEMORY, answer_tokens: int = 8,
                     checkpoint: str | os.PathLike | None = None,
-                    progress: Callable[[ChatRecallRun], None] | None = None, n_gpu_layers: int = -1,
-                    n_threads: int | None = None, memory: MemoryConfig | None = None,
-                    **policy_options) -> ChatRecallRun:
-    """Play the conversation through `policy`, asking every fact after each probe round;
-    `checkpoint` as in `run_recall` (saved after every probe). With a `memory`, every user turn
-    (each round's and each question's) re-reads what it ranks best."""
-    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads, memory=memory,
-                       **policy_options) as session:
+                    progress: Callable[[ChatRecallRun], None] | None = None) -> ChatRecallRun:
+    """Play the conversation through a session made as `config` says, asking every fact after each
+    probe round; `checkpoint` as in `run_recall` (saved after every probe). With a memory
+    (`config.memory`, off by default), every user turn (each round's and each question's)
+    re-reads what it ranks best."""
+    with StreamSession.from_config(model, config) as session:
         session.chat_template()  # a model without one fails here
-        run = ChatRecallRun(policy=session.policy.config(), chunk=chunk, plan=plan.config,
-                            memory=None if memory is None else memory.config())
+        run = ChatRecallRun(policy=session.policy.config(), chunk=config.chunk, plan=plan.config,
+                            memory=None if session.memory is None else session.memory.config.config())
         if checkpoint is not None and Path(checkpoint).exists():
             saved = ChatRecallRun.from_json(session.load(checkpoint)["run"])
             if saved.plan != plan.config:

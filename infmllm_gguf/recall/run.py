@@ -16,11 +16,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..generation import make_sampler
-from ..memory import MemoryConfig
-from ..perplexity import PolicyRun, file_tokens, slice_tokens
-from ..policies import DEFAULT_POLICY, Full, Policy
+from ..perplexity import NO_MEMORY, PolicyRun, file_tokens, slice_tokens
+from ..policies import Policy
 from ..runtime import Model
-from ..session import StreamSession
+from ..session import SessionConfig, StreamSession
 from .needles import exact_match
 from .plan import RecallPlan
 
@@ -119,20 +118,18 @@ def kept_share(cached: np.ndarray, start: int, end: int) -> float:
 
 
 def run_recall(plan: RecallPlan, *, model: Model | str | os.PathLike | None = None,
-               policy: Policy | str = DEFAULT_POLICY, chunk: int = 256, answer_tokens: int = 8,
+               config: SessionConfig = NO_MEMORY, answer_tokens: int = 8,
                checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50_000,
-               progress: Callable[[RecallRun, int], None] | None = None, n_gpu_layers: int = -1,
-               n_threads: int | None = None, flash_attn: bool | None = None, cache_type_k: str = "f16",
-               cache_type_v: str = "f16", memory: MemoryConfig | None = None, **policy_options) -> RecallRun:
-    """Stream `plan` through `policy` and answer its questions at each snapshot. `checkpoint`: a file
-    the run saves itself to after each snapshot and resumes from (refused if it holds another
-    plan or settings), and every `checkpoint_every` tokens of stream. `progress(run, tokens_streamed)` is
-    called as the stream goes. `memory`: the memory tier, which re-reads before each question."""
-    with StreamSession(model, policy, chunk=chunk, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                       flash_attn=flash_attn, cache_type_k=cache_type_k, cache_type_v=cache_type_v, memory=memory,
-                       **policy_options) as session:
-        run = RecallRun(policy=session.policy.config(), chunk=chunk, plan=plan.config, cache_type_k=cache_type_k,
-                        cache_type_v=cache_type_v, memory=None if memory is None else memory.config())
+               progress: Callable[[RecallRun, int], None] | None = None) -> RecallRun:
+    """Stream `plan` through a session made as `config` says and answer its questions at each
+    snapshot. `checkpoint`: a file the run saves itself to after each snapshot and resumes from
+    (refused if it holds another plan or settings), and every `checkpoint_every` tokens of stream.
+    `progress(run, tokens_streamed)` is called as the stream goes. `config.memory` (off by default):
+    the memory tier, which re-reads before each question."""
+    with StreamSession.from_config(model, config) as session:
+        run = RecallRun(policy=session.policy.config(), chunk=config.chunk, plan=plan.config,
+                        cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v,
+                        memory=None if session.memory is None else session.memory.config.config())
         if checkpoint is not None and Path(checkpoint).exists():
             saved = RecallRun.from_json(session.load(checkpoint)["run"])
             if saved.plan != plan.config:
@@ -140,7 +137,7 @@ def run_recall(plan: RecallPlan, *, model: Model | str | os.PathLike | None = No
                                  f"this one is {plan.config}: remove it or use another --checkpoint-dir")
             run = saved
         limit = None
-        if isinstance(session.policy, Full):
+        if not session.policy.evicts:
             limit = min(session.policy.budget, session.model.n_ctx_train)
         t_start = time.perf_counter() - run.seconds
         last_save = run.tokens_streamed
@@ -199,9 +196,9 @@ def policies_to_run(policies: Sequence[Policy], n_ctx_train: int, stream_tokens:
     allows and the stream needs (its bounded budgets mean nothing to it)."""
     out, full_done = [], False
     for p in policies:
-        if isinstance(p, Full):
+        if not p.evicts:
             if not full_done:
-                out.append(Full(budget=min(n_ctx_train, stream_tokens + 256)))
+                out.append(p.with_budget(min(n_ctx_train, stream_tokens + 256)))
                 full_done = True
         else:
             out.append(p)

@@ -174,9 +174,10 @@ class ConversationStore:
             with s.new_session(self.model, view_tokens=0) as probe:
                 probe.chat_template()
                 filler = self.model.tokenize("The quick brown fox jumps over the lazy dog. " * s.policy.budget)
-                probe.feed_tokens(filler[:s.policy.budget + s.chunk])
+                probe.feed_tokens(filler[:s.policy.budget + s.config.chunk])
                 probe.save(Path(tmp) / "probe.npz")
-            with StreamSession.restore(Path(tmp) / "probe.npz", self.model, n_threads=s.n_threads, mmproj=s.mmproj,
+            with StreamSession.restore(Path(tmp) / "probe.npz", self.model, n_threads=s.config.n_threads,
+                                       mmproj=s.mmproj,
                                        view_tokens=s.view_tokens):
                 return max(0.0, (rss_mib() or 0.0) - before)
 

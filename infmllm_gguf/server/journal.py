@@ -202,7 +202,7 @@ class Journal:
         s, path = self.settings, self.path(conv.id)
         entries = self.log(conv.id).entries()
         if path.exists() and conv.n_messages:
-            session = StreamSession.restore(path, self.model, n_threads=s.n_threads, mmproj=s.mmproj,
+            session = StreamSession.restore(path, self.model, n_threads=s.config.n_threads, mmproj=s.mmproj,
                                             view_tokens=s.view_tokens)
             extra = read_header(path).get("extra", {}).get("conversation")
             # a snapshot from before the log (index schema 1) holds what its index entry says

@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..memory import MemoryConfig
 from ..policies import Policy
 from ..runtime import Model
-from ..session import StreamSession
+from ..session import SessionConfig, StreamSession
 
 
 @dataclass
@@ -29,22 +28,19 @@ class Conversation:
 
 @dataclass
 class SessionSettings:
-    """What each conversation's session is made with."""
-    policy: Policy
-    chunk: int = 256
-    n_threads: int | None = None
-    flash_attn: bool | None = None
+    """What each conversation's session is made with: its `SessionConfig`, the vision projector,
+    and the stream tokens kept for the web page's view."""
+    config: SessionConfig
     mmproj: str | os.PathLike | None = None
-    view_tokens: int = 4096  # stream tokens kept for the web page's view
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    memory: MemoryConfig | None = None
+    view_tokens: int = 4096
+
+    @property
+    def policy(self) -> Policy:
+        return self.config.policy
 
     def new_session(self, model: Model, *, view_tokens: int | None = None) -> StreamSession:
-        return StreamSession(model, self.policy, chunk=self.chunk, n_threads=self.n_threads, flash_attn=self.flash_attn,
-                             mmproj=self.mmproj,
-                             view_tokens=self.view_tokens if view_tokens is None else view_tokens,
-                             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, memory=self.memory)
+        return StreamSession.from_config(model, self.config, mmproj=self.mmproj,
+                                         view_tokens=self.view_tokens if view_tokens is None else view_tokens)
 
 
 class Storage(Protocol):
