@@ -1,0 +1,240 @@
+"""Sampling with llama.cpp's own samplers: `SamplerOptions` (every option and its default, declared
+once) and `ChainSampler`, a `llama_sampler` chain that picks the next token from a row of logits.
+
+The chain works on the logits it is given (a `llama_token_data_array` built over them), not on an
+output index of a llama.cpp context, so that it does not depend on which output holds them; it
+`accept`s each token it picks (the penalties' window and the grammar follow the reply, not the KV
+cache, so an eviction mid-answer changes neither). The chain, as llama.cpp's `common_sampler` builds
+it: logit bias, penalties, then top-k, typical-p, top-p, min-p, temperature and a seeded draw (at
+temperature 0, the likeliest token). A grammar (GBNF, or one made from a JSON schema by
+llama-cpp-python's converter) is applied as `common_sampler_sample` applies it: the chain's token is
+kept if the grammar allows it, else the grammar masks the whole vocabulary and the chain draws again;
+once the grammar is complete it allows only an end-of-generation token.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+from llama_cpp import llama_cpp as llama
+
+from .log import LOG
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["ChainSampler", "SamplerOptions", "json_schema_grammar"]
+
+_MAX_SEED = 2**32 - 2  # llama.cpp's LLAMA_DEFAULT_SEED (2**32 - 1) asks it for a random seed
+
+# llama_token_data {llama_token id; float logit; float p;}: 12 bytes, no padding
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama.llama_token_data)
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How the next token is chosen; the defaults of every entry point (`StreamSession.generate`,
+    `chat`, `chat_stream`).
+
+    `temperature` 0.7: 0 picks the likeliest token (greedy); `top_k` 0: the k likeliest tokens (0:
+    all); `top_p` 0.95: the smallest set whose probability reaches p (1: all); `min_p` 0.0: tokens at
+    least p times as likely as the likeliest (0: all); `typical_p` 1.0: locally typical sampling
+    (1: off); `repeat_penalty` 1.0 (1: off), `frequency_penalty` 0.0 and `presence_penalty` 0.0, over
+    the last `penalty_last_n` 64 tokens of the reply (0: off): a token seen n times in that window has
+    its logit divided by `repeat_penalty` (multiplied, if negative), then lowered by
+    n * `frequency_penalty` + `presence_penalty`, as llama.cpp does; `logit_bias` {}: token id ->
+    number added to its logit (-inf forbids it); `seed` None: the draw's seed (0 .. 2**32 - 2; None:
+    the session's generator gives one); `grammar` None: a GBNF grammar (root rule `root`) the reply
+    must follow; `json_schema` None: a JSON schema (a dict or its text) the reply must follow, as a
+    grammar. top-k, typical-p, top-p and min-p read the logits before the temperature divides
+    them, as in llama.cpp."""
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.95
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    grammar: str | None = None
+    json_schema: Mapping[str, Any] | str | None = None
+
+    def __post_init__(self) -> None:
+        bad = []
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            bad.append(f"temperature >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            bad.append(f"top_k >= 0 (got {self.top_k})")
+        for name in ("top_p", "min_p", "typical_p"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                bad.append(f"{name} in [0, 1] (got {value})")
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
+            bad.append(f"repeat_penalty > 0 (got {self.repeat_penalty})")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad.append(f"a finite {name} (got {getattr(self, name)})")
+        if self.penalty_last_n < 0:
+            bad.append(f"penalty_last_n >= 0 (got {self.penalty_last_n})")
+        if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
+            bad.append(f"seed in [0, {_MAX_SEED}] (got {self.seed})")
+        for token, bias in dict(self.logit_bias).items():
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+                bad.append(f"logit_bias keys that are token ids (got {token!r})")
+            elif math.isnan(bias) or bias == math.inf:
+                bad.append(f"a logit_bias that is a number or -inf (got {bias} for token {token})")
+        if self.grammar is not None and self.json_schema is not None:
+            bad.append("a grammar or a json_schema, not both")
+        if self.grammar is not None and not self.grammar.strip():
+            bad.append("a grammar that is not empty")
+        if bad:
+            raise ValueError("sampling needs " + "; ".join(bad))
+
+    @property
+    def penalized(self) -> bool:
+        return self.penalty_last_n > 0 and (self.repeat_penalty != 1 or self.frequency_penalty != 0
+                                            or self.presence_penalty != 0)
+
+    def gbnf(self) -> str | None:
+        """The grammar the reply must follow (the JSON schema's, converted), None if none."""
+        return json_schema_grammar(self.json_schema) if self.json_schema is not None else self.grammar
+
+
+def json_schema_grammar(schema: Mapping[str, Any] | str) -> str:
+    """A JSON schema (a dict or its text) as a GBNF grammar, by llama-cpp-python's converter;
+    ValueError if the schema is not one it can convert."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        return json_schema_to_gbnf(text)
+    except Exception as exc:  # the converter raises whatever its code meets: KeyError, TypeError, ...
+        raise ValueError(f"invalid JSON schema ({type(exc).__name__}: {exc})") from None
+
+
+class ChainSampler:
+    """llama.cpp's sampler chain over `model`'s vocabulary, made as `options` say: a `Sampler`
+    (logits float32 [n_vocab] -> token id) that accepts the token it picks. `reset()` forgets the
+    reply (the penalties' window, the grammar's progress) and restarts the draw from its seed: call
+    it before each generation. `close()` frees the chain (also when collected)."""
+
+    def __init__(self, model: Model, options: SamplerOptions = SamplerOptions(), *, seed: int = 0):
+        self.model, self.options = model, options  # the model outlives the grammar's vocabulary pointer
+        self.n_vocab = model.n_vocab
+        self.chain = self.grammar = None
+        for token in options.logit_bias:
+            if token >= self.n_vocab:
+                raise ValueError(f"logit_bias names token {token}, beyond the vocabulary of {self.n_vocab}")
+        gbnf = options.gbnf()
+        if gbnf is not None:
+            LOG.pop_errors()
+            self.grammar = llama.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+            if not self.grammar:
+                self.grammar = None
+                raise ValueError(f"invalid grammar: {LOG.pop_errors() or 'llama.cpp could not parse it'}")
+        params = llama.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.chain = llama.llama_sampler_chain_init(params)
+        for sampler in self._samplers(options, options.seed if options.seed is not None else seed):
+            llama.llama_sampler_chain_add(self.chain, sampler)  # the chain owns it now
+        self._tokens = np.zeros(self.n_vocab, _TOKEN_DATA)
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._data = self._tokens.ctypes.data_as(llama.llama_token_data_p)
+        self._array = llama.llama_token_data_array(self._data, self.n_vocab, -1, False)
+        self._one = llama.llama_token_data(0, 1.0, 0.0)
+        self._one_array = llama.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+
+    def _samplers(self, o: SamplerOptions, seed: int) -> list:
+        if not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seed must be in [0, {_MAX_SEED}] (got {seed})")
+        out = []
+        if o.logit_bias:
+            bias = (llama.llama_logit_bias * len(o.logit_bias))(
+                *[llama.llama_logit_bias(int(t), float(b)) for t, b in o.logit_bias.items()])
+            out.append(llama.llama_sampler_init_logit_bias(self.n_vocab, len(o.logit_bias), bias))  # copied
+        if o.penalized:
+            out.append(llama.llama_sampler_init_penalties(self.n_vocab, o.penalty_last_n, o.repeat_penalty,
+                                                          o.frequency_penalty, o.presence_penalty))
+        if o.temperature == 0:
+            return out + [llama.llama_sampler_init_greedy()]
+        if o.top_k > 0:
+            out.append(llama.llama_sampler_init_top_k(o.top_k))
+        if o.typical_p < 1:
+            out.append(llama.llama_sampler_init_typical(o.typical_p, 1))
+        if o.top_p < 1:
+            out.append(llama.llama_sampler_init_top_p(o.top_p, 1))
+        if o.min_p > 0:
+            out.append(llama.llama_sampler_init_min_p(o.min_p, 1))
+        return out + [llama.llama_sampler_init_temp(o.temperature), llama.llama_sampler_init_dist(seed)]
+
+    def _fill(self, logits: np.ndarray) -> None:
+        if logits.shape != (self.n_vocab,):
+            raise ValueError(f"need logits of shape ({self.n_vocab},), got {logits.shape}")
+        self._tokens["id"] = self._ids
+        self._tokens["logit"] = logits
+        self._tokens["p"] = 0.0
+        a = self._array
+        a.data, a.size, a.selected, a.sorted = self._data, self.n_vocab, -1, False  # a sampler may move them
+
+    def _selected(self) -> llama.llama_token_data:
+        a = self._array
+        if not 0 <= a.selected < a.size:
+            raise RuntimeError(f"llama.cpp's sampler chain selected no token (index {a.selected} of {a.size})")
+        return a.data[a.selected]
+
+    def _allowed(self, token: int) -> bool:
+        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        llama.llama_sampler_apply(self.grammar, ctypes.byref(self._one_array))
+        return self._one.logit != -math.inf
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.chain is None:
+            raise ValueError("the sampler is closed")
+        self._fill(logits)
+        llama.llama_sampler_apply(self.chain, ctypes.byref(self._array))
+        token = int(self._selected().id)
+        if self.grammar is not None and not self._allowed(token):
+            self._fill(logits)  # the grammar masks the vocabulary, the chain draws again
+            llama.llama_sampler_apply(self.grammar, ctypes.byref(self._array))
+            llama.llama_sampler_apply(self.chain, ctypes.byref(self._array))
+            chosen = self._selected()
+            token = int(chosen.id)
+            if chosen.logit == -math.inf or not self._allowed(token):  # accepting it would abort llama.cpp
+                raise ValueError("the grammar allows no token that the sampling options leave (a logit_bias "
+                                 "of -inf on every allowed token?)")
+        if self.grammar is not None:
+            llama.llama_sampler_accept(self.grammar, token)
+        llama.llama_sampler_accept(self.chain, token)
+        return token
+
+    def reset(self) -> None:
+        """Back to a new reply: no tokens in the penalties' window, the grammar at its start, the draw
+        at its seed."""
+        llama.llama_sampler_reset(self.chain)
+        if self.grammar is not None:
+            llama.llama_sampler_reset(self.grammar)
+
+    def close(self) -> None:
+        for name in ("chain", "grammar"):
+            ptr = getattr(self, name, None)
+            if ptr:
+                llama.llama_sampler_free(ptr)
+            setattr(self, name, None)
+
+    def __enter__(self) -> "ChainSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
