@@ -1,7 +1,7 @@
 """Chat with a `StreamSession`: each user turn rendered by the model's chat template, only its new
 part fed, the reply generated into the same stream (`ChatTranscript` keeps the last round).
 A part of `StreamSession` (its base class), which gives `transcript`, `projector`, `model`, the
-feeding methods and `generate`.
+feeding methods, `chain_sampler` and `generate`.
 """
 from __future__ import annotations
 
@@ -30,22 +30,23 @@ class Conversation:
         return template
 
     def chat(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
-             max_tokens: int = DEFAULTS.max_tokens, temperature: float = DEFAULTS.temperature,
-             top_p: float = DEFAULTS.top_p) -> str:
+             max_tokens: int = DEFAULTS.max_tokens, **sampling) -> str:
         """Add a user turn (with `media`, if any, where the template puts them) and return the
-        model's reply, generated into the same stream (the reply's end marker is fed at the next turn)."""
-        return "".join(self.chat_stream(message, media=media, system=system, max_tokens=max_tokens,
-                                        temperature=temperature, top_p=top_p))
+        model's reply, generated into the same stream (the reply's end marker is fed at the next turn).
+        `sampling`: the sampler's options as in `generate` (`runtime.SamplerOptions`: temperature,
+        top_p, ..., grammar, json_schema)."""
+        return "".join(self.chat_stream(message, media=media, system=system, max_tokens=max_tokens, **sampling))
 
     def chat_stream(self, message: str, *, media: Iterable[MediaPart] | None = None, system: str | None = None,
-                    max_tokens: int = DEFAULTS.max_tokens, temperature: float = DEFAULTS.temperature,
-                    top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
-                    sampler: Sampler | None = None, logprobs: int | None = None) -> Iterator[Piece]:
+                    max_tokens: int = DEFAULTS.max_tokens, stop: Sequence[str] = (), sampler: Sampler | None = None,
+                    logprobs: int | None = None, **sampling) -> Iterator[Piece]:
         """`chat`, the user turn fed now, the reply yielded in `Piece`s as it is sampled (`stop`,
-        `sampler` and `logprobs` as in `generate`)."""
+        `sampler`, `logprobs` and the sampling options as in `generate`)."""
+        if sampler is not None and sampling:
+            raise ValueError(f"sampling options ({', '.join(sampling)}) go without a sampler: the sampler replaces them")
+        sampler = sampler or self.chain_sampler(**sampling)  # bad options fail before the turn is fed
         self.user_turn(message, media=media, system=system)
-        return self._reply(self.generate(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                         sampler=sampler, logprobs=logprobs))
+        return self._reply(self.generate(max_tokens=max_tokens, stop=stop, sampler=sampler, logprobs=logprobs))
 
     def _reply(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
         reply = ""

@@ -1,5 +1,6 @@
 """Generation in layers, as mlx-lm's `generate_step` and `stream_generate`: `generate_tokens`
-samples token ids through the cache controller with any sampler callable; `StreamingDetokenizer`
+samples token ids through the cache controller with any sampler callable (llama.cpp's chain,
+`runtime.ChainSampler`, by default; `make_sampler`, NumPy's, for the server and `Llama`); `StreamingDetokenizer`
 turns token ids into text, holding back a character whose bytes are split across tokens;
 `text_pieces` adds stop strings on top; `Piece` is what `StreamSession.generate` yields, with
 each token's log-probability when asked (`LogprobSampler`)."""
@@ -12,20 +13,25 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .runtime.sampler import SamplerOptions
+
 if TYPE_CHECKING:
     from .controller import CacheController
 
-#: a sampler takes the next-token logits (float32 [n_vocab]) and returns a token id
+#: a sampler takes the next-token logits (float32 [n_vocab]) and returns a token id; one with a
+#: `reset()` method (`ChainSampler`) is reset when a generation starts
 Sampler = Callable[[np.ndarray], int]
 
 
 @dataclass(frozen=True)
 class Sampling:
     """The sampling defaults of every entry point (`StreamSession.generate`, `chat`, `chat_stream`,
-    the `chat` command, `serve`): declared once, here."""
+    the `chat` command, `serve`): the reply's length here, the sampler's options in
+    `runtime.SamplerOptions` (temperature and top-p repeated here for the entry points that take
+    only those)."""
     max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
+    temperature: float = SamplerOptions.temperature
+    top_p: float = SamplerOptions.top_p
 
 
 DEFAULTS = Sampling()
@@ -82,7 +88,9 @@ def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, 
                  min_p: float = 0.0) -> Sampler:
     """Greedy at temperature 0; else, at `temperature`, the `top_k` likeliest tokens (0: all), of
     those the ones at least `min_p` times as likely as the likeliest, and of those the smallest set
-    whose probability reaches `top_p` (nucleus sampling), drawn from `rng`."""
+    whose probability reaches `top_p` (nucleus sampling), drawn from `rng`. NumPy's, in Python: the
+    server and `Llama` sample with it; `StreamSession.generate` with llama.cpp's chain
+    (`runtime.ChainSampler`), whose top-p and min-p read the probabilities before the temperature."""
     if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
         raise ValueError(f"need temperature >= 0, top_p and min_p in [0, 1] and top_k >= 0 (got {temperature}, "
                          f"{top_p}, {min_p}, {top_k})")
@@ -132,6 +140,16 @@ class LogprobSampler:
         self.last = TokenLogprob(token, float(logp[token]), tuple((int(t), float(logp[t])) for t in best))
         return token
 
+    def reset(self) -> None:
+        reset_sampler(self.sample)
+
+
+def reset_sampler(sampler: Sampler) -> None:
+    """Reset a stateful sampler (one with a `reset()` method) for a new generation."""
+    reset = getattr(sampler, "reset", None)
+    if callable(reset):
+        reset()
+
 
 @dataclass
 class Reply:
@@ -147,10 +165,13 @@ def generate_tokens(cache: CacheController, sampler: Sampler, *, max_tokens: int
     """Sample up to `max_tokens` token ids after what the cache holds, each decoded into the cache
     (evicting as it goes) before it is yielded, so that a caller who stops reading leaves a
     consistent stream. Stops before a token that `is_end`. `reply` counts the tokens and says why
-    the generation ended (left at "stop" if the caller stops reading first, at a stop string)."""
+    the generation ended (left at "stop" if the caller stops reading first, at a stop string).
+    A stateful `sampler` is reset first: its state (penalties, grammar) follows the tokens it
+    sampled, never the cache, which may evict them."""
     if cache.n_cached == 0:
         raise ValueError("nothing to continue: feed text or pass a prompt first")
     reply = reply if reply is not None else Reply()
+    reset_sampler(sampler)
     logits = cache.runtime.logits()
     for _ in range(max_tokens):
         token = sampler(logits)

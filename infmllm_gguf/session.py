@@ -22,11 +22,10 @@ from .conversation import Conversation
 from .media_input import MediaInput
 from .memory import MemoryConfig, memory_for
 from .persistence import Persistence
-from .generation import (DEFAULTS, LogprobSampler, Piece, Reply, Sampler, StreamingDetokenizer, make_sampler,
-                         nll_of, reply_pieces)
+from .generation import DEFAULTS, LogprobSampler, Piece, Reply, Sampler, StreamingDetokenizer, nll_of, reply_pieces
 from .multimodal import Projector
 from .policies import DEFAULT_POLICY, Policy, make_policy
-from .runtime import Model, Runtime, check_cache_types
+from .runtime import ChainSampler, Model, Runtime, SamplerOptions, check_cache_types
 from .state import return_freed_memory
 
 __all__ = ["SessionConfig", "StreamSession", "return_freed_memory"]
@@ -244,24 +243,38 @@ class StreamSession(Conversation, MediaInput, Persistence):
         return np.concatenate(out) if out else np.zeros(0)
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, prompt: str | None = None, *, max_tokens: int = DEFAULTS.max_tokens,
-                 temperature: float = DEFAULTS.temperature, top_p: float = DEFAULTS.top_p, stop: Sequence[str] = (),
-                 special: bool = False, sampler: Sampler | None = None,
-                 logprobs: int | None = None) -> Iterator[Piece]:
+    def chain_sampler(self, **sampling) -> ChainSampler:
+        """llama.cpp's sampler chain over this model with `sampling` (`runtime.SamplerOptions`), as
+        `generate` makes it: without a `seed`, the session's generator draws one. ValueError for a bad
+        option, grammar or schema."""
+        options = SamplerOptions(**sampling)
+        seed = int(self.rng.integers(0, SamplerOptions.MAX_SEED + 1)) if options.seed is None else options.seed
+        return ChainSampler(self.model, options, seed=seed)
+
+    def generate(self, prompt: str | None = None, *, max_tokens: int = DEFAULTS.max_tokens, stop: Sequence[str] = (),
+                 special: bool = False, sampler: Sampler | None = None, logprobs: int | None = None,
+                 **sampling) -> Iterator[Piece]:
         """Feed `prompt` (if any) now, then return an iterator that samples up to `max_tokens`
         tokens and yields the reply in `Piece`s (text with counts, speeds and, on the last one, an
         empty text and the `finish_reason`).
 
-        `sampler` (logits -> token id) replaces the temperature and top-p sampler. `logprobs`: None,
-        or each piece carries its tokens' log-probabilities with that many alternatives. Stops at an
-        end-of-generation token or when a `stop` string appears (not yielded); `last_reply` then
-        says how many tokens were sampled and why it stopped. While generating, the cache may hold
-        up to budget + generation_headroom cells; at the end it is brought back to the budget.
+        `sampling`: the options of llama.cpp's sampler chain, as `runtime.SamplerOptions` names and
+        documents them, with their defaults (temperature, top_k, top_p, min_p, typical_p,
+        repeat_penalty, frequency_penalty, presence_penalty, penalty_last_n, logit_bias, seed,
+        grammar, json_schema); without a `seed`, the session's generator draws one. `sampler`
+        (logits -> token id, e.g. `make_sampler`'s) replaces the chain and its options. `logprobs`:
+        None, or each piece carries its tokens' log-probabilities with that many alternatives.
+        Stops at an end-of-generation token (with a grammar: once it is complete), or when a `stop`
+        string appears (not yielded); `last_reply` then says how many tokens were sampled and why it
+        stopped. While generating, the cache may hold up to budget + generation_headroom cells; at
+        the end it is brought back to the budget.
         """
+        if sampler is not None and sampling:
+            raise ValueError(f"sampling options ({', '.join(sampling)}) go without a sampler: the sampler replaces them")
+        sampler = sampler or self.chain_sampler(**sampling)  # bad options fail before the prompt is fed
         t0 = time.perf_counter()
         n_prompt = self.feed_prompt(prompt, special=special) if prompt else 0
         prompt_tps = n_prompt / max(time.perf_counter() - t0, 1e-9)
-        sampler = sampler or make_sampler(temperature, top_p, self.rng)
         self.last_reply = Reply()
         noting = None if logprobs is None else LogprobSampler(sampler, logprobs)
         return reply_pieces(self.cache, sampler, max_tokens=max_tokens, stop=stop,

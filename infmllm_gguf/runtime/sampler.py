@@ -17,7 +17,7 @@ import ctypes
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
@@ -66,6 +66,8 @@ class SamplerOptions:
     seed: int | None = None
     grammar: str | None = None
     json_schema: Mapping[str, Any] | str | None = None
+
+    MAX_SEED: ClassVar[int] = _MAX_SEED
 
     def __post_init__(self) -> None:
         bad = []
