@@ -22,6 +22,22 @@ SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "lines":
           "required": ["title", "lines"]}
 
 
+class NoEnd:
+    """A sampler with the end-of-generation tokens forbidden, so that every reply is `--tokens` long;
+    the same wrapper (a copy of the logits) around each sampler compared."""
+
+    def __init__(self, sampler, ends: np.ndarray):
+        self.sampler, self.ends = sampler, ends
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = logits.copy()
+        logits[self.ends] = -np.inf
+        return self.sampler(logits)
+
+    def reset(self) -> None:
+        getattr(self.sampler, "reset", lambda: None)()
+
+
 def run(session: StreamSession, n_tokens: int, **how) -> tuple[float, int]:
     """tokens/s of one reply (the prompt fed first, not timed) and its length."""
     session.reset()
@@ -50,15 +66,22 @@ def main() -> None:
     with StreamSession(a.model, budget=512, chunk=64, memory=False, n_threads=a.threads) as s:
         print(f"model {s.model.name}, vocab {s.model.n_vocab}, {a.tokens} tokens a reply, {a.repeats} repeats, "
               f"threads {a.threads or 'default'}")
-        ways = {
-            "python make_sampler (t 0.7, top-p 0.95)": lambda i: {"sampler": make_sampler(0.7, 0.95,
-                                                                                          np.random.default_rng(i))},
-            "chain (t 0.7, top-p 0.95)": lambda i: {"temperature": 0.7, "top_p": 0.95, "seed": i},
-            "chain + repeat penalty 1.1 + top-k 40": lambda i: {"temperature": 0.7, "top_p": 0.95, "top_k": 40,
-                                                                "repeat_penalty": 1.1, "seed": i},
-            "chain + JSON schema": lambda i: {"temperature": 0.7, "top_p": 0.95, "seed": i, "json_schema": SCHEMA},
-            "chain greedy": lambda i: {"temperature": 0},
-            "chain greedy + JSON schema": lambda i: {"temperature": 0, "json_schema": SCHEMA},
+        ends = np.flatnonzero([s.model.is_end_of_generation(t) for t in range(s.model.n_vocab)])
+
+        def chain(**options):
+            return {"sampler": NoEnd(ChainSampler(s.model, SamplerOptions(**options)), ends)}
+        ways = {  # end-of-generation forbidden but with a grammar, whose replies end when it is complete
+            "python make_sampler (t 0.7, top-p 0.95)": lambda i: {"sampler": NoEnd(make_sampler(
+                0.7, 0.95, np.random.default_rng(i)), ends)},
+            "chain (t 0.7, top-p 0.95)": lambda i: chain(temperature=0.7, top_p=0.95, seed=i),
+            "chain + repeat penalty 1.1 + top-k 40": lambda i: chain(temperature=0.7, top_p=0.95, top_k=40,
+                                                                     repeat_penalty=1.1, seed=i),
+            "python make_sampler greedy": lambda i: {"sampler": NoEnd(make_sampler(0, 1, np.random.default_rng(i)),
+                                                                      ends)},
+            "chain greedy": lambda i: chain(temperature=0),
+            "chain + JSON schema (ends with it)": lambda i: {"temperature": 0.7, "top_p": 0.95, "seed": i,
+                                                             "json_schema": SCHEMA},
+            "chain (t 0.7, top-p 0.95) ends freely": lambda i: {"temperature": 0.7, "top_p": 0.95, "seed": i},
         }
         figures: dict[str, list[float]] = {k: [] for k in ways}
         lengths: dict[str, list[int]] = {k: [] for k in ways}
