@@ -245,10 +245,12 @@ class StreamSession(Conversation, MediaInput, Persistence):
     # -- generation -------------------------------------------------------------------------
     def chain_sampler(self, **sampling) -> ChainSampler:
         """llama.cpp's sampler chain over this model with `sampling` (`runtime.SamplerOptions`), as
-        `generate` makes it: without a `seed`, the session's generator draws one. ValueError for a bad
-        option, grammar or schema."""
+        `generate` makes it: without a `seed`, the session's generator draws one (not at temperature 0,
+        which draws nothing). ValueError for a bad option, grammar or schema."""
         options = SamplerOptions(**sampling)
-        seed = int(self.rng.integers(0, SamplerOptions.MAX_SEED + 1)) if options.seed is None else options.seed
+        seed = options.seed
+        if seed is None:  # greedy draws nothing: the session's generator is left as it is
+            seed = 0 if options.temperature == 0 else int(self.rng.integers(0, SamplerOptions.MAX_SEED + 1))
         return ChainSampler(self.model, options, seed=seed)
 
     def generate(self, prompt: str | None = None, *, max_tokens: int = DEFAULTS.max_tokens, stop: Sequence[str] = (),
