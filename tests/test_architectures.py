@@ -139,18 +139,20 @@ def test_per_layer_compaction_equals_a_recompute(zoo_models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_long_stream_stays_flat(zoo_models, arch):
-    """20,000 tokens through a 128-cell budget with the default policy: the cells stay within the
-    budget and the process's resident memory does not grow after the first 5,000."""
+    """12,000 tokens through a 128-cell budget with the default policy: the cells stay within the
+    budget and the process's resident memory does not grow after the first 3,000 (the memory tier,
+    which keeps the stream by design, off: tests/test_memory.py bounds it)."""
     path = zoo_models(arch)
     rng = np.random.default_rng(0)
-    with StreamSession(path, budget=128, chunk=256, n_gpu_layers=0, n_threads=2, flash_attn=False) as s:
-        s.feed_tokens(rng.integers(259, 500, 5_000).tolist())
+    with StreamSession(path, budget=128, chunk=256, n_gpu_layers=0, n_threads=2, flash_attn=False,
+                       memory=False) as s:
+        s.feed_tokens(rng.integers(259, 500, 3_000).tolist())
         before = rss_mib()
-        s.feed_tokens(rng.integers(259, 500, 15_000).tolist())
+        s.feed_tokens(rng.integers(259, 500, 9_000).tolist())
         grown = rss_mib() - before
         stats = s.stats
-    assert stats.tokens_seen == 20_000 and stats.cells_cached <= 128, stats
-    assert grown < 4.0, f"{arch}: resident memory grew {grown:.1f} MiB over 15,000 tokens"
+    assert stats.tokens_seen == 12_000 and stats.cells_cached <= 128, stats
+    assert grown < 4.0, f"{arch}: resident memory grew {grown:.1f} MiB over 9,000 tokens"
 
 
 @pytest.mark.parametrize("arch", zoo.HYBRID)
