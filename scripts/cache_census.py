@@ -39,7 +39,7 @@ def census(session: StreamSession, token_ids: np.ndarray, top: int) -> dict:
     """What the cache holds now; with per-layer eviction, all layers' cells pooled (shares of
     n_layer budgets, token counts over all layers)."""
     budget, seen = session.policy.budget, session.stats.tokens_seen
-    indices = session.cache.held_by_layer
+    indices = session.cache.cells.held_by_layer
     ages = seen - indices
     old = indices[ages > budget]
     texts = collections.Counter(session.model.token_bytes(int(t)).decode("utf-8", errors="backslashreplace")
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace, options: dict) -> dict:
         snapshots, curve, nll_sum, seg_nll, seg_n = [], [], 0.0, 0.0, 0
         for i in range(0, token_ids.size, args.chunk):
             new = np.arange(i, min(i + args.chunk, token_ids.size))
-            before = [np.concatenate((row, new)) for row in s.cache.held_by_layer]
+            before = [np.concatenate((row, new)) for row in s.cache.cells.held_by_layer]
             nll = s.token_nll(token_ids[i:i + args.chunk])
-            for row_before, row in zip(before, s.cache.held_by_layer):  # ages at eviction, in each layer
+            for row_before, row in zip(before, s.cache.cells.held_by_layer):  # ages at eviction, in each layer
                 evicted_ages.append(s.stats.tokens_seen - np.setdiff1d(row_before, row, assume_unique=True))
             nll_sum += float(nll.sum())
             seg_nll, seg_n = seg_nll + float(nll.sum()), seg_n + nll.size
