@@ -12,7 +12,7 @@ import collections
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -71,16 +71,16 @@ class CacheController:
     A policy's granularity "auto" settles on the layout the model allows (`cell_layout`).
     With `view_tokens` > 0, `recent_tokens` keeps the token ids of the last `view_tokens` tokens of the
     stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
-    Each decode is told to the `listeners` (callables taking a `Decoded`): the memory is one.
+    Each decode is told to the `listeners` given (callables taking a `Decoded`): the memory is one.
     """
 
     def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, view_tokens: int = 0,
-                 shared_image_positions: bool = False):
+                 shared_image_positions: bool = False, listeners: Sequence[Callable[[Decoded], None]] = ()):
         self.runtime = runtime
         self.policy = policy
         self.generation_headroom = generation_headroom
         self.view_tokens = view_tokens
-        self.listeners: list[Callable[[Decoded], None]] = []
+        self.listeners = tuple(listeners)
         if not runtime.kv_layers:
             raise ValueError(f"{runtime.model.name} ({runtime.model.architecture}) is a recurrent model: it has no KV "
                              "cache to bound, its state is of fixed size already")

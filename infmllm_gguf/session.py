@@ -133,10 +133,9 @@ class StreamSession(Conversation, MediaInput, Persistence):
                                            n_threads=n_threads)
             self.cache = CacheController(self.runtime, self.policy, generation_headroom=self.generation_headroom,
                                          view_tokens=view_tokens,
-                                         shared_image_positions=self.projector is not None and self.projector.uses_mrope)
+                                         shared_image_positions=self.projector is not None and self.projector.uses_mrope,
+                                         listeners=() if self.memory is None else (self.memory.record,))
             self.policy = self.cache.policy  # with its granularity settled for this model
-            if self.memory is not None:
-                self.cache.listeners.append(self.memory.record)
         except Exception:
             self.close()
             raise

@@ -120,7 +120,7 @@ def reached_assignments(path: Path) -> list[str]:
 
 
 def test_no_layer_wires_itself_into_another_through_its_attributes():
-    """Each part is wired where it is made (constructor arguments, the controller's `listeners`);
+    """Each part is wired where it is made (constructor arguments: the controller's `listeners` too);
     nothing sets an attribute on a part of another object afterwards."""
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in reached_assignments(path)]
     found += [hit for path in sorted((PACKAGE.parent / "cli").glob("*.py")) for hit in reached_assignments(path)]
