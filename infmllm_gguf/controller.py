@@ -68,10 +68,10 @@ class CacheController:
     cells decoded after the last captured step (`scores.unseen`) are kept at an eviction that comes
     before the planned one (a generation that stops early), as the recent cells are.
 
-    A policy's granularity "auto" settles on the layout the model allows (`cell_layout`).
-    With `view_tokens` > 0, `recent_tokens` keeps the token ids of the last `view_tokens` tokens of the
-    stream, evicted or not (-1 for an image embedding): a view for a user interface, bounded.
-    Each decode is told to the `listeners` given (callables taking a `Decoded`): the memory is one.
+    A policy's granularity "auto" settles on the layout the model allows (`cell_layout`). With
+    `view_tokens` > 0, `recent_tokens` keeps the token ids of the last `view_tokens` tokens of the stream,
+    evicted or not (-1 for an image embedding): a view for a user interface, bounded. Each decode is told
+    to the `listeners` given (callables taking a `Decoded`): the memory is one.
     """
 
     def __init__(self, runtime: Runtime, policy: Policy, *, generation_headroom: int = 32, view_tokens: int = 0,
@@ -206,7 +206,7 @@ class CacheController:
         n_old, first = self.n_cached, self._stats.tokens_seen
         new = np.arange(first, first + n, dtype=np.int64)
         self.cells.append(new, is_image, layout)
-        decoded = Decoded(tokens, new, causal, layout, *(() if copies is None else (copies,)))
+        decoded = self.listeners and Decoded(tokens, new, causal, layout, *(() if copies is None else (copies,)))
         for listener in self.listeners:
             listener(decoded)
         if self.view_tokens:

@@ -20,11 +20,11 @@ ERRORS = {("post", "/v1/chat/completions"): (400, 408, 413, 503), ("post", "/v1/
 #: one server-sent event of a streamed reply: its data (a chunk's JSON, the last "[DONE]")
 EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 
+#: a reply: whole (JSON) or streamed (events)
+REPLY = {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": EVENT}}
+
 #: the 200s that are not (only) JSON
-CONTENT = {("post", "/v1/chat/completions"): {"application/json": {"schema": {"type": "object"}},
-                                              "text/event-stream": {"schema": EVENT}},
-           ("post", "/v1/completions"): {"application/json": {"schema": {"type": "object"}},
-                                         "text/event-stream": {"schema": EVENT}},
+CONTENT = {("post", "/v1/chat/completions"): REPLY, ("post", "/v1/completions"): REPLY,
            ("get", "/metrics"): {"text/plain": {"schema": {"type": "string"}}},
            ("get", "/"): {"text/html": {"schema": {"type": "string"}}}}
 
