@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +65,41 @@ def refuse_unsupported(options: Mapping[str, object], defaults: Mapping[str, obj
         value = options.get(name, default)
         if value not in (default, None, [], {}):
             raise InvalidRequest(says(name, value), param=name, code="unsupported")
+
+
+def response_format_sampling(response_format: Mapping[str, Any] | None) -> dict:
+    """The sampler's options (`runtime.SamplerOptions` keywords) that make a reply follow OpenAI's
+    `response_format`: {} for None or {"type": "text"}; {"type": "json_object"}: any JSON object
+    (llama.cpp's JSON grammar), or one that follows its "schema" (llama-cpp-python's extension);
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}: a reply that follows
+    "schema" (always strictly: the grammar allows nothing else). InvalidRequest for anything else;
+    a schema the converter cannot take fails when the sampler is made (ValueError)."""
+    if response_format is None:
+        return {}
+    if not isinstance(response_format, Mapping):
+        raise InvalidRequest("response_format must be an object with a type", param="response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        if schema is None:
+            from llama_cpp.llama_grammar import JSON_GBNF
+            return {"grammar": JSON_GBNF}
+        return {"json_schema": _schema(schema, "response_format.schema")}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            raise InvalidRequest("response_format.json_schema needs a schema", param="response_format.json_schema")
+        return {"json_schema": _schema(spec["schema"], "response_format.json_schema.schema")}
+    raise InvalidRequest(f"response_format.type must be text, json_object or json_schema (got {kind!r})",
+                         param="response_format.type")
+
+
+def _schema(schema: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(schema, Mapping):
+        raise InvalidRequest(f"{where} must be a JSON schema (an object)", param=where)
+    return schema
 
 
 def request_rng(seed: int | None, default: np.random.Generator) -> np.random.Generator:
