@@ -1,5 +1,4 @@
 """Images and video in the bounded cache, with a synthetic mmproj on the default model (SmolLM2-135M)."""
-import gc
 import itertools
 import json
 import subprocess
@@ -15,7 +14,6 @@ from PIL import Image
 
 from infmllm_gguf import StreamSession
 from infmllm_gguf.scores import queries_seen
-from infmllm_gguf.state import return_freed_memory
 from infmllm_gguf.multimodal import ProjectorError, TextChunk
 from infmllm_gguf.synthetic import write_model
 from infmllm_gguf.synthetic_mmproj import n_image_tokens, write_mmproj
@@ -202,10 +200,6 @@ def test_200_frames_with_questions_stay_in_the_budget(default_model, mmproj_4, b
             media = [part for frame in itertools.islice(frames, 10) for part in frame_parts(frame)]
             replies.append(s.chat("What happens in the video now?", media=media, max_tokens=6, temperature=0))
             check_cache(s)
-            # what the process holds, not what glibc keeps of the block's freed buffers (the raw
-            # reading swings by 10-50 MiB from block to block with them)
-            gc.collect()
-            return_freed_memory()
             held.append((rss(), s.memory.stats.host_bytes / 2**20))
         st = s.stats
         # the memory (on by default) re-reads frames whole for some questions: their cells count again
