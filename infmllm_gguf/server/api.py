@@ -1,15 +1,19 @@
 """The OpenAI-compatible request bodies, their checks, and the error body OpenAI clients read.
 
 Everything a request says is checked here, before any conversation is touched: message roles and
-order, sampling values, and every image (a base64 `data:` URL that must decode as an image; the
-server never reads a path or fetches a URL on a client's behalf).
+order, sampling values (the sampler chain's options, a `response_format`'s schema converted and
+parsed against the model's vocabulary, `logit_bias`'s token ids), and every image (a base64
+`data:` URL that must decode as an image; the server never reads a path or fetches a URL on a
+client's behalf).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -17,13 +21,20 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..generation import DEFAULTS
 from ..multimodal import load_image
-from ..openai_format import ROOT, InvalidRequest, chain, check_roles, error_body, refuse_unsupported
+from ..openai_format import (ROOT, InvalidRequest, chain, check_roles, error_body, refuse_unsupported,
+                             response_format_sampling)
+from ..runtime import ChainSampler, Model, SamplerOptions, json_schema_grammar
 from .limits import DEFAULT_MAX_TOKENS
 
 #: parameters of OpenAI's API that this server does not implement: refused when set, never ignored
-UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "tools": None,
-               "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
-               "audio": None, "modalities": None, "prediction": None, "best_of": 1, "echo": False, "suffix": None}
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "audio": None,
+               "modalities": None, "prediction": None, "best_of": 1, "echo": False, "suffix": None}
+#: the repetitions a response_format's JSON schema may ask in all (its minLength, maxLength,
+#: minItems, maxItems and its patterns' {n,m}): llama-cpp-python's converter writes each one out, so
+#: that a few bytes of schema could ask for a grammar of gigabytes
+MAX_SCHEMA_REPEATS = 10_000
+REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
+QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=?[\w.+-]*)*),(?P<data>.*)$", re.S)
 
 
@@ -80,16 +91,106 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description=(
+        "the JSON schema the reply follows, made a grammar by llama-cpp-python's converter: types, properties, "
+        "required, additionalProperties, enum, const, anyOf/oneOf, allOf, items, prefixItems, minItems, "
+        "maxItems, minLength, maxLength, pattern, some formats and $ref within the schema; what it does not "
+        "convert (minimum, maximum, multipleOf, uniqueItems, ...) is not enforced"))
+    strict: bool | None = Field(None, description="always strict here: the grammar allows nothing else")
+
+
+class ResponseFormat(BaseModel):
+    """How the reply is made (`openai_format.response_format_sampling`): free text; any JSON object
+    (json_object), or one that follows its `schema` (llama-cpp-python's extension); a reply that
+    follows `json_schema.schema`."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="json_object's schema (as "
+                                           "llama-cpp-python takes it); without one, any JSON object")
+
+    def sampling(self) -> dict:
+        """The sampler's options that make a reply follow it; ApiError (400) for a format that is not one."""
+        try:
+            return response_format_sampling(self.model_dump(by_alias=True, exclude_none=True))
+        except InvalidRequest as exc:
+            raise ApiError.invalid(exc) from None
+
+
+def schema_repeats(schema: object) -> float:
+    """The repetitions a JSON schema asks in all: its counts (`REPEAT_KEYWORDS`) and its patterns'
+    quantifiers ({n}, {n,m}); walked without recursion (a body nests as deep as its parser allows)."""
+    total, todo = 0.0, [schema]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if key in REPEAT_KEYWORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                total += max(value, 0)
+            elif key == "pattern" and isinstance(value, str):
+                total += sum(float(n or 0) + float(m or 0) for n, m in QUANTIFIER.findall(value))  # "{2,}": 2
+            else:
+                todo.append(value)
+    return total
+
+
+def schema_grammar(schema: object) -> str:
+    """A response_format's JSON schema as a GBNF grammar; ValueError for one that converts to none,
+    or that asks more than `MAX_SCHEMA_REPEATS` repetitions."""
+    if schema_repeats(schema) > MAX_SCHEMA_REPEATS:
+        raise ValueError(f"the JSON schema asks more than {MAX_SCHEMA_REPEATS} repetitions in all (minLength, "
+                         "maxLength, minItems, maxItems, a pattern's {n,m}): this server makes no grammar that "
+                         "large")
+    return json_schema_grammar(schema)
+
+
+def chain_seed(seed: int | None) -> int | None:
+    """The sampler chain's seed (0 .. `SamplerOptions.MAX_SEED`) for OpenAI's `seed`, which takes any
+    integer: None stays None (the conversation's generator draws one); a negative seed is a random
+    one, as llama-cpp-python's -1; any other is taken modulo MAX_SEED + 1 (the same seed, the same
+    draws)."""
+    if seed is None:
+        return None
+    if seed < 0:
+        return secrets.randbelow(SamplerOptions.MAX_SEED + 1)
+    return seed % (SamplerOptions.MAX_SEED + 1)
+
+
 class RequestBody(BaseModel):
-    """What both routes take: the model, the reply's length, sampling, stop strings, streaming."""
+    """What both routes take: the model, the reply's length, sampling, stop strings, streaming.
+
+    Sampling is llama.cpp's sampler chain (`runtime.SamplerOptions`). `frequency_penalty`,
+    `presence_penalty` and llama.cpp's `repeat_penalty` count the tokens of the reply so far, as
+    OpenAI counts "the text so far" (the chain's window is the reply's `max_tokens`). `logit_bias` is
+    added to the token's logit, as OpenAI describes it, -100 included: not -inf, so that a grammar
+    that allows only banned tokens (the end of generation a complete JSON reply needs) still has one
+    to pick; elsewhere -100 makes a token e^-100 times as likely as it was (e^-50 at temperature 2),
+    a ban in practice."""
     model_config = ConfigDict(extra="allow")  # other OpenAI fields (user, metadata, store) do not matter here
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(DEFAULTS.temperature, ge=0.0, le=2.0)
     top_p: float = Field(DEFAULTS.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(SamplerOptions.top_k, ge=0, le=2 ** 31 - 1, description="llama.cpp's: the k likeliest "
+                       "tokens (0: all)")
+    min_p: float = Field(SamplerOptions.min_p, ge=0.0, le=1.0, description="llama.cpp's: tokens at least p "
+                         "times as likely as the likeliest (0: all)")
+    repeat_penalty: float = Field(SamplerOptions.repeat_penalty, gt=0.0, allow_inf_nan=False,
+                                  description="llama.cpp's: the logit of a token seen in the reply divided by "
+                                  "it (multiplied, if negative; 1: off)")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="lowers a token's logit by this "
+                                            "times its count in the reply so far")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="lowers the logit of a token "
+                                           "that the reply holds so far by this")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="token id (of this model's vocabulary) -> a number added to its logit")
+    response_format: ResponseFormat | None = None
     stop: Annotated[str | list[str] | None, AfterValidator(_utf8)] = None
-    seed: int | None = None
+    seed: int | None = Field(None, description="any integer: a negative one is random, one beyond 2**32 - 2 is "
+                             "taken modulo 2**32 - 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -108,6 +209,39 @@ class RequestBody(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
         return stops
+
+    def sampling(self, model: Model, max_tokens: int) -> dict:
+        """The sampler chain's options (`runtime.SamplerOptions` keywords) the request asks, checked
+        against `model`: a JSON schema converted to a grammar (once, here) that llama.cpp parses over
+        its vocabulary, token ids of its vocabulary; ApiError (400) for a bad one."""
+        options = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                       repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty or 0.0,
+                       presence_penalty=self.presence_penalty or 0.0, penalty_last_n=max_tokens,
+                       logit_bias=self.token_biases(model.n_vocab), seed=chain_seed(self.seed))
+        if self.response_format is not None:
+            options.update(self.response_format.sampling())
+        try:
+            checked = SamplerOptions(**{k: v for k, v in options.items() if k != "json_schema"})
+        except ValueError as exc:  # a value the body's bounds let through
+            raise ApiError(400, str(exc), code="invalid_value") from None
+        try:
+            if "json_schema" in options:
+                options["grammar"] = schema_grammar(options.pop("json_schema"))
+            if options.get("grammar") is not None:
+                ChainSampler(model, dataclasses.replace(checked, grammar=options["grammar"])).close()  # parsed
+        except ValueError as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format", code="invalid_schema") from None
+        return options
+
+    def token_biases(self, n_vocab: int) -> dict[int, float]:
+        """`logit_bias` by token id; ApiError (400) for a key that is not a token id of the vocabulary."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= len(str(n_vocab)) and int(key) < n_vocab):
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (its vocabulary's ids "
+                                    f"are 0 to {n_vocab - 1})", param="logit_bias", code="invalid_value")
+            biases[int(key)] = bias
+        return biases
 
     def refuse_unsupported(self) -> None:
         """400 for an option of OpenAI's that this server does not implement, when set."""

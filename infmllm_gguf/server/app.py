@@ -65,13 +65,13 @@ def create_app(store: ConversationStore, *, model_name: str, api_key: str | None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
         metrics.count("chat")
-        return await runner.serve(ChatJob(body, limits, request.headers.get("x-session-id"),
+        return await runner.serve(ChatJob(body, limits, request.headers.get("x-session-id"), store.model,
                                           images_allowed=store.settings.mmproj is not None))
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         metrics.count("completions")
-        return await runner.serve(CompletionJob(body, limits, request.headers.get("x-session-id")))
+        return await runner.serve(CompletionJob(body, limits, request.headers.get("x-session-id"), store.model))
 
     @app.get("/v1/models")
     async def models():

@@ -1,6 +1,7 @@
 """What a request asks, one class per route: which conversation it continues, what it feeds the
-stream, what the journal logs of it, and the shape of its reply (`openai_format`). `RequestRunner`
-runs them; every request's body is checked when its job is made, before anything is admitted."""
+stream, how its reply is sampled, what the journal logs of it, and the shape of its reply
+(`openai_format`). `RequestRunner` runs them; every request's body is checked when its job is made,
+before anything is admitted (its sampling options against the model)."""
 from __future__ import annotations
 
 from typing import ClassVar, Iterator
@@ -8,6 +9,7 @@ from typing import ClassVar, Iterator
 from ..generation import Piece
 from ..openai_format import (completion_from_chat_logprobs, delta_choice, message_choice, role_chunk,
                              text_choice)
+from ..runtime import Model
 from ..session import StreamSession
 from .api import ApiError, ChatRequest, CompletionRequest, RequestBody, Turn, checked_turns, turn_digests
 from .conversations import Conversation, ConversationStore
@@ -16,15 +18,17 @@ from .limits import Limits
 
 
 class Job:
-    """A request checked: its body, the reply's length, the conversation it names (`session_id`)."""
+    """A request checked: its body, the reply's length, its sampler chain's options (`sampling`), the
+    conversation it names (`session_id`)."""
     object: ClassVar[str]       # the reply's object
     chunk_object: ClassVar[str]  # a streamed piece's
     id_prefix: ClassVar[str]
 
-    def __init__(self, body: RequestBody, limits: Limits, session_id: str | None):
+    def __init__(self, body: RequestBody, limits: Limits, session_id: str | None, model: Model):
         body.refuse_unsupported()
         self.stops = body.stops()
         self.max_tokens = body.reply_tokens(limits.max_tokens)
+        self.sampling = body.sampling(model, self.max_tokens)
         self.body, self.session_id = body, session_id
         self.digests: list[str] = turn_digests([])
 
@@ -76,8 +80,9 @@ class Job:
 class ChatJob(Job):
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, body: ChatRequest, limits: Limits, session_id: str | None, *, images_allowed: bool):
-        super().__init__(body, limits, session_id)
+    def __init__(self, body: ChatRequest, limits: Limits, session_id: str | None, model: Model, *,
+                 images_allowed: bool):
+        super().__init__(body, limits, session_id, model)
         self.turns = checked_turns(body.messages, images_allowed=images_allowed)
         self.digests = turn_digests(self.turns)
 
@@ -121,8 +126,8 @@ class CompletionJob(Job):
     """A text completion: a conversation of its own unless a session id names one to continue."""
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
-    def __init__(self, body: CompletionRequest, limits: Limits, session_id: str | None):
-        super().__init__(body, limits, session_id)
+    def __init__(self, body: CompletionRequest, limits: Limits, session_id: str | None, model: Model):
+        super().__init__(body, limits, session_id, model)
         if not body.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
 

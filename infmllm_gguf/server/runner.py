@@ -15,8 +15,7 @@ from typing import AsyncIterator, Callable, NamedTuple
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..generation import make_sampler
-from ..openai_format import head, logprob_entry, request_rng, usage
+from ..openai_format import head, logprob_entry, usage
 from ..session import StreamSession
 from .admission import Busy
 from .api import ApiError, turn_digests
@@ -172,8 +171,10 @@ class RequestRunner:
         st = session.stats
         before, evictions_before, evicted_before = st.tokens_seen, st.evictions, st.cells_evicted
         memory_before = memory_counters(session)
-        body, top = job.body, job.top_logprobs
-        sampler = make_sampler(body.temperature, body.top_p, request_rng(body.seed, session.rng))
+        top = job.top_logprobs
+        # llama.cpp's chain, its options checked when the job was made; without a seed, the
+        # conversation's generator draws one
+        sampler = session.chain_sampler(**job.sampling)
         text, finish, content = "", None, None if top is None else []
         try:
             pieces = job.start(session, held, max_tokens=job.max_tokens, stop=job.stops, sampler=sampler,
@@ -203,6 +204,8 @@ class RequestRunner:
         except BaseException:
             self.store.rollback(conv)  # back to its last completed request, on disk
             raise
+        finally:
+            sampler.close()
         reply, st = session.last_reply, session.stats
         recalled, recall_s = (after - b for after, b in zip(memory_counters(session), memory_before))
         counts = usage(st.tokens_seen - before - reply.n_tokens - recalled, reply.n_tokens)
