@@ -15,7 +15,7 @@ CUDA_ARCH ?=
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q scikit-build-core 'cmake>=3.21' numpy gguf pillow typer matplotlib tqdm av \
 		diskcache jinja2 typing-extensions fastapi uvicorn nvidia-ml-py pytest scikit-video pexpect openai selenium \
-		import-linter hypothesis schemathesis
+		import-linter hypothesis schemathesis jsonschema
 	touch $@
 
 # the server's page is tested in a real browser: Debian's chromium and its driver, where apt-get can
