@@ -118,12 +118,12 @@ def contract(served: dict) -> dict:
 
 def repair(body, cap: int, data) -> dict:
     """A generated body turned into one the server can accept (most of what the fuzzer drew kept:
-    texts, sampling values, logprobs, stream options), so that the request reaches the model."""
+    texts, sampling values, penalties, response formats, logprobs, stream options), so that the
+    request reaches the model, the sampler chain and its grammar."""
     body = dict(body) if isinstance(body, dict) else {}
-    for key in ("max_completion_tokens", "frequency_penalty", "presence_penalty", "logit_bias", "tools",
-                "tool_choice", "functions", "function_call", "response_format", "audio", "modalities",
-                "prediction", "best_of", "echo", "suffix"):
-        body.pop(key, None)
+    for key in ("max_completion_tokens", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+                "audio", "modalities", "prediction", "best_of", "echo", "suffix"):  # logit_bias: drawn keys
+        body.pop(key, None)                                                     # are no token ids
     body["max_tokens"] = data.draw(st.none() | st.integers(1, cap))
     if not (isinstance(body.get("stop"), str) and body["stop"]) and not (
             isinstance(body.get("stop"), list) and len(body["stop"]) <= 4 and all(body["stop"])):
