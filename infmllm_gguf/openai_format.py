@@ -14,15 +14,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import InvalidRequest
+
 ROOT = hashlib.sha256(b"infmllm-gguf chat").hexdigest()  # the digest of an empty conversation
-
-
-class InvalidRequest(ValueError):
-    """A request OpenAI's API refuses as an `invalid_request_error`; `param` names what is wrong."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -83,10 +77,7 @@ def response_format_sampling(response_format: Mapping[str, Any] | None) -> dict:
         return {}
     if kind == "json_object":
         schema = response_format.get("schema")
-        if schema is None:
-            from llama_cpp.llama_grammar import JSON_GBNF
-            return {"grammar": JSON_GBNF}
-        return {"json_schema": _schema(schema, "response_format.schema")}
+        return {"json_schema": _schema(schema if schema is not None else {"type": "object"}, "response_format.schema")}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, Mapping) or "schema" not in spec:

@@ -17,7 +17,6 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .controller import CacheController, CacheStats
-from .chat import ChatTranscript
 from .conversation import Conversation
 from .media_input import MediaInput
 from .memory import MemoryConfig, memory_for
@@ -140,7 +139,7 @@ class StreamSession(Conversation, MediaInput, Persistence):
             self.close()
             raise
         self.rng = np.random.default_rng(seed)
-        self.transcript = ChatTranscript(self.model.render_chat)
+        self.transcript = self.new_transcript(self.model.render_chat)
         self.last_reply: Reply | None = None  # how the last generation ended
 
     # -- lifetime ---------------------------------------------------------------------------

@@ -192,10 +192,12 @@ class Model:
             size = n
         raise RuntimeError("chat template output kept growing")
 
-    def render_chat_jinja(self, messages: Sequence[tuple[str, str]], add_assistant: bool) -> str:
+    def render_chat_jinja(self, messages: Sequence[tuple[str, str]], add_assistant: bool,
+                          tools: list[dict] | None = None) -> str:
         """`render_chat` as llama-cpp-python's `Llama` renders a chat: the template run by jinja2
         (its formatter, with the model's BOS and EOS texts), whatever llama.cpp's own engine, which
-        knows a fixed set of templates by their look, leaves out (SmolLM2's default system message)."""
+        knows a fixed set of templates by their look, leaves out (SmolLM2's default system message);
+        `tools` (OpenAI's tool dicts) go to the template, for those that render them."""
         if self._jinja is None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -207,4 +209,4 @@ class Model:
             self._jinja = {opens: Jinja2ChatFormatter(template, eos_token=text(self.eos_token),
                                                       bos_token=text(self.bos_token), add_generation_prompt=opens)
                            for opens in (False, True)}
-        return self._jinja[add_assistant](messages=[{"role": r, "content": c} for r, c in messages]).prompt
+        return self._jinja[add_assistant](messages=[{"role": r, "content": c} for r, c in messages], tools=tools).prompt
