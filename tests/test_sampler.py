@@ -1,6 +1,6 @@
 """llama.cpp's sampler chain (`runtime.ChainSampler`): greedy, top-k, seeds, logit bias, the
-penalties as llama.cpp documents them, GBNF grammars and JSON schemas, bad input refused with
-ValueError; and in a session: `generate` and `chat` with the chain, a JSON answer that stays valid
+penalties as llama.cpp documents them, Mirostat's truncation, GBNF grammars (checked after the draw,
+or masking first as llama-cpp-python does) and JSON schemas, bad input refused with ValueError; and in a session: `generate` and `chat` with the chain, a JSON answer that stays valid
 while the cache evicts during it."""
 import json
 
@@ -10,6 +10,7 @@ import pytest
 from infmllm_gguf import StreamSession
 from infmllm_gguf.generation import make_sampler
 from infmllm_gguf.runtime import ChainSampler, Model, SamplerOptions
+from infmllm_gguf.runtime.sampler import grammar_text
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer"}, "alive": {"type": "boolean"}},
@@ -213,3 +214,75 @@ def test_a_sampler_and_options_together_are_refused(session):
         session.generate("hi", sampler=make_sampler(0, 1, np.random.default_rng()), temperature=0.5)
     with pytest.raises(ValueError, match="sampler"):
         session.chat_stream("hi", sampler=make_sampler(0, 1, np.random.default_rng()), top_k=3)
+
+
+def test_mirostat_2_keeps_the_tokens_below_its_surprise_target(model):
+    """Mirostat 2.0's first step keeps the tokens whose surprise, -log2 p, is at most 2 * tau: with
+    p = 1/2, 1/4 and the rest spread thin (surprise ~17 bits), tau 1.25 keeps the first two, tau 0.25
+    only the likeliest (it keeps one when none is below); without Mirostat, the thin rest is drawn."""
+    a, b = 100, 200
+    logits = np.full(model.n_vocab, np.log(0.25 / (model.n_vocab - 2)), dtype=np.float32)
+    logits[a], logits[b] = np.log(0.5), np.log(0.25)
+
+    def first_draws(**options) -> set[int]:
+        draws = set()
+        for seed in range(40):
+            with ChainSampler(model, SamplerOptions(temperature=1.0, top_p=1.0, seed=seed, **options)) as s:
+                draws.add(s(logits))
+        return draws
+    assert first_draws(mirostat=2, mirostat_tau=1.25) == {a, b}
+    assert first_draws(mirostat=2, mirostat_tau=0.25) == {a}
+    assert len(first_draws() - {a, b}) > 1
+
+
+def test_mirostat_1_with_a_tiny_target_draws_the_likeliest(model):
+    rows = logits_rows(model, n=10, seed=4)
+    for mode in (1, 2):
+        with ChainSampler(model, SamplerOptions(temperature=1.0, mirostat=mode, mirostat_tau=0.01, seed=5)) as s:
+            assert [s(r) for r in rows] == [int(np.argmax(r)) for r in rows]
+    with ChainSampler(model, SamplerOptions(temperature=1.0, mirostat=1, mirostat_tau=3.0, seed=5)) as s:
+        assert [s(r) for r in rows] != [int(np.argmax(r)) for r in rows]
+
+
+def test_grammar_first_draws_from_the_tokens_the_grammar_allows(model):
+    """With `grammar_first`, a draw is the chain's draw from logits whose tokens outside the grammar
+    are -inf: the same as a chain without a grammar over logits masked by hand (the tokens whose
+    text starts "yes" or "no"), seed for seed. The default (the grammar checks the chain's token,
+    then masks and draws again) is another distribution."""
+    grammar = 'root ::= "yes" | "no"'
+    allowed = [t for t in range(model.n_vocab)
+               if (text := model.token_bytes(t)) and (b"yes".startswith(text) or b"no".startswith(text))
+               and not model.is_end_of_generation(t)]
+    logits = logits_rows(model, n=1, seed=6)[0]
+    logits[allowed] += 6.0  # likely, but less than the rest together
+    masked = np.full_like(logits, -np.inf)
+    masked[allowed] = logits[allowed]
+
+    def draws(row, **options) -> list[int]:
+        out = []
+        for seed in range(30):
+            with ChainSampler(model, SamplerOptions(temperature=1.0, top_k=40, top_p=0.9, seed=seed, **options)) as s:
+                out.append(s(row))
+        return out
+    expected = draws(masked)
+    assert set(expected) <= set(allowed) and len(set(expected)) > 1
+    assert draws(logits, grammar=grammar, grammar_first=True) == expected
+    assert set(draws(logits, grammar=grammar)) <= set(allowed)
+    assert draws(logits, grammar=grammar) != expected
+
+
+def test_a_grammar_is_gbnf_text_or_a_llama_grammar():
+    from llama_cpp import LlamaGrammar
+
+    gbnf = 'root ::= "a" | "b"'
+    assert grammar_text(gbnf) == gbnf
+    assert grammar_text(LlamaGrammar.from_string(gbnf)) == gbnf
+    assert "root ::=" in grammar_text(LlamaGrammar.from_json_schema('{"type": "integer"}'))
+    with pytest.raises(ValueError, match="GBNF text or a llama_cpp.LlamaGrammar"):
+        grammar_text(42)
+
+
+@pytest.mark.parametrize("options", [{"mirostat": 3}, {"mirostat_tau": -1.0}, {"mirostat_eta": float("nan")}])
+def test_out_of_range_mirostat_options_are_value_errors(options):
+    with pytest.raises(ValueError, match="mirostat"):
+        SamplerOptions(**options)

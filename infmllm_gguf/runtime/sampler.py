@@ -6,10 +6,13 @@ output index of a llama.cpp context, so that it does not depend on which output 
 `accept`s each token it picks (the penalties' window and the grammar follow the reply, not the KV
 cache, so an eviction mid-answer changes neither). The chain, as llama.cpp's `common_sampler` builds
 it: logit bias, penalties, then top-k, typical-p, top-p, min-p, temperature and a seeded draw (at
-temperature 0, the likeliest token). A grammar (GBNF, or one made from a JSON schema by
-llama-cpp-python's converter) is applied as `common_sampler_sample` applies it: the chain's token is
-kept if the grammar allows it, else the grammar masks the whole vocabulary and the chain draws again;
-once the grammar is complete it allows only an end-of-generation token.
+temperature 0, the likeliest token); with Mirostat: logit bias, penalties, temperature and Mirostat's
+own draw (llama.cpp's chain leaves the penalties out there, llama-cpp-python's keeps them, as here).
+A grammar (GBNF, or one made from a JSON schema by llama-cpp-python's converter) is applied as
+`common_sampler_sample` applies it: the chain's token is kept if the grammar allows it, else the
+grammar masks the whole vocabulary and the chain draws again (or, `grammar_first`, as
+llama-cpp-python applies it: the grammar masks the vocabulary before every draw); once the grammar is
+complete it allows only an end-of-generation token.
 """
 from __future__ import annotations
 
@@ -21,15 +24,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 from llama_cpp import llama_cpp as llama
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from .log import LOG
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["ChainSampler", "SamplerOptions", "json_schema_grammar"]
+__all__ = ["ChainSampler", "SamplerOptions", "grammar_text", "json_schema_grammar"]
 
 _MAX_SEED = 2**32 - 2  # llama.cpp's LLAMA_DEFAULT_SEED (2**32 - 1) asks it for a random seed
+_MIROSTAT_M = 100  # the tokens Mirostat 1.0 estimates its Zipf exponent from: llama.cpp's and the paper's
 
 # llama_token_data {llama_token id; float logit; float p;}: 12 bytes, no padding
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -47,11 +52,17 @@ class SamplerOptions:
     (1: off); `repeat_penalty` 1.0 (1: off), `frequency_penalty` 0.0 and `presence_penalty` 0.0, over
     the last `penalty_last_n` 64 tokens of the reply (0: off): a token seen n times in that window has
     its logit divided by `repeat_penalty` (multiplied, if negative), then lowered by
-    n * `frequency_penalty` + `presence_penalty`, as llama.cpp does; `logit_bias` {}: token id ->
+    n * `frequency_penalty` + `presence_penalty`, as llama.cpp does; `mirostat` 0: 1 or 2 draws with
+    Mirostat 1.0 or 2.0 (arXiv:2007.14966) aiming at a surprise of `mirostat_tau` 5.0 bits a token,
+    learning at `mirostat_eta` 0.1, in place of top-k, typical-p, top-p, min-p and the plain draw
+    (0: off); `logit_bias` {}: token id ->
     number added to its logit (-inf forbids it); `seed` None: the draw's seed (0 .. 2**32 - 2; None:
     the session's generator gives one); `grammar` None: a GBNF grammar (root rule `root`) the reply
     must follow; `json_schema` None: a JSON schema (a dict or its text) the reply must follow, as a
-    grammar. top-k, typical-p, top-p and min-p read the logits before the temperature divides
+    grammar; `grammar_first` False: the chain draws from the whole vocabulary and the grammar checks
+    its token (llama.cpp's `common_sampler`: faster, and leaning towards what the model would say
+    unconstrained), True: the grammar masks the vocabulary before the chain at every step
+    (llama-cpp-python's: a draw from the tokens the grammar allows). top-k, typical-p, top-p and min-p read the logits before the temperature divides
     them, as in llama.cpp."""
     temperature: float = 0.7
     top_k: int = 0
@@ -62,10 +73,14 @@ class SamplerOptions:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     penalty_last_n: int = 64
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
     grammar: str | None = None
     json_schema: Mapping[str, Any] | str | None = None
+    grammar_first: bool = False
 
     MAX_SEED: ClassVar[int] = _MAX_SEED
 
@@ -86,6 +101,12 @@ class SamplerOptions:
                 bad.append(f"a finite {name} (got {getattr(self, name)})")
         if self.penalty_last_n < 0:
             bad.append(f"penalty_last_n >= 0 (got {self.penalty_last_n})")
+        if self.mirostat not in (0, 1, 2):
+            bad.append(f"mirostat 0, 1 or 2 (got {self.mirostat})")
+        for name in ("mirostat_tau", "mirostat_eta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                bad.append(f"{name} >= 0 (got {value})")
         if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
             bad.append(f"seed in [0, {_MAX_SEED}] (got {self.seed})")
         for token, bias in dict(self.logit_bias).items():
@@ -108,6 +129,16 @@ class SamplerOptions:
     def gbnf(self) -> str | None:
         """The grammar the reply must follow (the JSON schema's, converted), None if none."""
         return json_schema_grammar(self.json_schema) if self.json_schema is not None else self.grammar
+
+
+def grammar_text(grammar: str | LlamaGrammar) -> str:
+    """The GBNF text of a grammar given as text or as llama-cpp-python's `LlamaGrammar` (which holds
+    its text, root rule `root`); ValueError for anything else."""
+    if isinstance(grammar, str):
+        return grammar
+    if isinstance(grammar, LlamaGrammar):
+        return grammar._grammar  # its only record of the text; from_string, from_file and from_json_schema set it
+    raise ValueError(f"a grammar is GBNF text or a llama_cpp.LlamaGrammar (got {type(grammar).__name__})")
 
 
 def json_schema_grammar(schema: Mapping[str, Any] | str) -> str:
@@ -167,6 +198,13 @@ class ChainSampler:
                                                           o.frequency_penalty, o.presence_penalty))
         if o.temperature == 0:
             return out + [llama.llama_sampler_init_greedy()]
+        if o.mirostat == 1:
+            return out + [llama.llama_sampler_init_temp(o.temperature),
+                          llama.llama_sampler_init_mirostat(self.n_vocab, seed, o.mirostat_tau, o.mirostat_eta,
+                                                            _MIROSTAT_M)]
+        if o.mirostat == 2:
+            return out + [llama.llama_sampler_init_temp(o.temperature),
+                          llama.llama_sampler_init_mirostat_v2(seed, o.mirostat_tau, o.mirostat_eta)]
         if o.top_k > 0:
             out.append(llama.llama_sampler_init_top_k(o.top_k))
         if o.typical_p < 1:
@@ -201,22 +239,26 @@ class ChainSampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.chain is None:
             raise ValueError("the sampler is closed")
-        self._fill(logits)
-        llama.llama_sampler_apply(self.chain, ctypes.byref(self._array))
-        token = int(self._selected().id)
-        if self.grammar is not None and not self._allowed(token):
-            self._fill(logits)  # the grammar masks the vocabulary, the chain draws again
-            llama.llama_sampler_apply(self.grammar, ctypes.byref(self._array))
-            llama.llama_sampler_apply(self.chain, ctypes.byref(self._array))
-            chosen = self._selected()
-            token = int(chosen.id)
-            if chosen.logit == -math.inf or not self._allowed(token):  # accepting it would abort llama.cpp
-                raise ValueError("the grammar allows no token that the sampling options leave (a logit_bias "
-                                 "of -inf on every allowed token?)")
+        masked = self.grammar is not None and self.options.grammar_first
+        chosen = self._draw(logits, masked)
+        if self.grammar is not None and not masked and not self._allowed(int(chosen.id)):
+            chosen, masked = self._draw(logits, True), True  # the grammar masks the vocabulary, the chain draws again
+        token = int(chosen.id)
+        if masked and (chosen.logit == -math.inf or not self._allowed(token)):  # accepting it would abort llama.cpp
+            raise ValueError("the grammar allows no token that the sampling options leave (a logit_bias "
+                             "of -inf on every allowed token?)")
         if self.grammar is not None:
             llama.llama_sampler_accept(self.grammar, token)
         llama.llama_sampler_accept(self.chain, token)
         return token
+
+    def _draw(self, logits: np.ndarray, masked: bool) -> llama.llama_token_data:
+        """The chain's choice from `logits`, the vocabulary first `masked` by the grammar."""
+        self._fill(logits)
+        if masked:
+            llama.llama_sampler_apply(self.grammar, ctypes.byref(self._array))
+        llama.llama_sampler_apply(self.chain, ctypes.byref(self._array))
+        return self._selected()
 
     def reset(self) -> None:
         """Back to a new reply: no tokens in the penalties' window, the grammar at its start, the draw
