@@ -25,12 +25,13 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from .errors import InvalidRequest
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CHOICES = ("none", "auto", "required")
+_BARE_CALL = re.compile(r"^\s*(?:```(?:json)?\s*)?(\{.*\})\s*(?:```)?\s*$", re.S)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 #: the system message's addition where the template does not know tools ({tools}: one JSON per line)
@@ -158,15 +159,19 @@ def call_grammar(tools: Sequence[Tool]) -> str:
             f'{json.dumps(CALL_CLOSE)}\n{rules}')
 
 
-def parse_reply(text: str) -> tuple[str | None, list[ToolCall]]:
-    """A reply's text before its calls (None if none) and the calls it makes; a block that does not
-    parse as a call leaves the whole reply as text."""
+def parse_reply(text: str, names: Collection[str]) -> tuple[str | None, list[ToolCall]]:
+    """A reply's text before its calls (None if none) and the calls it makes of the tools `names`:
+    its `<tool_call>` blocks, or the whole reply one call object (bare or in a ```json fence, as
+    small models answer when the grammar is not yet holding them). Anything else, a block that does
+    not parse or names no declared tool included, leaves the whole reply as text."""
     head, found, _ = text.partition(CALL_OPEN)
     if not found:
-        return text, []
+        bare = _BARE_CALL.match(text)
+        call = _parsed_call(bare[1], names) if bare else None
+        return (text, []) if call is None else (None, [call])
     calls = []
     for block in re.findall(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), text, flags=re.S):
-        call = _parsed_call(block)
+        call = _parsed_call(block, names)
         if call is None:
             return text, []
         calls.append(call)
@@ -175,12 +180,12 @@ def parse_reply(text: str) -> tuple[str | None, list[ToolCall]]:
     return (head.strip() or None), calls
 
 
-def _parsed_call(block: str) -> ToolCall | None:
+def _parsed_call(block: str, names: Collection[str]) -> ToolCall | None:
     try:
         value = json.loads(block)
     except ValueError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or "arguments" not in value:
+    if not isinstance(value, dict) or value.get("name") not in names or "arguments" not in value:
         return None
     arguments = value["arguments"]
     return ToolCall(new_call_id(), value["name"],
@@ -188,50 +193,60 @@ def _parsed_call(block: str) -> ToolCall | None:
 
 
 class CallStream:
-    """A reply's pieces as OpenAI streams them: text as `content` deltas, held back while it may be
-    the start of a call, and each call as `tool_calls` deltas (its id and name with empty
-    arguments, then its arguments) once its block is complete. `feed` each piece, then `finish`."""
+    """A reply's pieces as OpenAI streams them: text as `content` deltas, and each call of the tools
+    `names` as `tool_calls` deltas (its id and name with empty arguments, then its arguments) once
+    its block is complete; text is held back while it may be the start of a call (a reply that
+    opens with "{" or "```" until its end: it may be one bare call). `feed` each piece, then
+    `finish`. The calls and text are those `parse_reply` finds in the whole reply."""
 
-    def __init__(self):
-        self.pending = ""
+    def __init__(self, names: Collection[str]):
+        self.names = names
+        self.text = ""       # the reply so far
+        self.sent = 0        # its characters sent as content
         self.calls: list[ToolCall] = []
-        self.in_calls = False
 
     def feed(self, piece: str) -> Iterator[dict]:
-        self.pending += piece
-        while True:
-            if not self.in_calls:
-                at = self.pending.find(CALL_OPEN)
-                if at < 0:
-                    keep = _partial_suffix(self.pending, CALL_OPEN)
-                    text, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-                    if text and not self.calls:
-                        yield {"content": text}
-                    return
-                if at and not self.calls and self.pending[:at].strip():
-                    yield {"content": self.pending[:at].rstrip("\n")}
-                self.pending, self.in_calls = self.pending[at:], True
-            end = self.pending.find(CALL_CLOSE)
-            if end < 0:
-                return
-            block, self.pending = self.pending[:end + len(CALL_CLOSE)], self.pending[end + len(CALL_CLOSE):]
-            self.in_calls = False
-            call = _parsed_call(block[len(CALL_OPEN):-len(CALL_CLOSE)])
-            if call is None:  # not a call after all: text, as parse_reply leaves it
-                if not self.calls:
-                    yield {"content": block}
-                continue
-            index = len(self.calls)
-            self.calls.append(call)
-            yield {"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                   "function": {"name": call.name, "arguments": ""}}]}
-            yield {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}
+        self.text += piece
+        head, found, rest = self.text.partition(CALL_OPEN)
+        if not found:
+            if not self.calls and not _may_be_bare_call(self.text):
+                yield from self._content(len(self.text) - _partial_suffix(self.text, CALL_OPEN))
+            return
+        if not self.calls:
+            yield from self._content(len(head.rstrip("\n")))
+        blocks = re.findall(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), self.text, flags=re.S)
+        for block in blocks[len(self.calls):]:
+            call = _parsed_call(block, self.names)
+            if call is None:
+                return  # not a call after all: the rest goes as text at the end, as parse_reply reads it
+            yield from self._call(call)
 
     def finish(self) -> Iterator[dict]:
-        """What is held back at the end (text that was not a call after all)."""
-        if self.pending and not self.calls:
-            yield {"content": self.pending}
-        self.pending = ""
+        """What is held back at the end: a bare call, or the text that was not a call after all."""
+        if self.calls:
+            return
+        _, calls = parse_reply(self.text, self.names)
+        for call in calls:
+            yield from self._call(call)
+        if not calls:
+            yield from self._content(len(self.text))
+
+    def _content(self, end: int) -> Iterator[dict]:
+        if end > self.sent:
+            yield {"content": self.text[self.sent:end]}
+            self.sent = end
+
+    def _call(self, call: ToolCall) -> Iterator[dict]:
+        index = len(self.calls)
+        self.calls.append(call)
+        yield {"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                               "function": {"name": call.name, "arguments": ""}}]}
+        yield {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}
+
+
+def _may_be_bare_call(text: str) -> bool:
+    start = text.lstrip()
+    return not start or start.startswith(("{", "```")) or "```".startswith(start)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -57,7 +57,7 @@ REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 
 def streamed(pieces):
     """The deltas of `pieces`, accumulated as an OpenAI client does: (content, [(name, arguments)])."""
-    stream, content, calls = CallStream(), "", {}
+    stream, content, calls = CallStream(SCHEMAS), "", {}
     for delta in [d for p in pieces for d in stream.feed(p)] + list(stream.finish()):
         content += delta.get("content", "")
         for call in delta.get("tool_calls", []):
@@ -68,7 +68,7 @@ def streamed(pieces):
 
 
 def test_streamed_calls_equal_the_whole_reply_parsed_at_every_split():
-    content, calls = parse_reply(REPLY)
+    content, calls = parse_reply(REPLY, SCHEMAS)
     assert content == "Let me look." and [c.name for c in calls] == ["get_weather", "add"]
     assert json.loads(calls[0].arguments) == {"city": "Zürich", "unit": "celsius"}
     whole = [(c.name, c.arguments) for c in calls]
@@ -78,10 +78,24 @@ def test_streamed_calls_equal_the_whole_reply_parsed_at_every_split():
             assert got == whole and text.strip() == content, (i, j)
 
 
-@pytest.mark.parametrize("reply", ["Just text, no call.", "<tool_call>\nnot json\n</tool_call>", "a < b <tool_c"])
+@pytest.mark.parametrize("reply", ["Just text, no call.", "<tool_call>\nnot json\n</tool_call>", "a < b <tool_c",
+                                   '<tool_call>\n{"name": "undeclared", "arguments": {}}\n</tool_call>',
+                                   '{"name": "Ann", "arguments": "a JSON answer, not a call"}', "``` code ```"])
 def test_a_reply_without_a_valid_call_stays_text(reply):
-    assert parse_reply(reply) == (reply, [])
-    assert streamed([reply[:5], reply[5:]]) == (reply, [])
+    assert parse_reply(reply, SCHEMAS) == (reply, [])
+    for i in range(len(reply)):
+        assert streamed([reply[:i], reply[i:]]) == (reply, [])
+
+
+@pytest.mark.parametrize("reply", ['{"name": "add", "arguments": {"a": 1, "b": 2}}',
+                                   '```json\n{"name": "add",\n "arguments": {"a": 1, "b": 2}}\n```\n'])
+def test_a_reply_that_is_one_bare_call_is_that_call(reply):
+    """As small models answer when `auto` has not triggered the grammar (no <tool_call> written)."""
+    content, (call,) = parse_reply(reply, SCHEMAS)
+    assert content is None and (call.name, json.loads(call.arguments)) == ("add", {"a": 1, "b": 2})
+    for i in range(len(reply)):
+        text, calls = streamed([reply[:i], reply[i:]])
+        assert text == "" and [(n, json.loads(a)) for n, a in calls] == [("add", {"a": 1, "b": 2})]
 
 
 class ChatML:
@@ -147,7 +161,7 @@ def test_a_conversation_with_tool_rounds_fed_turn_by_turn_is_the_whole_rendering
 
 
 def check_calls(text, allowed):
-    content, calls = parse_reply(text)
+    content, calls = parse_reply(text, allowed)
     assert calls, f"no call in {text!r}"
     for call in calls:
         assert call.name in allowed
@@ -178,5 +192,5 @@ def test_qwen_calls_the_tool_and_reads_its_result():
         (call,) = check_calls(text, {"get_weather"})
         assert json.loads(call.arguments)["city"] == "Paris"
         reply = s.chat([("tool", '{"temperature": 21, "unit": "celsius"}')], temperature=0, max_tokens=30)
-        assert parse_reply(reply)[1] == [] and reply.strip()
+        assert parse_reply(reply, SCHEMAS)[1] == [] and reply.strip()
         assert '<|im_start|>user\n<tool_response>\n{"temperature": 21' in s.transcript.fed
