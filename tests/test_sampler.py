@@ -1,7 +1,8 @@
 """llama.cpp's sampler chain (`runtime.ChainSampler`): greedy, top-k, seeds, logit bias, the
 penalties as llama.cpp documents them, Mirostat's truncation, GBNF grammars (checked after the draw,
-or masking first as llama-cpp-python does) and JSON schemas, bad input refused with ValueError; and in a session: `generate` and `chat` with the chain, a JSON answer that stays valid
-while the cache evicts during it."""
+or masking first as llama-cpp-python does) and JSON schemas, bad input refused with ValueError; and
+in a session: `generate` and `chat` with the chain, a JSON answer that stays valid while the cache
+evicts during it."""
 import json
 
 import numpy as np

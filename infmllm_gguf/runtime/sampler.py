@@ -62,8 +62,8 @@ class SamplerOptions:
     grammar; `grammar_first` False: the chain draws from the whole vocabulary and the grammar checks
     its token (llama.cpp's `common_sampler`: faster, and leaning towards what the model would say
     unconstrained), True: the grammar masks the vocabulary before the chain at every step
-    (llama-cpp-python's: a draw from the tokens the grammar allows). top-k, typical-p, top-p and min-p read the logits before the temperature divides
-    them, as in llama.cpp."""
+    (llama-cpp-python's: a draw from the tokens the grammar allows). top-k, typical-p, top-p and
+    min-p read the logits before the temperature divides them, as in llama.cpp."""
     temperature: float = 0.7
     top_k: int = 0
     top_p: float = 0.95
