@@ -53,10 +53,10 @@ import numpy as np
 
 from .generation import Piece, Sampler, TokenLogprob, reset_sampler
 from .memory import MemoryConfig
-from .policies import DEFAULT_POLICY, Policy, make_policy
 from .openai_format import (InvalidRequest, chain, chat_from_completion_logprobs, check_roles, completion_logprobs,
                             delta_choice, head, message_choice, refuse_unsupported, response_format_sampling,
                             role_chunk, text_choice, usage)
+from .policies import DEFAULT_POLICY, Policy, make_policy
 from .runtime.embedding import POOLING_UNSPECIFIED, Embedder
 from .runtime.sampler import SamplerOptions, grammar_text
 from .session import StreamSession
