@@ -27,8 +27,10 @@ holds them, not the bounded stream), and `logprobs` (completions) or `logprobs` 
 `top_logprobs` (chat) in its format. The chain is built as llama-cpp-python builds it (a grammar
 masks the vocabulary before each draw) and seeded as it seeds it (a request without a seed takes
 `random.Random(last seed).randint(0, 2**32)`; `set_seed` sets the last seed, `save_state` saves
-it), so that given the same logits a sampled reply is llama-cpp-python's. `echo` returns the prompt
-before the reply (streamed: as the first chunk, where llama-cpp-python leaves it out).
+it), so that given the same logits a sampled reply is llama-cpp-python's (but with Mirostat at a
+temperature other than 1: it divides the logits first, as llama.cpp's own chain does, where
+llama-cpp-python leaves the temperature out). `echo` returns the prompt before the reply (streamed:
+as the first chunk, where llama-cpp-python leaves it out).
 
 Refused with ValueError when set to anything but their defaults, never ignored: `tfs_z` (llama.cpp
 has no tail-free sampling any more; llama-cpp-python 0.3.36 ignores it), `suffix`, `echo` with
