@@ -127,6 +127,16 @@ def test_a_schema_string_holds_no_control_character(client, vocab):
     assert finish == "stop" and "\n" not in follows(text, NOTE)["note"], text
 
 
+def test_a_banned_end_still_ends_a_schema_reply(client, vocab):
+    """logit_bias -100 is added to the logit, not -inf: once the reply is complete, its grammar allows
+    only the end of generation, which the ban of every end token lowers but leaves."""
+    ends = [t for t in range(vocab.n_vocab) if vocab.is_end_of_generation(t)]
+    text, finish, _ = chat(client, "Write a note.", max_tokens=40, temperature=0,
+                           logit_bias={str(t): -100 for t in ends}, response_format=schema_format(NOTE))
+    assert finish == "stop", text
+    follows(text, NOTE)
+
+
 def test_logprobs_come_with_a_schema_reply(client):
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Write a note."}],
                                        max_tokens=40, temperature=0, logprobs=True, top_logprobs=2,
