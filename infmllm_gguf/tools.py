@@ -141,9 +141,9 @@ class ToolUse:
         """The sampler's options (`runtime.SamplerOptions` keywords) that hold the reply to them."""
         if self.choice == "none":
             return {}
-        if self.choice == "auto":  # the model's calls are read after the reply (no lazy grammar yet)
-            return {}
-        return {"grammar": call_grammar([t for t in self.tools if self.forced in (None, t.name)])}
+        grammar = call_grammar([t for t in self.tools if self.forced in (None, t.name)])
+        return {"grammar": grammar} if self.choice == "required" else {"grammar": grammar,
+                                                                       "grammar_triggers": (CALL_OPEN,)}
 
 
 def call_grammar(tools: Sequence[Tool]) -> str:

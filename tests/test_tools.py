@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -194,3 +195,27 @@ def test_qwen_calls_the_tool_and_reads_its_result():
         reply = s.chat([("tool", '{"temperature": 21, "unit": "celsius"}')], temperature=0, max_tokens=30)
         assert parse_reply(reply, SCHEMAS)[1] == [] and reply.strip()
         assert '<|im_start|>user\n<tool_response>\n{"temperature": 21' in s.transcript.fed
+
+
+def test_auto_holds_the_reply_to_the_grammar_from_the_first_call_on(default_model):
+    """`auto`'s lazy grammar, on llama.cpp's sampler with scripted logits: before `<tool_call>` any
+    token goes (a word no call holds is kept), from it on the likeliest token is refused wherever
+    the call grammar forbids it, and the call comes out valid."""
+    from infmllm_gguf.runtime import ChainSampler, Model, SamplerOptions
+
+    with Model(default_model) as model:
+        options = SamplerOptions(temperature=0, **ToolUse.of(TOOLS, "auto").sampling())
+        assert options.grammar_triggers == ("<tool_call>",)
+        with ChainSampler(model, options) as sampler:
+            def pick(token: int) -> int:  # logits that favour `token` most, then "Paris" tokens, then the rest
+                logits = np.zeros(model.n_vocab, np.float32)
+                logits[paris] = 5.0
+                logits[token] = 10.0
+                return sampler(logits)
+            paris = model.tokenize("Paris", add_special=False)
+            wrong = model.tokenize("[", add_special=False)[0]
+            free = model.tokenize("Sure, ``` x", add_special=False) + [wrong]
+            assert [pick(t) for t in free] == free  # no grammar yet
+            call = model.tokenize('<tool_call>\n{"name": "get_weather", "arguments": ', add_special=False)
+            assert [pick(t) for t in call] == call  # the grammar's own way
+            assert pick(wrong) != wrong  # the arguments are an object: "[" is refused here

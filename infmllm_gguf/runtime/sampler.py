@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
@@ -62,7 +63,10 @@ class SamplerOptions:
     grammar; `grammar_first` False: the chain draws from the whole vocabulary and the grammar checks
     its token (llama.cpp's `common_sampler`: faster, and leaning towards what the model would say
     unconstrained), True: the grammar masks the vocabulary before the chain at every step
-    (llama-cpp-python's: a draw from the tokens the grammar allows). top-k, typical-p, top-p and
+    (llama-cpp-python's: a draw from the tokens the grammar allows); `grammar_triggers` (): words
+    that start the grammar (a lazy grammar, as llama-server's for tool calls): the reply is free
+    until it writes one of them, and from that word on it follows the grammar, whose root matches
+    from the word (empty: the grammar holds from the first token). top-k, typical-p, top-p and
     min-p read the logits before the temperature divides them, as in llama.cpp."""
     temperature: float = 0.7
     top_k: int = 0
@@ -81,6 +85,7 @@ class SamplerOptions:
     grammar: str | None = None
     json_schema: Mapping[str, Any] | str | None = None
     grammar_first: bool = False
+    grammar_triggers: tuple[str, ...] = ()
 
     MAX_SEED: ClassVar[int] = _MAX_SEED
 
@@ -118,6 +123,8 @@ class SamplerOptions:
             bad.append("a grammar or a json_schema, not both")
         if self.grammar is not None and not self.grammar.strip():
             bad.append("a grammar that is not empty")
+        if self.grammar_triggers and (self.grammar is None and self.json_schema is None or not all(self.grammar_triggers)):
+            bad.append("grammar_triggers with a grammar or a json_schema, each a non-empty word")
         if bad:
             raise ValueError("sampling needs " + "; ".join(bad))
 
@@ -169,7 +176,7 @@ class ChainSampler:
         gbnf = options.gbnf()
         if gbnf is not None:
             LOG.pop_errors()
-            self.grammar = llama.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+            self.grammar = self._grammar_sampler(model, gbnf, options.grammar_triggers)
             if not self.grammar:
                 self.grammar = None
                 raise ValueError(f"invalid grammar: {LOG.pop_errors() or 'llama.cpp could not parse it'}")
@@ -184,6 +191,15 @@ class ChainSampler:
         self._array = llama.llama_token_data_array(self._data, self.n_vocab, -1, False)
         self._one = llama.llama_token_data(0, 1.0, 0.0)
         self._one_array = llama.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+
+    @staticmethod
+    def _grammar_sampler(model: Model, gbnf: str, triggers: tuple[str, ...]):
+        if not triggers:
+            return llama.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+        # llama-server's pattern for trigger words anywhere: the grammar is fed from the first group
+        pattern = "^[\\s\\S]*?(" + "|".join(re.escape(t) for t in triggers) + ")[\\s\\S]*"
+        patterns = (ctypes.c_char_p * 1)(pattern.encode())
+        return llama.llama_sampler_init_grammar_lazy_patterns(model.vocab, gbnf.encode(), b"root", patterns, 1, None, 0)
 
     def _samplers(self, o: SamplerOptions, seed: int) -> list:
         if not 0 <= seed <= _MAX_SEED:
