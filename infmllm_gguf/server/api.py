@@ -17,7 +17,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from llama_cpp.llama_grammar import PRIMITIVE_RULES
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..generation import DEFAULTS
@@ -35,11 +34,10 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 #: that a few bytes of schema could ask for a grammar of gigabytes
 MAX_SCHEMA_REPEATS = 10_000
 REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
-#: a string's character in the grammars of llama-cpp-python's schema converter, which lets control
-#: characters through that JSON strings cannot hold (a raw newline: a reply json.loads refuses), and
-#: the same without them, as llama.cpp's converter and JSON grammar have it
-LOOSE_CHAR = PRIMITIVE_RULES["char"].content
-JSON_CHAR = LOOSE_CHAR.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
+#: the rule of a string's character in the grammars of llama-cpp-python's schema converter, which
+#: lets through control characters that a JSON string cannot hold (a raw newline: a reply json.loads
+#: refuses), and the same without them, as llama.cpp's converter and JSON grammar write it
+LOOSE_CHAR, JSON_CHAR = r' ::= [^"\\] | ', r' ::= [^"\\\x7F\x00-\x1F] | '
 QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=?[\w.+-]*)*),(?P<data>.*)$", re.S)
 
@@ -149,7 +147,7 @@ def schema_grammar(schema: object) -> str:
         raise ValueError(f"the JSON schema asks more than {MAX_SCHEMA_REPEATS} repetitions in all (minLength, "
                          "maxLength, minItems, maxItems, a pattern's {n,m}): this server makes no grammar that "
                          "large")
-    return json_schema_grammar(schema).replace(f" ::= {LOOSE_CHAR}", f" ::= {JSON_CHAR}")
+    return json_schema_grammar(schema).replace(LOOSE_CHAR, JSON_CHAR)
 
 
 def chain_seed(seed: int | None) -> int | None:
