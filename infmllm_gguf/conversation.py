@@ -55,15 +55,16 @@ class Conversation:
         (role, text) messages instead: tool results (`role` "tool") in a row, answered at once.
         `tools` (OpenAI's tool dicts, declared at the conversation's start) and `tool_choice`
         ("none", "auto", "required" or a named function) let the model call them, as `tools.py`
-        says: the reply's text holds its calls, `tools.parse_reply` reads them."""
+        says: the reply's text holds its calls, `tools.parse_reply` reads them (with a `sampler`,
+        the tools are rendered and the sampler alone holds the calls: `ToolUse.sampling()`)."""
         use = ToolUse.of(tools, tool_choice)
-        held = use.sampling() if use is not None else {}
-        if held and ("grammar" in sampling or "json_schema" in sampling):
-            raise ValueError("tool calls are constrained by their own grammar: leave grammar and json_schema out")
-        if sampler is not None and (sampling or held):
-            raise ValueError(f"sampling options ({', '.join({**sampling, **held})}) go without a sampler: the "
-                             "sampler replaces them")
-        sampler = sampler or self.chain_sampler(**sampling, **held)  # bad options fail before the turn is fed
+        if sampler is not None and sampling:
+            raise ValueError(f"sampling options ({', '.join(sampling)}) go without a sampler: the sampler replaces them")
+        if sampler is None:  # bad options fail before the turn is fed
+            held = use.sampling() if use is not None else {}
+            if held and ("grammar" in sampling or "json_schema" in sampling):
+                raise ValueError("tool calls are constrained by their own grammar: leave grammar and json_schema out")
+            sampler = self.chain_sampler(**sampling, **held)
         self.user_turn(message, media=media, system=system, tools=None if use is None else use.openai_tools())
         return self._reply(self.generate(max_tokens=max_tokens, stop=stop, sampler=sampler, logprobs=logprobs))
 

@@ -55,13 +55,14 @@ import numpy as np
 
 from .generation import Piece, Sampler, TokenLogprob, reset_sampler
 from .memory import MemoryConfig
-from .openai_format import (InvalidRequest, chain, chat_from_completion_logprobs, check_roles, completion_logprobs,
+from .openai_format import (ROOT, InvalidRequest, chain, chat_from_completion_logprobs, check_roles, completion_logprobs,
                             delta_choice, head, message_choice, refuse_unsupported, response_format_sampling,
                             role_chunk, text_choice, usage)
 from .policies import DEFAULT_POLICY, Policy, make_policy
 from .runtime.embedding import POOLING_UNSPECIFIED, Embedder
 from .runtime.sampler import SamplerOptions, grammar_text
 from .session import StreamSession
+from .tools import CallStream, ToolUse, message_text, parse_reply
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's: a random seed
 
@@ -71,7 +72,7 @@ IGNORED_OPTIONS = {"n_ubatch", "n_threads_batch", "use_mmap", "use_mlock", "main
                    "offload_kqv", "numa", "verbose", "logits_all", "embedding"}
 
 #: llama-cpp-python's request options that this class does not implement, with their defaults
-UNSUPPORTED = {"suffix": None, "functions": None, "function_call": None, "tools": None, "tool_choice": None}
+UNSUPPORTED = {"suffix": None, "functions": None, "function_call": None}
 
 #: llama-cpp-python's logits processor: (input_ids, scores) -> scores; stopping criterion: (input_ids, logits) -> bool
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -169,8 +170,14 @@ class LlamaState:
 
 
 def _message_part(message: dict) -> bytes:
-    """What identifies a message in the chain of digests of the messages the stream holds."""
-    return json.dumps([message.get("role"), message.get("content")]).encode()
+    """What identifies a message in the chain of digests of the messages the stream holds: its
+    role and text as the stream holds them (tool calls as the model writes them)."""
+    return json.dumps(message_text(message, "messages")).encode()
+
+
+def _chat_root(use: ToolUse | None) -> str:
+    """Where the chain of a chat's digests starts: the tools it declares are rendered before its messages."""
+    return ROOT if use is None else chain([json.dumps(use.openai_tools(), sort_keys=True).encode()])[1]
 
 
 class Embeddings:
@@ -378,19 +385,23 @@ class Llama(Embeddings, States):
                                stop: str | list[str] | None = None, seed: int | None = None,
                                response_format: dict | None = None, max_tokens: int | None = None,
                                model: str | None = None, logprobs: bool | None = None,
-                               top_logprobs: int | None = None, **options):
+                               top_logprobs: int | None = None, tools: list[dict] | None = None,
+                               tool_choice: str | dict | None = None, **options):
         """The assistant's reply to `messages`: a `chat.completion` dict, or an iterator of
-        `chat.completion.chunk` dicts (`stream`)."""
+        `chat.completion.chunk` dicts (`stream`); with `tools`, its calls as `tool_calls`."""
         sampling = request_sampling(options)
         turns = checked_messages(messages)
         session = self._session
+        use = ToolUse.of(tools, tool_choice)
         formatted = response_format_sampling(response_format)
-        if formatted and sampling.grammar is not None:
-            raise InvalidRequest("a grammar and a response_format: give one of them", param="response_format")
+        if (formatted or use is not None) and sampling.grammar is not None or formatted and use is not None:
+            raise InvalidRequest("a grammar, a response_format and tools each constrain the reply: give one of them",
+                                 param="response_format" if formatted else "tools")
+        declared = None if use is None else use.openai_tools()
         sampler = self._sampler(sampling, temperature, top_p, top_k, min_p, seed, lambda: session.model.tokenize(
-            session.model.render_chat_jinja([(role, text) for role, text, _ in turns], True), add_special=False,
-            parse_special=True), formatted)
-        digests = chain(map(_message_part, messages))
+            session.model.render_chat_jinja([(role, text) for role, text, _ in turns], True, tools=declared),
+            add_special=False, parse_special=True), use.sampling() if use is not None else formatted)
+        digests = chain(map(_message_part, messages), _chat_root(use))
         held = len(self._held_chat)
         if self._held_text or not held or held >= len(messages) or self._held_chat != digests[1:held + 1]:
             session.reset()  # not a continuation of what the stream holds: read the whole conversation
@@ -400,32 +411,22 @@ class Llama(Embeddings, States):
         new = turns[held:]
         if new and new[0][0] == "system":
             new = new[1:]
-        session.read_turns(new[:-1], system)
+        last = last_round(new)
+        session.read_turns(new[:-len(last)], system, tools=declared)
         top = top_logprobs if logprobs else None  # as llama-cpp-python: logprobs alone asks for none
-        pieces = session.chat_stream(new[-1][1], system=system if len(new) == 1 else None, sampler=sampler,
-                                     **self._limits(max_tokens, stop, top))
-        rid, name = f"chatcmpl-{uuid.uuid4()}", model or self.model_path
-        offsets = TextOffsets(0)
+        pieces = session.chat_stream(last if last[0][0] == "tool" else last[0][1],
+                                     system=system if len(new) == len(last) else None, sampler=sampler,
+                                     tools=declared, **self._limits(max_tokens, stop, top))
+        reply = ChatReply(f"chatcmpl-{uuid.uuid4()}", model or self.model_path, use, self._completion_logprobs)
 
         def remember(text: str) -> None:
-            self._held_chat = digests[1:] + chain([_message_part({"role": "assistant", "content": text})],
-                                                  digests[-1])[1:]
-
-        def chat_logprobs(noted: Sequence[TokenLogprob] | None) -> dict | None:
-            return chat_from_completion_logprobs(self._completion_logprobs(noted, offsets))
-
-        def choice(text: str, finish: str | None, noted: Sequence[TokenLogprob] | None) -> dict:
-            return delta_choice(text if finish is None else None, finish, chat_logprobs(noted))
+            self._held_chat = digests[1:] + chain([_message_part(reply.message(text))], digests[-1])[1:]
         if stream:
-            chunk_head = head(rid, "chat.completion.chunk", name)
-            return self._stream(pieces, chunk_head, choice, remember, first=role_chunk(chunk_head))
+            return reply.stream(pieces, remember)
         text, noted = self._join(pieces)
         remember(text)
-        reply = session.last_reply
-        return {**head(rid, "chat.completion", name),
-                "choices": [message_choice(text, reply.finish_reason, chat_logprobs(noted))],
-                # the whole conversation read so far, as llama-cpp-python counts its prompt
-                "usage": usage(session.stats.tokens_seen - reply.n_tokens, reply.n_tokens)}
+        # the whole conversation read so far, as llama-cpp-python counts its prompt
+        return reply.whole(text, session.last_reply, noted, session.stats.tokens_seen - session.last_reply.n_tokens)
 
     # -- shared ------------------------------------------------------------------------------
     def _sampler(self, sampling: LlamaSampling, temperature: float, top_p: float, top_k: int, min_p: float,
@@ -525,15 +526,74 @@ def request_sampling(options: dict) -> LlamaSampling:
 
 
 def checked_messages(messages: list[dict]) -> list[tuple[str, str, list]]:
-    """(role, text, media) of each message: text content only, a system message first, the last
-    message the user's."""
+    """(role, text, media) of each message: text content only (an assistant's tool calls as the
+    model writes them), a system message first, the last message the user's or a tool's."""
     turns = []
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}]: a system, user or assistant message with text content is needed "
-                                 f"(got role {role!r}, content of type {type(content).__name__})",
-                                 param=f"messages[{i}]")
-        turns.append((role, content, []))
+        if not isinstance(m, Mapping):
+            raise InvalidRequest(f"messages[{i}] is not a message", param=f"messages[{i}]")
+        turns.append((*message_text(m, f"messages[{i}]"), []))
     check_roles([role for role, _, _ in turns], assistant_answers_user=False)  # llama-cpp-python renders any order
     return turns
+
+
+def last_round(turns: list[tuple[str, str, list]]) -> list[tuple[str, str]]:
+    """The messages the reply answers: the tool results at the end in a row, or the last message."""
+    n = 1
+    while turns[-1][0] == "tool" and n < len(turns) and turns[-n - 1][0] == "tool":
+        n += 1
+    return [(role, text) for role, text, _ in turns[-n:]]
+
+
+class ChatReply:
+    """The shape of a chat reply (`chat.completion` or its chunks): its text, or, where the request
+    declares tools, its calls as `tool_calls` (finish_reason "tool_calls") and the text before them."""
+
+    def __init__(self, rid: str, model: str, use: ToolUse | None, completion_logprobs):
+        self.rid, self.model, self.completion_logprobs = rid, model, completion_logprobs
+        self.names = [] if use is None or use.choice == "none" else [t.name for t in use.tools]
+        self.offsets = TextOffsets(0)
+
+    def parsed(self, text: str) -> tuple[str | None, list]:
+        return parse_reply(text, self.names) if self.names else (text, [])
+
+    def message(self, text: str) -> dict:
+        """The assistant message the reply is, as a client sends it back."""
+        content, calls = self.parsed(text)
+        return {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}
+
+    def logprobs(self, noted: Sequence[TokenLogprob] | None) -> dict | None:
+        return chat_from_completion_logprobs(self.completion_logprobs(noted, self.offsets))
+
+    def whole(self, text: str, reply, noted: Sequence[TokenLogprob] | None, n_prompt: int) -> dict:
+        content, calls = self.parsed(text)
+        return {**head(self.rid, "chat.completion", self.model),
+                "choices": [message_choice(content, "tool_calls" if calls else reply.finish_reason,
+                                           self.logprobs(noted), [c.as_openai() for c in calls])],
+                "usage": usage(n_prompt, reply.n_tokens)}
+
+    def stream(self, pieces: Iterator[Piece], remember: Callable[[str], None]) -> Iterator[dict]:
+        """The reply's chunks: the role, then each piece of text (with its logprobs) or of a tool call."""
+        chunk_head = head(self.rid, "chat.completion.chunk", self.model)
+        calls = CallStream(self.names) if self.names else None
+        text, finish = "", None
+
+        def chunk(delta: dict | None = None, finish: str | None = None, noted=None) -> dict:
+            return {**chunk_head, "choices": [delta_choice(None, finish, self.logprobs(noted), delta or {})]}
+        try:
+            yield role_chunk(chunk_head)
+            for piece in pieces:
+                text += piece
+                finish = piece.finish_reason
+                if piece.finish_reason is not None or not (piece or piece.logprobs):
+                    continue
+                if calls is None:
+                    yield chunk({"content": piece.text}, noted=piece.logprobs)
+                else:
+                    yield from (chunk(delta) for delta in calls.feed(piece.text))
+            if calls is not None:
+                yield from (chunk(delta) for delta in calls.finish())
+        finally:
+            pieces.close()
+            remember(text)
+        yield chunk(finish="tool_calls" if calls is not None and calls.calls else finish)

@@ -38,16 +38,21 @@ def chain(parts: Iterable[bytes], start: str = ROOT) -> list[str]:
 
 
 def check_roles(roles: Sequence[str], *, assistant_answers_user: bool = True) -> None:
-    """Roles in an order a chat template renders: a system message first if any, the last message
-    the user's, and (`assistant_answers_user`) each assistant message after a user message."""
+    """Roles in an order a chat template renders: a system message first if any, a tool message
+    after an assistant message or another tool message, the last message the user's or a tool's,
+    and (`assistant_answers_user`) each assistant message after a user or tool message."""
     for i, role in enumerate(roles):
         if role == "system" and i > 0:
             raise InvalidRequest(f"messages[{i}]: a system message goes first", param=f"messages[{i}]")
-        if assistant_answers_user and role == "assistant" and (i == 0 or roles[i - 1] != "user"):
-            raise InvalidRequest(f"messages[{i}]: an assistant message answers a user message",
+        if role == "tool" and (i == 0 or roles[i - 1] not in ("assistant", "tool")):
+            raise InvalidRequest(f"messages[{i}]: a tool message answers an assistant's tool calls",
                                  param=f"messages[{i}]")
-    if not roles or roles[-1] != "user":
-        raise InvalidRequest("the last message must be the user's", param=f"messages[{max(len(roles) - 1, 0)}]")
+        if assistant_answers_user and role == "assistant" and (i == 0 or roles[i - 1] not in ("user", "tool")):
+            raise InvalidRequest(f"messages[{i}]: an assistant message answers a user message or tool results",
+                                 param=f"messages[{i}]")
+    if not roles or roles[-1] not in ("user", "tool"):
+        raise InvalidRequest("the last message must be the user's or a tool's",
+                             param=f"messages[{max(len(roles) - 1, 0)}]")
 
 
 def refuse_unsupported(options: Mapping[str, object], defaults: Mapping[str, object],
@@ -114,16 +119,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def message_choice(text: str, finish: str | None, logprobs: dict | None) -> dict:
-    """A chat.completion's choice: the whole message."""
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
+def message_choice(text: str | None, finish: str | None, logprobs: dict | None,
+                   tool_calls: list[dict] | None = None) -> dict:
+    """A chat.completion's choice: the whole message (with its `tool_calls`, if it makes any)."""
+    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
+    return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def delta_choice(text: str | None, finish: str | None, logprobs: dict | None) -> dict:
-    """A chat.completion.chunk's choice: a piece of the message (`text`), or none on the last one."""
-    return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
+def delta_choice(text: str | None, finish: str | None, logprobs: dict | None, delta: dict | None = None) -> dict:
+    """A chat.completion.chunk's choice: a piece of the message (`text`, or a `delta` of its tool
+    calls), or none on the last one."""
+    delta = delta if delta is not None else {} if text is None else {"content": text}
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 def role_chunk(chunk_head: dict, content: str | None = None) -> dict:

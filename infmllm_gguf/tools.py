@@ -72,6 +72,32 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+def message_text(message: Mapping, where: str) -> tuple[str, str]:
+    """(role, text) of an OpenAI chat message with text content as the stream holds it: an
+    assistant message's `tool_calls` as the model writes them, after its content if any (so that
+    a reply sent back reads as the stream holds it); InvalidRequest for anything else."""
+    role, content, calls = message.get("role"), message.get("content"), message.get("tool_calls")
+    if role not in ("system", "developer", "user", "assistant", "tool") or not (
+            isinstance(content, str) or role == "assistant" and content is None and calls):
+        raise InvalidRequest(f"{where}: a system, user, assistant or tool message with text content is needed "
+                             f"(got role {role!r}, content of type {type(content).__name__})", param=where)
+    role = "system" if role == "developer" else role
+    if not calls:
+        return role, content
+    if role != "assistant" or not isinstance(calls, Sequence):
+        raise InvalidRequest(f"{where}: tool_calls are a list, in an assistant message", param=f"{where}.tool_calls")
+    texts = [content] if content else []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        arguments = function.get("arguments") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise InvalidRequest(f"{where}.tool_calls[{i}]: a call is {{\"function\": {{\"name\", \"arguments\" "
+                                 "(JSON text)}}", param=f"{where}.tool_calls[{i}]")
+        texts.append(ToolCall(call.get("id", ""), name, arguments).text())
+    return role, "\n".join(texts)
+
+
 def checked_tools(tools: object, where: str = "tools") -> tuple[Tool, ...]:
     """OpenAI's `tools` list ({"type": "function", "function": {"name", "description",
     "parameters"}}) as `Tool`s; InvalidRequest for anything else, a duplicate name, or a

@@ -341,7 +341,10 @@ def test_bad_input_is_a_value_error_and_leaves_the_stream_as_it_was(default_mode
         for options in (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}),
                         dict(response_format={"type": "xml"}), dict(grammar='root ::= "a"',
                                                                       response_format={"type": "json_object"}),
-                        dict(tools=[{"type": "function", "function": {"name": "f"}}])):
+                        dict(tools=[{"type": "function", "function": {"name": "f"}}],
+                             tool_choice={"type": "function", "function": {"name": "g"}}),
+                        dict(tools=[{"type": "function", "function": {"name": "f g"}}]),
+                        dict(tools=[{"type": "function", "function": {"name": "f"}}], grammar='root ::= "a"')):
             with pytest.raises(ValueError):
                 llm.create_chat_completion(chat, max_tokens=2, **options)
             assert llm._session.stats.tokens_seen == seen
@@ -351,7 +354,7 @@ def test_bad_input_is_a_value_error_and_leaves_the_stream_as_it_was(default_mode
             llm.create_completion(held, logit_bias={10**6: 1.0})
         with pytest.raises(TypeError, match="unexpected keyword argument 'banana'"):
             llm.create_completion("Hi", banana=1)
-        with pytest.raises(ValueError, match="the last message must be the user's"):
+        with pytest.raises(ValueError, match="the last message must be the user's or a tool's"):
             llm.create_chat_completion(messages=chat + [{"role": "assistant", "content": "Hi"}])
         # the stream still holds the first reply: a continuation reads only its new part
         llm.create_completion(held + " More.", max_tokens=2, temperature=0)
@@ -360,3 +363,36 @@ def test_bad_input_is_a_value_error_and_leaves_the_stream_as_it_was(default_mode
         assert llm.create_completion("Hi", max_tokens=2, seed=-1)["choices"][0]["finish_reason"]
     with pytest.raises(TypeError, match="lora_path"):
         Llama(model_path=str(default_model), lora_path="x.gguf")
+
+
+def test_tool_calls_in_openai_shape_whole_and_streamed_and_their_results_read_as_a_continuation(default_model):
+    """tools with tool_choice "required": a call of a declared tool with arguments its schema
+    accepts, as `tool_calls` with finish_reason "tool_calls"; streamed, the same call in OpenAI's
+    deltas; the client's history with the call and the tool's result sent back reads only the result."""
+    import jsonschema
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    with Llama(model_path=str(default_model), n_ctx=512, memory=False, **OPTIONS) as llm:
+        reply = llm.create_chat_completion(messages, tools=tools, tool_choice="required", seed=3, max_tokens=60)
+        choice = reply["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        assert choice["finish_reason"] == "tool_calls" and call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tools[0]["function"]["parameters"])
+        chunks = list(llm.create_chat_completion(messages, tools=tools, tool_choice="required", seed=3, max_tokens=60,
+                                                 stream=True))
+        deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks]
+        streamed = [d[0] for d in deltas if d]
+        assert streamed[0]["id"].startswith("call_") and streamed[0]["function"]["name"] == "get_weather"
+        assert "".join(d["function"]["arguments"] for d in streamed) == call["function"]["arguments"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        seen = llm._session.stats.tokens_seen
+        result = {"role": "tool", "tool_call_id": streamed[0]["id"], "content": '{"celsius": 3}'}
+        after = llm.create_chat_completion(messages + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": streamed[0]["id"], "type": "function", "function": call["function"]}]}, result], tools=tools,
+            max_tokens=8, temperature=0)
+        fed = llm._session.stats.tokens_seen - seen - after["usage"]["completion_tokens"]
+        whole = len(llm.tokenize(llm._session.transcript.fed.encode(), add_bos=False, special=True))
+        assert 0 < fed < 50 and whole > 200, (fed, whole)  # the result's turn, not the conversation again
+        assert after["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
