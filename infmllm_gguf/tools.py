@@ -139,18 +139,20 @@ class ToolUse:
     tools: tuple[Tool, ...]
     choice: str = "auto"
     forced: str | None = None
+    parallel: bool = True  # several calls in one reply (OpenAI's parallel_tool_calls)
 
     @classmethod
-    def of(cls, tools: object, tool_choice: object = None) -> "ToolUse | None":
-        """From a request's `tools` and `tool_choice` (None where it declares no tools);
-        InvalidRequest for a bad tool, an unknown choice, or a named function it does not declare."""
+    def of(cls, tools: object, tool_choice: object = None, *, parallel: bool = True) -> "ToolUse | None":
+        """From a request's `tools`, `tool_choice` and `parallel_tool_calls` (None where it declares
+        no tools); InvalidRequest for a bad tool, an unknown choice, or a named function it does not
+        declare."""
         if tools is None or tools == []:
             if tool_choice not in (None, "none", "auto"):
                 raise InvalidRequest("tool_choice needs tools", param="tool_choice")
             return None
         declared = checked_tools(tools)
         if tool_choice is None or tool_choice in CHOICES:
-            return cls(declared, tool_choice or "auto")
+            return cls(declared, tool_choice or "auto", parallel=parallel)
         name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, Mapping) else None
         if not isinstance(name, str):
             raise InvalidRequest('tool_choice is "none", "auto", "required" or {"type": "function", "function": '
@@ -158,7 +160,7 @@ class ToolUse:
         if all(t.name != name for t in declared):
             raise InvalidRequest(f"tool_choice names {name!r}, which tools does not declare "
                                  f"({', '.join(t.name for t in declared)})", param="tool_choice")
-        return cls(declared, "required", name)
+        return cls(declared, "required", name, parallel)
 
     def openai_tools(self) -> list[dict]:
         return [t.as_openai() for t in self.tools]
@@ -167,13 +169,13 @@ class ToolUse:
         """The sampler's options (`runtime.SamplerOptions` keywords) that hold the reply to them."""
         if self.choice == "none":
             return {}
-        grammar = call_grammar([t for t in self.tools if self.forced in (None, t.name)])
+        grammar = call_grammar([t for t in self.tools if self.forced in (None, t.name)], several=self.parallel)
         return {"grammar": grammar} if self.choice == "required" else {"grammar": grammar,
                                                                        "grammar_triggers": (CALL_OPEN,)}
 
 
-def call_grammar(tools: Sequence[Tool]) -> str:
-    """GBNF of one or more calls of `tools`, each `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
+def call_grammar(tools: Sequence[Tool], *, several: bool = True) -> str:
+    """GBNF of one call of `tools` (or one or more: `several`), each `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
     with arguments its schema accepts; ValueError for a schema the converter cannot take."""
     from .runtime.sampler import json_schema_grammar
 
@@ -181,7 +183,8 @@ def call_grammar(tools: Sequence[Tool]) -> str:
                      "required": ["name", "arguments"]} for t in tools]
     schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
     rules = re.sub(r"^root ::=", "call-object ::=", json_schema_grammar(schema), flags=re.M)
-    return (f'root ::= call ("\\n" call)*\ncall ::= {json.dumps(CALL_OPEN)} "\\n" call-object "\\n" '
+    repeat = ' ("\\n" call)*' if several else ""
+    return (f'root ::= call{repeat}\ncall ::= {json.dumps(CALL_OPEN)} "\\n" call-object "\\n" '
             f'{json.dumps(CALL_CLOSE)}\n{rules}')
 
 

@@ -148,14 +148,50 @@ def grammar_text(grammar: str | LlamaGrammar) -> str:
     raise ValueError(f"a grammar is GBNF text or a llama_cpp.LlamaGrammar (got {type(grammar).__name__})")
 
 
+#: the most repetitions a schema may ask in all: without a bound, a few bytes such as
+#: `"pattern": "^a{100000000}$"` make the converter build a grammar of gigabytes
+MAX_SCHEMA_REPEATS = 10_000
+_REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
+_QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+#: the rule of a string's character in the converter's grammars, which lets through control
+#: characters that a JSON string cannot hold (a raw newline: a reply json.loads refuses), and the
+#: same without them, as llama.cpp's converter and JSON grammar write it
+_LOOSE_CHAR, _JSON_CHAR = r' ::= [^"\\] | ', r' ::= [^"\\\x7F\x00-\x1F] | '
+
+
+def schema_repeats(schema: object) -> float:
+    """The repetitions a JSON schema asks in all: its counts (minLength, maxLength, minItems,
+    maxItems) and its patterns' quantifiers ({n}, {n,m}); walked without recursion (a request's
+    schema nests as deep as its parser allows)."""
+    total, todo = 0.0, [schema]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if key in _REPEAT_KEYWORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                total += max(value, 0)
+            elif key == "pattern" and isinstance(value, str):
+                total += sum(float(n or 0) + float(m or 0) for n, m in _QUANTIFIER.findall(value))  # "{2,}": 2
+            else:
+                todo.append(value)
+    return total
+
+
 def json_schema_grammar(schema: Mapping[str, Any] | str) -> str:
-    """A JSON schema (a dict or its text) as a GBNF grammar, by llama-cpp-python's converter;
-    ValueError if the schema is not one it can convert."""
+    """A JSON schema (a dict or its text) as a GBNF grammar, by llama-cpp-python's converter, its
+    strings without control characters; ValueError if the schema is not one it can convert, or if
+    it asks more than `MAX_SCHEMA_REPEATS` repetitions."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        text = schema if isinstance(schema, str) else json.dumps(schema)
-        return json_schema_to_gbnf(text)
+        parsed = json.loads(schema) if isinstance(schema, str) else schema
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON schema (not JSON: {exc})") from None
+    if schema_repeats(parsed) > MAX_SCHEMA_REPEATS:
+        raise ValueError(f"the JSON schema asks more than {MAX_SCHEMA_REPEATS} repetitions in all (minLength, "
+                         "maxLength, minItems, maxItems, a pattern's {n,m}): no grammar that large is made")
+    try:
+        return json_schema_to_gbnf(json.dumps(parsed)).replace(_LOOSE_CHAR, _JSON_CHAR)
     except Exception as exc:  # the converter raises whatever its code meets: KeyError, TypeError, ...
         raise ValueError(f"invalid JSON schema ({type(exc).__name__}: {exc})") from None
 

@@ -24,21 +24,12 @@ from ..multimodal import load_image
 from ..openai_format import (ROOT, InvalidRequest, chain, check_roles, error_body, refuse_unsupported,
                              response_format_sampling)
 from ..runtime import ChainSampler, Model, SamplerOptions, json_schema_grammar
+from ..tools import ToolUse, message_text
 from .limits import DEFAULT_MAX_TOKENS
 
 #: parameters of OpenAI's API that this server does not implement: refused when set, never ignored
-UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "audio": None,
+UNSUPPORTED = {"functions": None, "function_call": None, "audio": None,
                "modalities": None, "prediction": None, "best_of": 1, "echo": False, "suffix": None}
-#: the repetitions a response_format's JSON schema may ask in all (its minLength, maxLength,
-#: minItems, maxItems and its patterns' {n,m}): llama-cpp-python's converter writes each one out, so
-#: that a few bytes of schema could ask for a grammar of gigabytes
-MAX_SCHEMA_REPEATS = 10_000
-REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems")
-#: the rule of a string's character in the grammars of llama-cpp-python's schema converter, which
-#: lets through control characters that a JSON string cannot hold (a raw newline: a reply json.loads
-#: refuses), and the same without them, as llama.cpp's converter and JSON grammar write it
-LOOSE_CHAR, JSON_CHAR = r' ::= [^"\\] | ', r' ::= [^"\\\x7F\x00-\x1F] | '
-QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=?[\w.+-]*)*),(?P<data>.*)$", re.S)
 
 
@@ -86,9 +77,12 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | list[ContentPart] | None, AfterValidator(_utf8)] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant message's calls, as a reply "
+                                                    "gave them")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
 
 class StreamOptions(BaseModel):
@@ -121,33 +115,6 @@ class ResponseFormat(BaseModel):
             return response_format_sampling(self.model_dump(by_alias=True, exclude_none=True))
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from None
-
-
-def schema_repeats(schema: object) -> float:
-    """The repetitions a JSON schema asks in all: its counts (`REPEAT_KEYWORDS`) and its patterns'
-    quantifiers ({n}, {n,m}); walked without recursion (a body nests as deep as its parser allows)."""
-    total, todo = 0.0, [schema]
-    while todo:
-        node = todo.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            if key in REPEAT_KEYWORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                total += max(value, 0)
-            elif key == "pattern" and isinstance(value, str):
-                total += sum(float(n or 0) + float(m or 0) for n, m in QUANTIFIER.findall(value))  # "{2,}": 2
-            else:
-                todo.append(value)
-    return total
-
-
-def schema_grammar(schema: object) -> str:
-    """A response_format's JSON schema as a GBNF grammar; ValueError for one that converts to none,
-    or that asks more than `MAX_SCHEMA_REPEATS` repetitions."""
-    if schema_repeats(schema) > MAX_SCHEMA_REPEATS:
-        raise ValueError(f"the JSON schema asks more than {MAX_SCHEMA_REPEATS} repetitions in all (minLength, "
-                         "maxLength, minItems, maxItems, a pattern's {n,m}): this server makes no grammar that "
-                         "large")
-    return json_schema_grammar(schema).replace(LOOSE_CHAR, JSON_CHAR)
 
 
 def chain_seed(seed: int | None) -> int | None:
@@ -230,7 +197,7 @@ class RequestBody(BaseModel):
             raise ApiError(400, str(exc), code="invalid_value") from None
         try:
             if "json_schema" in options:
-                options["grammar"] = schema_grammar(options.pop("json_schema"))
+                options["grammar"] = json_schema_grammar(options.pop("json_schema"))
             if options.get("grammar") is not None:
                 ChainSampler(model, dataclasses.replace(checked, grammar=options["grammar"])).close()  # parsed
         except ValueError as exc:
@@ -261,6 +228,23 @@ class ChatRequest(RequestBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call ({type: function, "
+                                               "function: {name, description, parameters}}): declared with a "
+                                               "conversation's first request, rendered before its messages")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="none, auto (the default with tools), "
+                                                     "required, or {type: function, function: {name}}")
+    parallel_tool_calls: bool = True
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools it declares and how the model may call them; ApiError (400) for bad ones."""
+        try:
+            use = ToolUse.of(self.tools, self.tool_choice, parallel=self.parallel_tool_calls)
+        except InvalidRequest as exc:
+            raise ApiError.invalid(exc) from None
+        if use is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(400, "tools and a response_format each constrain the reply: give one of them",
+                           param="response_format")
+        return use
 
 
 class CompletionRequest(RequestBody):
@@ -276,11 +260,13 @@ class Turn:
     text: str
     images: tuple[bytes, ...] = ()
     image_digests: tuple[str, ...] = ()
+    declares: str = ""  # the first message's: the tools the conversation declares (their JSON), rendered before it
 
     def digest_part(self) -> bytes:
         """What identifies the message in a conversation's digest (whitespace at the ends aside:
         clients trim what they send back)."""
-        return b"\0".join([self.role.encode(), self.text.strip().encode(), *(d.encode() for d in self.image_digests)])
+        return b"\0".join([self.role.encode(), self.text.strip().encode(), *(d.encode() for d in self.image_digests),
+                           *([self.declares.encode()] if self.declares else [])])
 
 
 def decode_image(url: str, where: str) -> tuple[bytes, str]:
@@ -304,12 +290,23 @@ def decode_image(url: str, where: str) -> tuple[bytes, str]:
 
 
 def checked_turns(messages: list[Message], *, images_allowed: bool) -> list[Turn]:
-    """The request's messages as turns: images decoded, roles in an order a chat template renders
-    (system first, an assistant message after a user message, the last one from the user)."""
+    """The request's messages as turns: images decoded, an assistant's tool calls as the model
+    writes them, roles in an order a chat template renders (system first, an assistant message
+    after a user message or tool results, tool results after an assistant message, the last one
+    from the user or a tool)."""
     turns = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         where = f"messages[{i}]"
+        if m.tool_calls or role == "tool":
+            if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
+                raise ApiError(400, f"{where}: only user messages carry images", param=where)
+            texts = m.content if not isinstance(m.content, list) else "\n".join(p.text or "" for p in m.content)
+            try:
+                turns.append(Turn(*message_text({"role": role, "content": texts, "tool_calls": m.tool_calls}, where)))
+            except InvalidRequest as exc:
+                raise ApiError.invalid(exc) from None
+            continue
         if isinstance(m.content, str) or m.content is None:
             if m.content is None:
                 raise ApiError(400, f"{where}: content is missing", param=where)

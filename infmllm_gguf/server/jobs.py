@@ -4,13 +4,16 @@ stream, how its reply is sampled, what the journal logs of it, and the shape of 
 before anything is admitted (its sampling options against the model)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import ClassVar, Iterator
 
 from ..generation import Piece
 from ..openai_format import (completion_from_chat_logprobs, delta_choice, message_choice, role_chunk,
                              text_choice)
-from ..runtime import Model
+from ..runtime import ChainSampler, Model, SamplerOptions
 from ..session import StreamSession
+from ..tools import CallStream, message_text, parse_reply
 from .api import ApiError, ChatRequest, CompletionRequest, RequestBody, Turn, checked_turns, turn_digests
 from .conversations import Conversation, ConversationStore
 from .journal import read_history, turn_to_json
@@ -72,18 +75,35 @@ class Job:
         characters of the reply before it."""
         raise NotImplementedError
 
+    def stream_choices(self, text: str | None, logprobs: list[dict] | None, offset: int = 0) -> list[dict]:
+        """The streamed choices of a piece of the reply (`text`; None: what is held back at its end)."""
+        return [] if text is None else [self.choice(text, None, logprobs, stream=True, offset=offset)]
+
     def first_chunk(self, head: dict) -> dict | None:
         """What a streamed reply starts with, before its first piece."""
         return None
 
 
 class ChatJob(Job):
+    """A chat completion; with `tools`, the reply's calls come as `tool_calls` (streamed as
+    OpenAI's deltas, without logprobs) and the tools are rendered before the conversation."""
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     def __init__(self, body: ChatRequest, limits: Limits, session_id: str | None, model: Model, *,
                  images_allowed: bool):
         super().__init__(body, limits, session_id, model)
+        self.tools = body.tool_use()
+        self.declared = None if self.tools is None else self.tools.openai_tools()
         self.turns = checked_turns(body.messages, images_allowed=images_allowed)
+        if self.tools is not None:
+            self.sampling.update(self.tools.sampling())
+            try:  # the call grammar parsed over the vocabulary: a function's schema it cannot take is a 400
+                ChainSampler(model, SamplerOptions(**self.sampling)).close()
+            except ValueError as exc:
+                raise ApiError(400, f"tools: {exc}", param="tools", code="invalid_schema") from None
+            self.turns[0] = dataclasses.replace(self.turns[0], declares=json.dumps(self.declared, sort_keys=True))
+        self.names = [] if self.tools is None or self.tools.choice == "none" else [t.name for t in self.tools.tools]
+        self.calls = CallStream(self.names)
         self.digests = turn_digests(self.turns)
 
     @property
@@ -103,20 +123,42 @@ class ChatJob(Job):
     def start(self, session: StreamSession, held: int, **options) -> Iterator[Piece]:
         new = self.turns[held:]
         system = new[0].text if new[0].role == "system" else None
-        history = new[1:-1] if system is not None else new[:-1]
-        read_history(session, history, system)
-        return session.chat_stream(new[-1].text, media=list(new[-1].images) or None,
-                                   system=None if history else system, **options)
+        rest = new[1:] if system is not None else new
+        n_last = 1  # the reply answers the last message, or the tool results at the end in a row
+        while rest[-1].role == "tool" and n_last < len(rest) and rest[-n_last - 1].role == "tool":
+            n_last += 1
+        history, last = rest[:-n_last], rest[-n_last:]
+        read_history(session, history, system, self.declared)
+        message = last[0].text if last[0].role == "user" else [(t.role, t.text) for t in last]
+        return session.chat_stream(message, media=list(last[0].images) or None, system=None if history else system,
+                                   tools=self.declared, **options)
 
     def fed(self, held: int, text: str) -> tuple[list[Turn], dict]:
         new = self.turns[held:]
-        return new + [Turn("assistant", text)], {"kind": "chat", "turns": [turn_to_json(t) for t in new],
-                                                 "reply": text}
+        entry = {"kind": "chat", "turns": [turn_to_json(t) for t in new], "reply": text,
+                 **({"tools": self.declared} if self.declared else {})}
+        content, calls = self.reply_parts(text)
+        # the reply as a client sends it back: its calls as message_text writes them
+        message = message_text({"role": "assistant", "content": content,
+                                "tool_calls": [c.as_openai() for c in calls]}, "reply")[1] if calls else text
+        return new + [Turn("assistant", message)], entry
+
+    def reply_parts(self, text: str) -> tuple[str | None, list]:
+        return parse_reply(text, self.names) if self.names else (text, [])
 
     def choice(self, text: str | None, finish: str | None, logprobs: list[dict] | None, *, stream: bool,
                offset: int = 0) -> dict:
         shaped = None if logprobs is None else {"content": logprobs}
-        return delta_choice(text, finish, shaped) if stream else message_choice(text, finish, shaped)
+        if stream:
+            return delta_choice(text, "tool_calls" if finish and self.calls.calls else finish, shaped)
+        content, calls = self.reply_parts(text)
+        return message_choice(content, "tool_calls" if calls else finish, shaped, [c.as_openai() for c in calls])
+
+    def stream_choices(self, text: str | None, logprobs: list[dict] | None, offset: int = 0) -> list[dict]:
+        if not self.names:
+            return super().stream_choices(text, logprobs, offset)
+        deltas = self.calls.finish() if text is None else self.calls.feed(text)
+        return [delta_choice(None, None, None, delta) for delta in deltas]
 
     def first_chunk(self, head: dict) -> dict | None:
         return role_chunk(head, content="")

@@ -119,9 +119,11 @@ def continuing(entries: list[dict], n_messages: int) -> list[dict]:
     return out
 
 
-def read_history(session: StreamSession, turns: list[Turn], system: str | None = None) -> None:
-    """Feed messages the stream has not read, without sampling (`StreamSession.read_turns`)."""
-    session.read_turns([(t.role, t.text, t.images) for t in turns], system)
+def read_history(session: StreamSession, turns: list[Turn], system: str | None = None,
+                 tools: list[dict] | None = None) -> None:
+    """Feed messages the stream has not read, without sampling (`StreamSession.read_turns`; `tools`:
+    those the conversation declares, with its first messages)."""
+    session.read_turns([(t.role, t.text, t.images) for t in turns], system, tools)
 
 
 def replay(session: StreamSession, entry: dict) -> None:
@@ -132,7 +134,7 @@ def replay(session: StreamSession, entry: dict) -> None:
         return
     turns = [turn_from_json(t) for t in entry["turns"]]
     system = turns.pop(0).text if turns[0].role == "system" else None
-    read_history(session, turns + [Turn("assistant", entry["reply"])], system)
+    read_history(session, turns + [Turn("assistant", entry["reply"])], system, entry.get("tools"))
 
 
 class Journal:

@@ -109,13 +109,15 @@ class RequestRunner:
                 if isinstance(event, ApiError):
                     yield sse(event.body())
                 elif isinstance(event, Result):
+                    for choice in job.stream_choices(None, None, offset=sent):
+                        yield sse({**chunk_head, "choices": [choice]})
                     yield sse({**chunk_head, "choices": [job.choice(None, event.finish_reason, None, stream=True)],
                                "cache": event.cache, "session_id": event.session_id})
                     if job.body.stream_options and job.body.stream_options.include_usage:
                         yield sse({**chunk_head, "choices": [], "usage": event.usage})
                 else:
-                    yield sse({**chunk_head, "choices": [job.choice(event.text, None, event.logprobs, stream=True,
-                                                                    offset=sent)]})
+                    for choice in job.stream_choices(event.text, event.logprobs, offset=sent):
+                        yield sse({**chunk_head, "choices": [choice]})
                     sent += len(event.text)
             yield "data: [DONE]\n\n"
         finally:
