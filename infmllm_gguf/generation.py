@@ -1,6 +1,6 @@
 """Generation in layers, as mlx-lm's `generate_step` and `stream_generate`: `generate_tokens`
 samples token ids through the cache controller with any sampler callable (llama.cpp's chain,
-`runtime.ChainSampler`, by default; `make_sampler`, NumPy's, for the server and `Llama`); `StreamingDetokenizer`
+`runtime.ChainSampler`, everywhere); `StreamingDetokenizer`
 turns token ids into text, holding back a character whose bytes are split across tokens;
 `text_pieces` adds stop strings on top; `Piece` is what `StreamSession.generate` yields, with
 each token's log-probability when asked (`LogprobSampler`)."""
@@ -82,36 +82,6 @@ def nll_of(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     peak = logits.max(axis=-1)
     lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1, dtype=np.float64))
     return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
-
-
-def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, top_k: int = 0,
-                 min_p: float = 0.0) -> Sampler:
-    """Greedy at temperature 0; else, at `temperature`, the `top_k` likeliest tokens (0: all), of
-    those the ones at least `min_p` times as likely as the likeliest, and of those the smallest set
-    whose probability reaches `top_p` (nucleus sampling), drawn from `rng`. NumPy's, in Python: the
-    server and `Llama` sample with it; `StreamSession.generate` with llama.cpp's chain
-    (`runtime.ChainSampler`), whose top-p and min-p read the probabilities before the temperature."""
-    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_p and min_p in [0, 1] and top_k >= 0 (got {temperature}, "
-                         f"{top_p}, {min_p}, {top_k})")
-    if temperature == 0:
-        return lambda logits: int(np.argmax(logits))
-
-    def sample(logits: np.ndarray) -> int:
-        # shifted to a peak of 0 first, in float64: a tiny temperature then sends the others to
-        # -inf (probability 0) instead of overflowing the peak to inf (inf - inf: NaN)
-        shifted = logits.astype(np.float64) - np.max(logits)
-        p = np.exp(log_softmax(shifted / temperature))
-        order = np.argsort(-p)
-        if top_k:
-            order = order[:top_k]
-        if min_p:
-            order = order[p[order] >= min_p * p[order[0]]]
-        kept = p[order] / p[order].sum() if top_k or min_p else p[order]
-        cut = int(np.searchsorted(np.cumsum(kept), top_p)) + 1
-        top = order[:cut]
-        return int(rng.choice(top, p=p[top] / p[top].sum()))
-    return sample
 
 
 @dataclass(frozen=True)

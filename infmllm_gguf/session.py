@@ -262,7 +262,7 @@ class StreamSession(Conversation, MediaInput, Persistence):
         documents them, with their defaults (temperature, top_k, top_p, min_p, typical_p,
         repeat_penalty, frequency_penalty, presence_penalty, penalty_last_n, logit_bias, seed,
         grammar, json_schema); without a `seed`, the session's generator draws one. `sampler`
-        (logits -> token id, e.g. `make_sampler`'s) replaces the chain and its options. `logprobs`:
+        (logits -> token id) replaces the chain and its options. `logprobs`:
         None, or each piece carries its tokens' log-probabilities with that many alternatives.
         Stops at an end-of-generation token (with a grammar: once it is complete), or when a `stop`
         string appears (not yielded); `last_reply` then says how many tokens were sampled and why it

@@ -1,5 +1,6 @@
 """Generation speed with llama.cpp's sampler chain (`runtime.ChainSampler`, what `generate` uses)
-against NumPy's `make_sampler` (the server's and `Llama`'s), interleaved in one session, and what
+against `make_sampler` (NumPy's, in Python: what the server and `Llama` sampled with before issue 36,
+kept here as the baseline), interleaved in one session, and what
 a grammar (a JSON schema) costs. Also each sampler alone on fixed logits (ms per token).
 
     .venv/bin/python scripts/sampler_speed.py [--model PATH] [--repeats 3] [--tokens 128]
@@ -13,13 +14,41 @@ import time
 import numpy as np
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.generation import make_sampler
+from infmllm_gguf.generation import Sampler, log_softmax
 from infmllm_gguf.runtime import ChainSampler, SamplerOptions
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "lines": {"type": "array",
                                                                                    "items": {"type": "string"}}},
           "required": ["title", "lines"]}
+
+
+def make_sampler(temperature: float, top_p: float, rng: np.random.Generator, *, top_k: int = 0,
+                 min_p: float = 0.0) -> Sampler:
+    """Greedy at temperature 0; else, at `temperature`, the `top_k` likeliest tokens (0: all), of
+    those the ones at least `min_p` times as likely as the likeliest, and of those the smallest set
+    whose probability reaches `top_p` (nucleus sampling), drawn from `rng`: the baseline."""
+    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_p and min_p in [0, 1] and top_k >= 0 (got {temperature}, "
+                         f"{top_p}, {min_p}, {top_k})")
+    if temperature == 0:
+        return lambda logits: int(np.argmax(logits))
+
+    def sample(logits: np.ndarray) -> int:
+        # shifted to a peak of 0 first, in float64: a tiny temperature then sends the others to
+        # -inf (probability 0) instead of overflowing the peak to inf (inf - inf: NaN)
+        shifted = logits.astype(np.float64) - np.max(logits)
+        p = np.exp(log_softmax(shifted / temperature))
+        order = np.argsort(-p)
+        if top_k:
+            order = order[:top_k]
+        if min_p:
+            order = order[p[order] >= min_p * p[order[0]]]
+        kept = p[order] / p[order].sum() if top_k or min_p else p[order]
+        cut = int(np.searchsorted(np.cumsum(kept), top_p)) + 1
+        top = order[:cut]
+        return int(rng.choice(top, p=p[top] / p[top].sum()))
+    return sample
 
 
 class NoEnd:

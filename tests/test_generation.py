@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from infmllm_gguf import StreamSession
-from infmllm_gguf.generation import LogprobSampler, StreamingDetokenizer, log_softmax, make_sampler, text_pieces
+from infmllm_gguf.generation import LogprobSampler, StreamingDetokenizer, log_softmax, text_pieces
 from infmllm_gguf.runtime import Model
 
 MULTILINGUAL = "Спасибо! ありがとう。谢谢 — merci, ευχαριστώ, धन्यवाद 🙏 done"
@@ -85,16 +85,6 @@ def test_stop_strings():
     assert out == "データ。"
 
 
-def test_samplers():
-    logits = np.array([0.0, 3.0, 1.0, 2.9], dtype=np.float32)
-    assert make_sampler(0.0, 1.0, np.random.default_rng(0))(logits) == 1
-    # top_p 0.5: the nucleus is tokens 1 and 3 (softmax 0.49 and 0.44 of the mass)
-    draw = make_sampler(1.0, 0.5, np.random.default_rng(0))
-    assert {draw(logits) for _ in range(200)} == {1, 3}
-    with pytest.raises(ValueError, match="temperature"):
-        make_sampler(-1.0, 0.9, np.random.default_rng(0))
-
-
 def test_a_logprob_sampler_notes_what_it_picked_and_the_likeliest():
     logits = np.array([0.0, 3.0, 1.0, 2.9, 3.0], dtype=np.float32)
     noting = LogprobSampler(lambda _: 2, n_top=3)
@@ -140,17 +130,6 @@ def test_generate_with_a_sampler_callable_streams_the_text_it_chose(default_mode
                 assert s.stats.tokens_seen > start
             assert "".join(pieces) == MULTILINGUAL and not any("\ufffd" in p for p in pieces)
             assert s.stats.tokens_seen == start + len(script)
-
-
-def test_top_k_and_min_p_keep_only_the_likeliest_tokens():
-    logits = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05]))
-    for options, allowed in (({"top_k": 2}, {1, 2}), ({"min_p": 0.6}, {1, 2}), ({"min_p": 0.4}, {1, 2, 3}),
-                             ({"top_k": 3, "min_p": 0.6}, {1, 2})):
-        draw = make_sampler(1.0, 1.0, np.random.default_rng(0), **options)
-        drawn = {draw(logits) for _ in range(400)}
-        assert drawn == allowed, options
-    with pytest.raises(ValueError):
-        make_sampler(1.0, 0.9, np.random.default_rng(0), top_k=-1)
 
 
 def test_generate_feeds_its_prompt_when_called_and_yields_pieces_that_say_how_it_went(default_model):

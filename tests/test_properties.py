@@ -19,11 +19,12 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from infmllm_gguf.generation import make_sampler  # noqa: E402
+from infmllm_gguf.model_files import default_model_path  # noqa: E402
+from infmllm_gguf.runtime import ChainSampler, Model, SamplerOptions  # noqa: E402
 from infmllm_gguf.memory.ranking import block_starts, bm25, choose, held_verbatim, weighted_bm25  # noqa: E402
 from infmllm_gguf.policies import H2O, InfMLLM, Observation, from_config, make_policy  # noqa: E402
 from infmllm_gguf.server.journal import TurnLog, continuing  # noqa: E402
@@ -425,23 +426,38 @@ def test_a_state_file_whose_header_is_altered_json_is_refused_with_a_value_error
 
 
 # ---------------------------------------------------------------------------------------------
-# the sampler at any temperature
+# the sampler at any temperature (llama.cpp's chain over the default model's vocabulary)
+
+@pytest.fixture(scope="module")
+def vocab_model():
+    with Model(default_model_path()) as model:
+        yield model
+
+
+def vocab_logits(model: Model, head: np.ndarray) -> np.ndarray:
+    """`head` as the logits of the vocabulary's first tokens, the rest far below."""
+    logits = np.full(model.n_vocab, -1e4, dtype=np.float32)
+    logits[:head.size] = head
+    return logits
+
 
 @FEWER
 @given(hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-30, 30, width=32)),
-       st.floats(1e-300, 1e-38))
-def test_a_tiny_temperature_samples_greedily(logits, temperature):
+       st.floats(1e-300, 1e-6))
+@example(np.array([1.0, 30.0, -2.0, 29.9], np.float32), 1e-38)  # where llama.cpp's division overflows to inf
+def test_a_tiny_temperature_samples_greedily(vocab_model, logits, temperature):
     assume(np.sum(logits == logits.max()) == 1)
-    sample = make_sampler(temperature, 1.0, np.random.default_rng(0))
-    assert sample(logits) == int(np.argmax(logits))
+    with ChainSampler(vocab_model, SamplerOptions(temperature=temperature, seed=0)) as sample:
+        assert sample(vocab_logits(vocab_model, logits)) == int(np.argmax(logits))
 
 
 @FAST
 @given(hnp.arrays(np.float32, st.integers(2, 50), elements=st.floats(-30, 30, width=32)),
        st.floats(1e-3, 2.0), st.floats(0.01, 1.0), st.integers(0, 10), st.floats(0, 1))
-def test_the_sampler_draws_a_token_of_the_vocabulary(logits, temperature, top_p, top_k, min_p):
-    sample = make_sampler(temperature, top_p, np.random.default_rng(0), top_k=top_k, min_p=min_p)
-    token = sample(logits)
+def test_the_sampler_draws_a_token_of_the_vocabulary(vocab_model, logits, temperature, top_p, top_k, min_p):
+    options = SamplerOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=0)
+    with ChainSampler(vocab_model, options) as sample:
+        token = sample(vocab_logits(vocab_model, logits))
     assert 0 <= token < logits.size
     if top_k == 1:
         assert logits[token] == logits.max()

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..generation import make_sampler
 from ..recall.needles import NeedleMaker, exact_match
 from ..runtime import Model
 from ..session import StreamSession
@@ -105,7 +104,6 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
         for needle, at in zip(needles, slots):
             ids = model.tokenize(" " + needle.statement, add_special=False)
             past[at:at + len(ids)] = ids
-        sampler = make_sampler(0.0, 1.0, np.random.default_rng(0))
         first = {False: [], True: []}
         rank, right = [], {False: 0, True: 0}
         with StreamSession(model, policy, budget=budget, chunk=chunk, n_threads=n_threads, memory=config) as s:
@@ -125,7 +123,7 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
                         s.feed_prompt(needle.prompt())
                     else:
                         s.feed_text(needle.prompt())
-                    pieces = s.generate(max_tokens=answer_tokens, sampler=sampler, stop=("\n",))
+                    pieces = s.generate(max_tokens=answer_tokens, temperature=0, stop=("\n",))
                     reply = next(pieces, "")
                     first[with_memory].append(time.perf_counter() - t0)
                     reply += "".join(pieces)

@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..generation import make_sampler
 from ..perplexity import NO_MEMORY, PolicyRun, file_tokens, slice_tokens
 from ..policies import Policy
 from ..runtime import Model
@@ -108,8 +107,7 @@ def ask(session: StreamSession, prompt: str, answer_tokens: int, *, recall: bool
         session.feed_prompt(prompt)
     else:
         session.feed_text(prompt)
-    return "".join(session.generate(max_tokens=answer_tokens, sampler=make_sampler(0.0, 1.0, session.rng),
-                                    stop=("\n",)))
+    return "".join(session.generate(max_tokens=answer_tokens, temperature=0, stop=("\n",)))
 
 
 def kept_share(cached: np.ndarray, start: int, end: int) -> float:

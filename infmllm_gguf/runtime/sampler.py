@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["ChainSampler", "SamplerOptions", "grammar_text", "json_schema_grammar"]
 
 _MAX_SEED = 2**32 - 2  # llama.cpp's LLAMA_DEFAULT_SEED (2**32 - 1) asks it for a random seed
+#: below this temperature the draw is greedy: it would be anyway (another token's odds are
+#: exp(-1e4) or less at a logit gap of 0.01), and llama.cpp's division overflows float logits to
+#: inf near 1e-38, its softmax then NaN and its draw arbitrary
+GREEDY_BELOW = 1e-6
 _MIROSTAT_M = 100  # the tokens Mirostat 1.0 estimates its Zipf exponent from: llama.cpp's and the paper's
 
 # llama_token_data {llama_token id; float logit; float p;}: 12 bytes, no padding
@@ -47,7 +51,7 @@ class SamplerOptions:
     """How the next token is chosen; the defaults of every entry point (`StreamSession.generate`,
     `chat`, `chat_stream`).
 
-    `temperature` 0.7: 0 picks the likeliest token (greedy); `top_k` 0: the k likeliest tokens (0:
+    `temperature` 0.7: 0 (or below 1e-6) picks the likeliest token (greedy); `top_k` 0: the k likeliest tokens (0:
     all); `top_p` 0.95: the smallest set whose probability reaches p (1: all); `min_p` 0.0: tokens at
     least p times as likely as the likeliest (0: all); `typical_p` 1.0: locally typical sampling
     (1: off); `repeat_penalty` 1.0 (1: off), `frequency_penalty` 0.0 and `presence_penalty` 0.0, over
@@ -248,7 +252,7 @@ class ChainSampler:
         if o.penalized:
             out.append(llama.llama_sampler_init_penalties(self.n_vocab, o.penalty_last_n, o.repeat_penalty,
                                                           o.frequency_penalty, o.presence_penalty))
-        if o.temperature == 0:
+        if o.temperature < GREEDY_BELOW:
             return out + [llama.llama_sampler_init_greedy()]
         if o.mirostat == 1:
             return out + [llama.llama_sampler_init_temp(o.temperature),
