@@ -1,7 +1,7 @@
 """OpenAI's request and response shapes, shared by the server (`server/`) and `Llama` (llama_compat):
 the objects a reply is made of (chat.completion, chat.completion.chunk, text_completion), usage
 and logprobs; the chain of digests that finds a conversation from the messages a client repeats;
-the checks of a message list; the refusal of options that are not implemented; a request's seed.
+the checks of a message list; the refusal of options that are not implemented; `response_format`.
 
 Errors of a request are `InvalidRequest` (a ValueError, as `Llama` raises them; the server answers
 them with OpenAI's 400 error body, `error_body`).
@@ -12,7 +12,6 @@ import hashlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 
 from .errors import InvalidRequest
 
@@ -96,15 +95,6 @@ def _schema(schema: object, where: str) -> Mapping[str, Any]:
     if not isinstance(schema, Mapping):
         raise InvalidRequest(f"{where} must be a JSON schema (an object)", param=where)
     return schema
-
-
-def request_rng(seed: int | None, default: np.random.Generator) -> np.random.Generator:
-    """The random generator a request samples with: `default` (the stream's own) without a seed, a
-    new one seeded with `seed`, or a fresh random one for a negative seed (llama-cpp-python's -1,
-    "a random seed"; OpenAI takes any integer)."""
-    if seed is None:
-        return default
-    return np.random.default_rng(seed if seed >= 0 else None)
 
 
 # -- responses --------------------------------------------------------------------------------

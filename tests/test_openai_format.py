@@ -1,10 +1,9 @@
 """`openai_format`, the shapes and checks the server and `Llama` share: pure functions, no model."""
-import numpy as np
 import pytest
 
 from infmllm_gguf.openai_format import (ROOT, InvalidRequest, chain, check_roles, completion_from_chat_logprobs,
                                         completion_logprobs, delta_choice, error_body, head, logprob_entry,
-                                        message_choice, refuse_unsupported, request_rng, role_chunk, text_choice,
+                                        message_choice, refuse_unsupported, role_chunk, text_choice,
                                         usage)
 
 
@@ -42,15 +41,6 @@ def test_unsupported_options_are_refused_when_set():
     with pytest.raises(InvalidRequest, match="best_of=2 is not here") as info:
         refuse_unsupported({"best_of": 2}, defaults, says)
     assert (info.value.param, info.value.code) == ("best_of", "unsupported")
-
-
-def test_a_negative_seed_is_a_random_seed():
-    stream = np.random.default_rng(7)
-    assert request_rng(None, stream) is stream
-    assert request_rng(3, stream).random() == np.random.default_rng(3).random()
-    draws = {request_rng(-1, stream).random() for _ in range(4)}
-    assert len(draws) == 4  # a new random generator each time
-    assert request_rng(2 ** 70, stream).random() == np.random.default_rng(2 ** 70).random()
 
 
 def test_the_shapes_of_a_reply():
