@@ -12,7 +12,6 @@ import hashlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-
 from .errors import InvalidRequest
 
 ROOT = hashlib.sha256(b"infmllm-gguf chat").hexdigest()  # the digest of an empty conversation
