@@ -158,6 +158,33 @@ class Server:
                 self.proc.wait()
 
 
+def stop_checked(server: Server, timeout: float = 120) -> int:
+    """Stop `server` and close its log: 0 when it exited 0 with no traceback in its log; else its
+    exit status (1 for a traceback or a kill), the end of its log printed to stderr."""
+    try:
+        exit_code = server.stop(timeout)
+        log = server.output()
+    finally:
+        server.log.close()
+    if exit_code != 0 or "Traceback" in log:
+        print(f"the server exited {'killed' if exit_code is None else exit_code}; the end of its log:\n"
+              f"{log[-STDERR_TAIL_CHARS:]}", file=sys.stderr)
+        return exit_code or 1
+    return 0
+
+
+def split_serve_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A script's own arguments and the extra ones for `serve`, which follow `--` untouched."""
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
+def print_rows(head: list[str], rows: list[list[str]]) -> None:
+    """A table: the header, then the rows, each column right-aligned to its widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    for line in [head, *rows]:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
 @dataclass
 class Tally:
     """What one client saw; each thread writes its own, the main thread only reads and sums them."""
@@ -382,16 +409,13 @@ def print_table(levels: list[dict]) -> None:
              fmt(r["rss_mib"]["max"], ".0f"), fmt(r["rss_mib"]["slope_per_minute"], "+.1f"),
              f"{r['durability']['log_ms_per_request']:.2f}", f"{r['durability']['ms_per_snapshot']:.0f}",
              "killed" if r["server_exit_code"] is None else str(r["server_exit_code"])] for r in levels]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    for line in [head, *rows]:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    print_rows(head, rows)
     print("times in seconds (ttft: streamed requests, lat: non-streamed); RSS in MiB from /health; log ms: the "
           "fsync'd turn-log append per request; snap ms: one snapshot, written between requests")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    # what follows `--` goes to `serve` untouched
-    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, extra = split_serve_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [MODEL] [options] [-- extra serve args...]")
     p.add_argument("model", nargs="?", type=Path, help="GGUF file (default: the serve command's default model)")

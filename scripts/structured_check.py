@@ -34,7 +34,7 @@ from pathlib import Path
 import jsonschema
 import openai
 
-from serve_load import Server
+from serve_load import Server, print_rows, split_serve_args, stop_checked
 
 SUBJECT_SCHEMAS = [
     (["a user of a web site", "a nurse who lives in Lyon", "a retired sailor", "a student of music",
@@ -202,21 +202,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> tuple[Tally, Tally, int]:
                 if (i + 1) % 10 == 0:
                     print(f"  {i + 1}/{args.prompts} prompts", flush=True)
         finally:
-            exit_code = server.stop()
-            log = server.output()
-            server.log.close()
-    if exit_code != 0 or "Traceback" in log:
-        print(f"the server exited {exit_code}; the end of its log:\n{log[-3000:]}", file=sys.stderr)
-        exit_code = exit_code or 1
+            exit_code = stop_checked(server)
     return structured, plain, exit_code
 
 
 def print_table(structured: Tally, plain: Tally) -> None:
     head = ["requests", "n", "streamed", "parsed", "valid", "cut", "tokens", "wall s", "tok/s", "ms/tok"]
     rows = [structured.row("json_schema"), plain.row("plain")]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    for line in [head, *rows]:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    print_rows(head, rows)
     cost = structured.ms_per_token - plain.ms_per_token
     print(f"the grammar's cost: {cost:+.1f} ms a token ({100 * cost / plain.ms_per_token:+.0f}% of a plain token's "
           "time); cut: replies that hit max_tokens (a plain reply asks as many tokens as its structured one had: "
@@ -224,8 +217,7 @@ def print_table(structured: Tally, plain: Tally) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    # what follows `--` goes to `serve` untouched
-    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ours, extra = split_serve_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [MODEL] [options] [-- extra serve args...]")
     p.add_argument("model", nargs="?", type=Path, help="GGUF file (default: the serve command's default model)")
