@@ -59,6 +59,7 @@ from .openai_format import (ROOT, InvalidRequest, chain, chat_from_completion_lo
                             delta_choice, head, message_choice, refuse_unsupported, response_format_sampling,
                             role_chunk, text_choice, usage)
 from .policies import DEFAULT_POLICY, Policy, make_policy
+from .runtime.closing import Closing
 from .runtime.embedding import POOLING_UNSPECIFIED, Embedder
 from .runtime.sampler import SamplerOptions, grammar_text
 from .session import StreamSession
@@ -264,7 +265,7 @@ class States:
         return self.model_path, json.dumps([s.policy.config(), s.chunk, memory], sort_keys=True)
 
 
-class Llama(Embeddings, States):
+class Llama(Embeddings, States, Closing):
     """See the module. Extra keywords: `policy` (a `Policy`, or a name for its defaults at budget
     `n_ctx`), `memory` (a `MemoryConfig`, True or False), `chunk` (tokens per decode)."""
 
@@ -330,14 +331,6 @@ class Llama(Embeddings, States):
             self._session.close()
             self._session = None
 
-    def __enter__(self) -> "Llama":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # as llama-cpp-python's: scripts leave closing to the collector
-        self.close()
 
     # -- completions -------------------------------------------------------------------------
     def __call__(self, prompt: str, **options):

@@ -15,6 +15,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 
 from .cell_state import SEQ
+from .closing import Closing
 from .log import LOG
 from .model import Model
 
@@ -26,7 +27,7 @@ POOLING_UNSPECIFIED = llama.LLAMA_POOLING_TYPE_UNSPECIFIED
 POOLING_NONE = llama.LLAMA_POOLING_TYPE_NONE
 
 
-class Embedder:
+class Embedder(Closing):
     """A llama.cpp context that embeds texts of up to `n_tokens` tokens with `model` (which must
     outlive it). `pooling`: a key of `POOLING_TYPES` (the model's own by default); `pooling_type`
     is the one the context uses. `flash_attn` None: llama.cpp's choice (on a small model, flash
@@ -93,11 +94,3 @@ class Embedder:
             llama.llama_free(self.ctx)
             self.ctx = None
 
-    def __enter__(self) -> "Embedder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()

@@ -11,6 +11,7 @@ from llama_cpp import llama_cpp as llama
 
 from ..model_files import diagnose_gguf, resolve_model
 from . import ggml
+from .closing import Closing
 from .log import LOG
 
 _process_ready = False
@@ -66,7 +67,7 @@ def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[int]:
     return devices
 
 
-class Model:
+class Model(Closing):
     """The weights and vocabulary of one GGUF file, in memory once; any number of `Runtime`
     contexts decode with it. `n_gpu_layers`: layers offloaded to the GPU (-1: all). `rpc`:
     rpc-servers (HOST:PORT each) that hold the offloaded layers instead of local GPUs, split
@@ -123,14 +124,6 @@ class Model:
             llama.llama_model_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:

@@ -16,6 +16,7 @@ from llama_cpp import llama_cpp as llama
 from . import native
 from .capture import AttentionCapture, CaptureError
 from .cell_state import SEQ, CellState
+from .closing import Closing
 from .log import LOG
 from .model import Model
 
@@ -60,7 +61,7 @@ def new_context(model: Model, *, n_ctx: int, n_batch: int | None = None, n_ubatc
     return ctx
 
 
-class Runtime(AttentionCapture, CellState):
+class Runtime(AttentionCapture, CellState, Closing):
     """A llama.cpp context of `n_ctx` cells decoding one sequence with `model` (a `Model`, or a
     path to load one from, which the runtime then owns and frees). `cache_type_k`/`cache_type_v`:
     the KV cache's element types (`CACHE_TYPES`); a quantized V needs flash attention.
@@ -110,14 +111,6 @@ class Runtime(AttentionCapture, CellState):
             self.model.close()
             self.model = None
 
-    def __enter__(self) -> "Runtime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int], positions: Sequence[int] | None = None, *,

@@ -27,6 +27,7 @@ import numpy as np
 from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from .closing import Closing
 from .log import LOG
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ def json_schema_grammar(schema: Mapping[str, Any] | str) -> str:
         raise ValueError(f"invalid JSON schema ({type(exc).__name__}: {exc})") from None
 
 
-class ChainSampler:
+class ChainSampler(Closing):
     """llama.cpp's sampler chain over `model`'s vocabulary, made as `options` say: a `Sampler`
     (logits float32 [n_vocab] -> token id) that accepts the token it picks. `reset()` forgets the
     reply (the penalties' window, the grammar's progress) and restarts the draw from its seed: call
@@ -330,11 +331,3 @@ class ChainSampler:
                 llama.llama_sampler_free(ptr)
             setattr(self, name, None)
 
-    def __enter__(self) -> "ChainSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
