@@ -33,6 +33,7 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CHOICES = ("none", "auto", "required")
 _BARE_CALL = re.compile(r"^\s*(?:```(?:json)?\s*)?(\{.*\})\s*(?:```)?\s*$", re.S)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+_JSON = json.JSONDecoder()
 
 #: the system message's addition where the template does not know tools ({tools}: one JSON per line)
 FALLBACK_PROMPT = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
@@ -199,7 +200,7 @@ def parse_reply(text: str, names: Collection[str]) -> tuple[str | None, list[Too
         call = _parsed_call(bare[1], names) if bare else None
         return (text, []) if call is None else (None, [call])
     calls = []
-    for block in re.findall(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), text, flags=re.S):
+    for block in _call_blocks(text):
         call = _parsed_call(block, names)
         if call is None:
             return text, []
@@ -207,6 +208,27 @@ def parse_reply(text: str, names: Collection[str]) -> tuple[str | None, list[Too
     if not calls:
         return text, []
     return (head.strip() or None), calls
+
+
+def _call_blocks(text: str) -> list[str]:
+    """What each complete `<tool_call>` block of `text` holds, in order: its JSON value read whole
+    where one follows the tag and `</tool_call>` follows it (so that a "</tool_call>" inside one of
+    its strings does not end it), else the text up to the next `</tool_call>`."""
+    blocks, pos = [], 0
+    while (start := text.find(CALL_OPEN, pos)) >= 0:
+        body = start + len(CALL_OPEN)
+        try:
+            _, end = _JSON.raw_decode(text, body + len(text[body:]) - len(text[body:].lstrip()))
+            close = end + len(text[end:]) - len(text[end:].lstrip())
+            if not text.startswith(CALL_CLOSE, close):
+                raise ValueError("no </tool_call> right after the value")
+        except (ValueError, RecursionError):  # not (yet) one JSON value then the close tag
+            close = text.find(CALL_CLOSE, body)
+            if close < 0:
+                break
+        blocks.append(text[body:close])
+        pos = close + len(CALL_CLOSE)
+    return blocks
 
 
 def _parsed_call(block: str, names: Collection[str]) -> ToolCall | None:
@@ -243,8 +265,7 @@ class CallStream:
             return
         if not self.calls:
             yield from self._content(len(head.rstrip("\n")))
-        blocks = re.findall(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), self.text, flags=re.S)
-        for block in blocks[len(self.calls):]:
+        for block in _call_blocks(self.text)[len(self.calls):]:
             call = _parsed_call(block, self.names)
             if call is None:
                 return  # not a call after all: the rest goes as text at the end, as parse_reply reads it

@@ -79,6 +79,19 @@ def test_streamed_calls_equal_the_whole_reply_parsed_at_every_split():
             assert got == whole and text.strip() == content, (i, j)
 
 
+def test_a_close_tag_inside_an_argument_string_does_not_end_the_call():
+    """The call grammar lets "</tool_call>" into a string: the block is the JSON value it holds (it
+    was cut at the tag inside the string, and the reply, a valid call, came back as text)."""
+    reply = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "a </tool_call> b", "unit": "celsius"}}\n'
+             '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    content, calls = parse_reply(reply, SCHEMAS)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "a </tool_call> b", "unit": "celsius"}), ("add", {"a": 1, "b": 2})]
+    whole = [(c.name, c.arguments) for c in calls]
+    for i in range(len(reply)):
+        assert streamed([reply[:i], reply[i:]]) == ("", whole), i
+
+
 @pytest.mark.parametrize("reply", ["Just text, no call.", "<tool_call>\nnot json\n</tool_call>", "a < b <tool_c",
                                    '<tool_call>\n{"name": "undeclared", "arguments": {}}\n</tool_call>',
                                    '{"name": "Ann", "arguments": "a JSON answer, not a call"}', "``` code ```"])
