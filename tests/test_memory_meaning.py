@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from infmllm_gguf.memory import MemoryConfig, bm25, block_starts, choose
-from infmllm_gguf.memory.hidden import DIMENSIONS, hidden_layer, maxsim
+from infmllm_gguf.memory import hidden
+from infmllm_gguf.memory.hidden import DIMENSIONS, VectorStore, hidden_layer, maxsim
 from infmllm_gguf.memory.ranking import held_verbatim, weighted_bm25
 from infmllm_gguf.session import StreamSession
 
@@ -56,6 +57,51 @@ def test_maxsim_finds_the_block_that_holds_a_close_token():
     assert set(np.argsort(-score)[:2]) == {9, 10}
     vectors[close] = 0  # a token without a vector matches nothing
     assert not {9, 10} & set(np.argsort(-maxsim(query, vectors, starts, 32))[:2])
+
+
+def reference_maxsim(query, vectors, starts, window):
+    """maxsim written out: centre on the mean of the vectors that are not zeros, cosines, each
+    block's best per query token by a loop, standardised over the blocks, averaged."""
+    v = vectors.astype(np.float64)
+    present = np.abs(v).sum(axis=1) > 0
+    mean = v[present].mean(axis=0)
+    v, q = v - mean, query.astype(np.float64) - mean
+    cosine = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
+    cosine[:, ~present] = 0
+    best = np.array([cosine[:, s:s + window].max(axis=1) for s in starts])  # [blocks, query tokens]
+    return ((best - best.mean(axis=0)) / (best.std(axis=0) + 1e-6)).mean(axis=1)  # one block: 0
+
+
+@pytest.mark.parametrize("n, window", [(5, 32), (32, 32), (33, 32), (1000, 32), (999, 7), (2000, 64), (40, 2)])
+def test_maxsim_is_late_interaction_over_blocks(monkeypatch, n, window):
+    """The one-pass, chunked maxsim against the plain computation, chunks of 48 tokens (not a
+    multiple of every block), the last block off the half-window grid, tokens without a vector."""
+    monkeypatch.setattr(hidden, "CHUNK", 48)
+    rng = np.random.default_rng(n)
+    vectors = (rng.standard_normal((n, DIMENSIONS)) * 3 + 5).astype(np.float16)
+    vectors[rng.random(n) < 0.1] = 0
+    query = (rng.standard_normal((7, DIMENSIONS)) + 5).astype(np.float16)
+    starts = block_starts(n, window)
+    np.testing.assert_allclose(maxsim(query, vectors, starts, window),
+                               reference_maxsim(query, vectors, starts, min(window, n)), atol=1e-3)
+
+
+def test_vector_store_keeps_the_mean_of_what_it_holds():
+    rng = np.random.default_rng(0)
+    store = VectorStore(cap=100)
+    rows = rng.standard_normal((250, DIMENSIONS)).astype(np.float16)
+    rows[::7] = 0  # tokens without a vector do not count
+    for a in range(0, 250, 30):
+        store.append(np.arange(a, min(a + 30, 250)), rows[a:a + 30])
+    kept = rows[150:]
+    np.testing.assert_allclose(store.mean(), kept[np.abs(kept).sum(axis=1) > 0].astype(np.float64).mean(axis=0),
+                               atol=1e-5)
+    np.testing.assert_array_equal(store.aligned(np.arange(120, 250))[:30], 0)  # beyond the cap: none
+    np.testing.assert_array_equal(store.aligned(np.arange(120, 250))[30:], kept)
+    np.testing.assert_array_equal(store.aligned(np.arange(150, 250, 2)), kept[::2])
+    restored = VectorStore(cap=100)
+    restored.load_state(store.state())
+    np.testing.assert_allclose(restored.mean(), store.mean(), atol=1e-6)
 
 
 def test_hidden_vectors_are_llamas_layer_output(tiny_llama):

@@ -59,16 +59,24 @@ class HiddenCapture:
 
 
 class VectorStore:
-    """The stream tokens' vectors, with their stream indices, the newest `cap` kept."""
+    """The stream tokens' vectors, with their stream indices, the newest `cap` kept, and the mean
+    of those kept (a running sum: the ranking centres on it at each prompt)."""
 
     def __init__(self, cap: int):
         self.cap = cap
         self._pieces: list[tuple[np.ndarray, np.ndarray]] = []
+        self._sum, self._count = np.zeros(DIMENSIONS, np.float64), 0
 
     def append(self, indices: np.ndarray, vectors: np.ndarray) -> None:
         self._pieces.append((np.asarray(indices, dtype=np.int64), vectors))
+        self._add(vectors, 1)
         if len(self._pieces) > 64:
             self.arrays()
+
+    def _add(self, vectors: np.ndarray, sign: int) -> None:
+        total, count = present_sum(vectors)
+        self._sum += sign * total
+        self._count += sign * count
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(stream indices int64[n], vectors float16[n, DIMENSIONS]), oldest first."""
@@ -76,12 +84,23 @@ class VectorStore:
             indices = np.concatenate([p[0] for p in self._pieces]) if self._pieces else np.zeros(0, np.int64)
             vectors = (np.concatenate([p[1] for p in self._pieces]) if self._pieces
                        else np.zeros((0, DIMENSIONS), np.float16))
+            self._add(vectors[:-self.cap], -1)
             self._pieces = [(indices[-self.cap:], vectors[-self.cap:])]
         return self._pieces[0]
+
+    def mean(self) -> np.ndarray:
+        """float32[DIMENSIONS]: the mean of the kept vectors that are not zeros."""
+        self.arrays()  # applies the cap
+        return (self._sum / max(self._count, 1)).astype(np.float32)
 
     def aligned(self, indices: np.ndarray) -> np.ndarray:
         """The vectors of the tokens with stream `indices` (ascending), zeros where none is kept."""
         kept, vectors = self.arrays()
+        if kept.size <= indices.size and np.array_equal(indices[indices.size - kept.size:], kept):
+            if kept.size == indices.size:  # every stored token has its vector: no copy
+                return vectors
+            head = np.zeros((indices.size - kept.size, vectors.shape[1]), dtype=np.float16)
+            return np.concatenate((head, vectors))  # the oldest tokens beyond the vectors' cap
         out = np.zeros((indices.size, vectors.shape[1]), dtype=np.float16)
         at = np.searchsorted(indices, kept)
         found = (at < indices.size) & (indices[np.minimum(at, indices.size - 1)] == kept)
@@ -98,33 +117,82 @@ class VectorStore:
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         indices, vectors = arrays.get("vector_indices"), arrays.get("vectors")
+        self._pieces, self._sum, self._count = [], np.zeros(DIMENSIONS, np.float64), 0
         if indices is None or vectors is None or vectors.shape != (len(indices), DIMENSIONS):
-            self._pieces = []  # a save without them (another ranking): they start empty
-            return
+            return  # a save without them (another ranking): they start empty
         self._pieces = [(indices.astype(np.int64), vectors.astype(np.float16))]
+        self._add(self._pieces[0][1], 1)
 
 
-def maxsim(query: np.ndarray, vectors: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+CHUNK = 1 << 13  # stream tokens scored at once: one chunk's similarities stay in the CPU's cache
+
+
+def present_sum(vectors: np.ndarray) -> tuple[np.ndarray, int]:
+    """(float64[DIMENSIONS] sum, count) of the vectors that are not zeros (a token without one)."""
+    total, count = np.zeros(vectors.shape[1], np.float64), 0
+    for a in range(0, len(vectors), CHUNK):
+        v = vectors[a:a + CHUNK].astype(np.float32)
+        present = np.einsum("ij,ij->i", v, v) > 0
+        total += v[present].sum(axis=0, dtype=np.float64)
+        count += int(present.sum())
+    return total, count
+
+
+def present_mean(vectors: np.ndarray) -> np.ndarray:
+    """float32[DIMENSIONS]: the mean of the vectors that are not zeros."""
+    total, count = present_sum(vectors)
+    return (total / max(count, 1)).astype(np.float32)
+
+
+def maxsim(query: np.ndarray, vectors: np.ndarray, starts: np.ndarray, window: int,
+           mean: np.ndarray | None = None) -> np.ndarray:
     """Late-interaction score of each block (vectors[s:s+window] for s in `starts`) for the query's
     token vectors: each query token's best cosine in the block, standardised over the blocks, and
-    averaged. Both are centred on the stored vectors' mean first; a token without a vector (zeros)
-    matches nothing."""
-    vectors = vectors.astype(np.float32)
-    if len(vectors) == 0 or len(query) == 0:
+    averaged. Both are centred on the stored vectors' `mean` (`present_mean` when not given) first;
+    a token without a vector (zeros) matches nothing.
+
+    One pass over the vectors, a chunk at a time, never centring them: (q - m).(v - m) is q'.v -
+    q'.m and |v - m|^2 is |v|^2 - 2 v.m + |m|^2, so one product with [q' | m] gives both. Blocks start
+    every half window: each query token's best cosine is kept per `unit` (the largest length that
+    divides a block and the step between blocks, a half window) and a block's is the best of its
+    units; a block off that grid (the last one, ending at the last token) is scored apart."""
+    n = len(vectors)
+    if n == 0 or len(query) == 0:
         return np.zeros(len(starts))
-    present = np.einsum("ij,ij->i", vectors, vectors) > 0
-    mean = vectors[present].mean(axis=0) if present.any() else np.zeros(vectors.shape[1], np.float32)
-    v = vectors - mean
-    scale = np.where(present, 1.0 / (np.sqrt(np.einsum("ij,ij->i", v, v)) + 1e-6), 0.0).astype(np.float32)
+    mean = present_mean(vectors) if mean is None else mean.astype(np.float32)
     q = query.astype(np.float32) - mean
     q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-6
-    similarity = (q @ v.T) * scale  # cosines [query tokens, stream tokens]
-    width = min(window, similarity.shape[1])  # a short stream's one block holds all of it
-    best = sliding_window_view(similarity, width, axis=1)[:, starts].max(axis=2)  # [query tokens, blocks]
+    products = np.concatenate((q.T, mean[:, None]), axis=1)  # [DIMENSIONS, query tokens + 1]
+    offset, mean_norm = q @ mean, float(mean @ mean)
+
+    def cosines(v16: np.ndarray) -> np.ndarray:  # [tokens, query tokens]
+        v = v16.astype(np.float32)
+        g = v @ products
+        square = np.einsum("ij,ij->i", v, v)
+        scale = np.where(square > 0, 1.0 / (np.sqrt(np.maximum(square - 2 * g[:, -1] + mean_norm, 0)) + 1e-6), 0.0)
+        return (g[:, :-1] - offset) * scale[:, None].astype(np.float32)
+
+    width = min(window, n)  # a short stream's one block holds all of it
+    unit = int(np.gcd(width, max(width // 2, 1)))
+    step = max(CHUNK // unit, 1) * unit
+    units = np.concatenate([_unit_max(cosines(vectors[a:a + step]), unit) for a in range(0, n, step)])
+    starts = np.asarray(starts)
+    on_grid = (starts % unit == 0) & (starts + width <= len(units) * unit)
+    best = np.empty((starts.size, len(q)), np.float32)
+    if on_grid.any():
+        best[on_grid] = sliding_window_view(units, width // unit, axis=0)[starts[on_grid] // unit].max(axis=-1)
+    for i in np.flatnonzero(~on_grid):
+        best[i] = cosines(vectors[starts[i]:starts[i] + width]).max(axis=0)
     # standardised per query token, as IDF weighs terms: a token that matches every block alike
     # (the prompt's "Question:", a function word) adds nothing, one that matches a few stands out
-    best = (best - best.mean(axis=1, keepdims=True)) / (best.std(axis=1, keepdims=True) + 1e-6)
-    return best.mean(axis=0)
+    best = (best - best.mean(axis=0)) / (best.std(axis=0) + 1e-6)
+    return best.mean(axis=1)
+
+
+def _unit_max(similarity: np.ndarray, unit: int) -> np.ndarray:
+    """The best of each run of `unit` rows (a last partial run left out)."""
+    full = len(similarity) // unit * unit
+    return similarity[:full].reshape(-1, unit, similarity.shape[1]).max(axis=1)
 
 
 class HiddenStates:

@@ -87,6 +87,13 @@ class MemoryConfig:
         return self.reserve or budget // 4
 
 
+def memory_label(config: dict | None) -> str:
+    """", memory RANKING" (and its reserve when set) for a run's label; "" for none."""
+    if not config:
+        return ""
+    return f", memory {config['ranking']}" + (f" reserve {config['reserve']}" if config.get("reserve") else "")
+
+
 @dataclass
 class MemoryStats:
     tokens_stored: int = 0      # held now, in RAM and on disk
@@ -234,7 +241,7 @@ class Memory:
         if self.config.ranking == "embedding":
             score, matched = weighted_bm25(ids, starts, self.window, self.vectors.expand(np.asarray(query)))
         elif vectors is not None and vectors.any():
-            score = maxsim(self.hidden.embed(query), vectors, starts, self.window)
+            score = maxsim(self.hidden.embed(query), vectors, starts, self.window, self.hidden.store.mean())
             matched = np.full(starts.size, np.iinfo(np.int64).max)  # meaning, not shared tokens, decides
         else:
             score, matched = bm25(ids, starts, self.window, np.asarray(query))
