@@ -77,6 +77,8 @@ def bench(
                                       help="memory: tokens the memory holds at the questions"),
     memory_ranking: str = typer.Option("hidden", "--memory-ranking",
                                        help="memory: hidden, lexical, embedding or attention"),
+    memory_reserve: int = typer.Option(0, "--memory-reserve", min=0,
+                                       help="memory: cells of the budget that re-read text may take (0: the default)"),
     questions: int = typer.Option(10, "--questions", min=1, help="memory: questions asked, with and without it"),
     chunk: int = typer.Option(256, "--chunk", min=1, help="tokens per decode"),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", min=1, help="capture: prompt length"),
@@ -145,10 +147,9 @@ def bench(
             rpc = rpc_bench(model, servers=rpc_servers, tokens=tokens, chunk=chunk, repeats=repeats, n_threads=threads)
             typer.echo(rpc.table())
         if "memory" in parts:
-
             memory = memory_cost(model, budget=policy_options["budget"][0], tokens=tokens, memory_tokens=memory_tokens,
                                  questions=questions, chunk=chunk, repeats=repeats, ranking=memory_ranking,
-                                 n_threads=threads)
+                                 reserve=memory_reserve, n_threads=threads)
             typer.echo(memory.table())
     except (ModelError, FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc))

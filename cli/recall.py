@@ -35,6 +35,17 @@ def run_key(policy: dict, cache_type_k: str, memory: Optional[dict]) -> str:
     return json.dumps([policy, cache_type_k, memory], sort_keys=True)
 
 
+RESERVE_OPT = typer.Option("0", "--memory-reserve", help="cells of the budget that re-read text may take (0: a "
+                           "quarter, at most 96); comma-separated values compare them")
+
+
+def memory_runs(memory: str, reserve: str) -> list:
+    """The MemoryConfig (None: off) of each --memory value crossed with each --memory-reserve value."""
+    reserves = split(reserve, int, "--memory-reserve")
+    return [memory_config(name, r) for name in split(memory, str, "--memory")
+            for r in (reserves if name != "off" else [0])]
+
+
 def load_model(model: Optional[Path], n_gpu_layers: int):
     from infmllm_gguf.model_files import ModelError
     from infmllm_gguf.runtime import Model, UnpatchedLlamaError
@@ -76,6 +87,7 @@ def recall(
     answer_tokens: int = typer.Option(8, "--answer-tokens", min=1, help="greedy tokens per answer"),
     memory: str = typer.Option("off", "--memory", help=MEMORY_HELP + "; comma-separated values compare them "
                                "(full runs without)"),
+    memory_reserve: str = RESERVE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs with every answer; rerunning with "
                                             "the same file skips the runs it holds"),
     png: Optional[Path] = typer.Option(None, "--png", help="heatmap of accuracy: distance x policy and budget"),
@@ -93,6 +105,7 @@ def recall(
     check_plot(png, "--png")
     from tqdm import tqdm
 
+    from infmllm_gguf.memory import memory_label
     from infmllm_gguf.perplexity import TextFileError, check_text_file
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.recall import RecallRun, heatmap, make_plan, policies_to_run, run_recall, table, text_filler
@@ -105,7 +118,7 @@ def recall(
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
     asked = split(distances, int, "--distances")
-    memories = [memory_config(name) for name in split(memory, str, "--memory")]
+    memories = memory_runs(memory, memory_reserve)
     m = load_model(model, n_gpu_layers)
     offset = int(1 + seed * 7919 % 50_000)  # where the filler starts in the text, from the seed
     try:
@@ -123,7 +136,7 @@ def recall(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for p, mem in ((p, mem) for p in policies_to_run(grid, m.n_ctx_train, len(plan))
                    for mem in (memories if p.evicts else [None])):
-        label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
+        label = p.label() + memory_label(None if mem is None else mem.config())
         if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
             typer.echo(f"{label}: in {json_out} already", err=True)
             continue
@@ -165,6 +178,7 @@ def recall_chat(
     seed: int = typer.Option(0, "--seed"),
     chunk: int = typer.Option(256, "--chunk", min=1),
     memory: str = typer.Option("off", "--memory", help=MEMORY_HELP + "; comma-separated values compare them"),
+    memory_reserve: str = RESERVE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the runs; rerunning skips the runs it holds"),
     png: Optional[Path] = typer.Option(None, "--png", help="facts recalled against rounds, one line per run"),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir"),
@@ -177,6 +191,7 @@ def recall_chat(
     check_plot(png, "--png")
     from tqdm import tqdm
 
+    from infmllm_gguf.memory import memory_label
     from infmllm_gguf.perplexity import TextFileError, check_text_file
     from infmllm_gguf.policies import policy_grid
     from infmllm_gguf.recall import ChatRecallRun, make_chat_plan, plot_chat, run_chat_recall
@@ -190,7 +205,7 @@ def recall_chat(
                               kinds=split(kinds, str, "--kinds"))
     except (TextFileError, ValueError) as exc:
         fail(str(exc))
-    memories = [memory_config(name) for name in split(memory, str, "--memory")]
+    memories = memory_runs(memory, memory_reserve)
     m = load_model(model, n_gpu_layers)
     if m.chat_template() is None:
         fail(f"{m.name} has no chat template: the chat variant needs an instruct model")
@@ -200,7 +215,7 @@ def recall_chat(
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for p, mem in ((p, mem) for p in grid for mem in (memories if p.evicts else [None])):
-        label = p.label() + ("" if mem is None else f", memory {mem.ranking}")
+        label = p.label() + memory_label(None if mem is None else mem.config())
         if run_key(p.config(), "f16", None if mem is None else mem.config()) in done:
             continue
         bar = tqdm(total=max(plan.probes), unit="round", desc=label, dynamic_ncols=True)

@@ -26,6 +26,7 @@ from .policies import declared_options, from_config
 from .probes import rss_mib
 from .runtime import Model
 from .segments import Segment, SegmentClock
+from .memory import memory_label
 from .session import SessionConfig, StreamSession
 
 NO_MEMORY = SessionConfig(memory=False)  # the runs' default: a stream without prompts needs none
@@ -149,7 +150,7 @@ class PerplexityRun(PolicyRun):
     curve: list[Segment] = field(default_factory=list)
 
     def label(self) -> str:
-        return super().label() + (f", memory {self.memory['ranking']}" if self.memory else "")
+        return super().label() + memory_label(self.memory)
 
     def stop_note(self) -> str | None:
         """Why the stream was cut short, if it was."""

@@ -139,12 +139,16 @@ def test_chat_recall_asks_every_fact_after_each_probe(default_model, tmp_path):
 def test_recall_command(cli, tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     args = ("recall", "--policy", "streaming-llm,full", "--budget", "128", "--distances", "64,600", "--trials", "2",
-            "--spacing", "128", "--chunk", "64", "--threads", "2", "--memory", "off,lexical", "--json", out)
+            "--spacing", "128", "--chunk", "64", "--threads", "2", "--memory", "off,lexical",
+            "--memory-reserve", "0,48", "--json", out)
     proc = cli(*args, "--png", png)
-    assert "streaming-llm, budget 128, memory lexical" in proc.stdout and png.stat().st_size > 0
+    assert proc.stdout.count("streaming-llm, budget 128, memory lexical") == 2 and png.stat().st_size > 0
+    assert "streaming-llm, budget 128, memory lexical reserve 48" in proc.stdout
     runs = json.loads(out.read_text())["runs"]
-    assert [(r["policy"]["name"], (r["memory"] or {}).get("ranking")) for r in runs] == \
-        [("streaming-llm", None), ("streaming-llm", "lexical"), ("full", None)]
+    memories = [(r["memory"] or {}) for r in runs]
+    assert [(r["policy"]["name"], m.get("ranking"), m.get("reserve")) for r, m in zip(runs, memories)] == [
+        ("streaming-llm", None, None), ("streaming-llm", "lexical", 0), ("streaming-llm", "lexical", 48),
+        ("full", None, None)]
     assert runs[1]["tokens_recalled"] > 0 and runs[0]["tokens_recalled"] == 0
     assert all(len(r["answers"]) == 4 for r in runs)
     again = cli(*args)

@@ -41,6 +41,7 @@ class MemoryCost:
     first_token_ratio: Rate  # on / off, per question
     rank_s: Rate             # the memory's ranking and re-reading, per question (the batch it shares
                              # with the question counted by its re-read tokens' share)
+    recalled: Rate           # tokens re-read per question
     correct_off: int
     correct_on: int
     host_bytes_per_token: int
@@ -48,7 +49,7 @@ class MemoryCost:
     def table(self) -> str:
         return "\n".join([
             f"memory tier: {self.model}, {self.policy['name']} budget {self.policy['budget']}, ranking "
-            f"{self.memory['ranking']}; medians [min, max]",
+            f"{self.memory['ranking']}, {self.recalled} tokens re-read per question; medians [min, max]",
             f"  streaming {self.tokens} tokens: {self.tokens_per_s_off} tok/s off, {self.tokens_per_s_on} on "
             f"(on/off {self.speed_ratio})",
             f"  first answer token, {self.memory_tokens:,} tokens in memory, {self.questions} questions: "
@@ -85,12 +86,12 @@ def _stream_speed(model: Model, policy: str, budget: int, tokens: np.ndarray, ch
 
 def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str = "inf-mllm", budget: int = 512,
                 tokens: int = 8192, memory_tokens: int = 200_000, questions: int = 10, chunk: int = 256,
-                repeats: int = 3, ranking: str = "hidden", n_threads: int | None = None,
+                repeats: int = 3, ranking: str = "hidden", reserve: int = 0, n_threads: int | None = None,
                 answer_tokens: int = 8) -> MemoryCost:
     owned = not isinstance(model, Model)
     model = Model(model) if owned else model
     try:
-        config = MemoryConfig(ranking=ranking)
+        config = MemoryConfig(ranking=ranking, reserve=reserve)
         text = stream_tokens(model, tokens + memory_tokens, "shakespeare")
         stream, past = text[memory_tokens:], text[:memory_tokens].copy()
         off, on = [], []
@@ -105,7 +106,7 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
             ids = model.tokenize(" " + needle.statement, add_special=False)
             past[at:at + len(ids)] = ids
         first = {False: [], True: []}
-        rank, right = [], {False: 0, True: 0}
+        rank, recalled, right = [], [], {False: 0, True: 0}
         with StreamSession(model, policy, budget=budget, chunk=chunk, n_threads=n_threads, memory=config) as s:
             s.feed_tokens(stream.tolist())
             ids, indices = s.memory.store.arrays()
@@ -130,12 +131,13 @@ def memory_cost(model: Model | str | os.PathLike | None = None, *, policy: str =
                     right[with_memory] += exact_match(reply, needle.answer)
                     if with_memory:
                         rank.append(s.memory.stats.last_recall_s)
+                        recalled.append(sum(b - a for a, b in s.memory.stats.last_recalled))
             s.rollback(state)
         ratio = np.array(first[True]) / np.array(first[False])
         return MemoryCost(model.name, {"name": policy, "budget": budget}, config.config(), tokens, memory_tokens,
                           questions, Rate.of(off), Rate.of(on), Rate.of(np.array(on) / np.array(off)),
                           Rate.of(first[False]), Rate.of(first[True]), Rate.of(ratio), Rate.of(rank),
-                          right[False], right[True],
+                          Rate.of(recalled), right[False], right[True],
                           TokenStore.BYTES_PER_TOKEN + (VECTOR_BYTES if ranking == "hidden" else 0))
     finally:
         if owned:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..extras import pyplot
 from ..perplexity import NO_MEMORY, text_blocks
+from ..memory import memory_label
 from ..policies import from_config
 from ..runtime import Model
 from ..session import SessionConfig, StreamSession
@@ -101,7 +102,7 @@ class ChatRecallRun:
     memory: dict | None = None  # MemoryConfig.config(); None: off
 
     def label(self) -> str:
-        return from_config(self.policy).label() + ("" if self.memory is None else f", memory {self.memory['ranking']}")
+        return from_config(self.policy).label() + memory_label(self.memory)
 
     def accuracy(self) -> dict[int, tuple[int, int]]:
         """{probe round: (correct, facts asked)}."""

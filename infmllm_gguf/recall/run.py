@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..memory import memory_label
 from ..perplexity import NO_MEMORY, PolicyRun, file_tokens, slice_tokens
 from ..policies import Policy
 from ..runtime import Model
@@ -71,7 +72,7 @@ class RecallRun(PolicyRun):
     tokens_recalled: int = 0
 
     def label(self) -> str:
-        return super().label() + ("" if self.memory is None else f", memory {self.memory['ranking']}")
+        return super().label() + memory_label(self.memory)
 
     def accuracy(self, by: str = "target") -> dict:
         """{value of `by` (an Answer field, or a tuple of them): (correct, trials)}."""
