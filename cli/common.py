@@ -163,7 +163,8 @@ def with_memory_options(default: str) -> Callable:
     extra = [
         ("memory_ranking", str, typer.Option(default, "--memory", help=MEMORY_HELP)),
         ("memory_reserve", int, typer.Option(0, "--memory-reserve", min=0,
-                                             help="cells of the budget that re-read text may take (0: a quarter)")),
+                                             help="cells of the budget that re-read text may take (0: a quarter, "
+                                                  "at most 96)")),
         ("memory_cap", int, typer.Option(4_000_000, "--memory-cap", min=2,
                                          help="stream tokens the memory keeps in RAM (12 bytes each); beyond, the "
                                               "oldest go to disk (--memory-store disk) or are dropped")),

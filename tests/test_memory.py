@@ -135,6 +135,9 @@ def test_memory_settings_are_checked():
     assert Memory(MemoryConfig(ranking="lexical"), budget=96).window == 24
     assert Memory(MemoryConfig(ranking="lexical"), budget=1024).window == 64
     assert Memory(MemoryConfig(), budget=1024).window == 32  # the hidden ranking's
+    # a quarter of the budget, at most 96 cells (a prefill before the first answer token), or as set
+    assert [Memory(MemoryConfig(), budget=b).reserve for b in (256, 384, 512, 4096)] == [64, 96, 96, 96]
+    assert Memory(MemoryConfig(reserve=200), budget=512).reserve == 200
 
 
 @pytest.mark.parametrize("policy", ["streaming-llm", "inf-mllm", "h2o", "context-shift", "recent-only"])

@@ -41,14 +41,17 @@ if TYPE_CHECKING:
 RANKINGS = ("lexical", "embedding", "hidden", "attention")
 STORES = ("ram", "disk")
 CHECKED_BLOCKS = 64  # the best blocks checked for text the cache holds verbatim
+# the default reserve's most cells: re-reading is a prefill before the first answer token, and
+# three 32-token blocks hold what a question asks for as often as four did (docs/RESULTS.md)
+RESERVE_CAP = 96
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """How the memory ranks and re-reads. `reserve`: cells of the budget that re-read blocks may
-    take at one prompt (0: a quarter of the budget); `window`: tokens a block holds, blocks start
-    every half window (0: 64, 32 for the `hidden` ranking, or the reserve if smaller); `cap`:
-    tokens kept in RAM (12 bytes each), the oldest beyond it dropped (`store` "ram") or appended
+    take at one prompt (0: a quarter of the budget, at most `RESERVE_CAP`); `window`: tokens a
+    block holds, blocks start every half window (0: 64, 32 for the `hidden` ranking, or the
+    reserve if smaller); `cap`: tokens kept in RAM (12 bytes each), the oldest beyond it dropped (`store` "ram") or appended
     to a file in `directory` (`store` "disk"; default: <cache>/memory), deleted with the session
     unless a save names it;
     `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond;
@@ -84,7 +87,7 @@ class MemoryConfig:
         return cls(**{k: v for k, v in config.items() if k in known})
 
     def reserve_for(self, budget: int) -> int:
-        return self.reserve or budget // 4
+        return self.reserve or min(budget // 4, RESERVE_CAP)
 
 
 def memory_label(config: dict | None) -> str:
