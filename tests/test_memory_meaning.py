@@ -119,6 +119,21 @@ def test_hidden_vectors_are_llamas_layer_output(tiny_llama):
     assert cosine.min() > 0.999, cosine.min()
 
 
+def test_prompt_vectors_are_read_after_a_start_token(tiny_llama):
+    """A prompt is decoded alone after the model's start token, whose vector is dropped: the first
+    position's state (the attention sink's) is no prompt token's."""
+    tokens = [10 + (5 * i) % 90 for i in range(20)]
+    with StreamSession(tiny_llama, "inf-mllm", budget=128, chunk=32, n_threads=2,
+                       memory=MemoryConfig(ranking="hidden", reserve=32)) as s:
+        hidden = s.memory.hidden
+        vectors, start = hidden.embed(tokens), s.model.bos_token
+        projection, layer = hidden.capture.projection, hidden_layer(s.model.n_layer)
+    assert start >= 0 and vectors.shape == (20, DIMENSIONS)
+    reference = layer_outputs(tiny_llama, [start] + tokens, layer)[1:] @ projection
+    cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+
+
 FACT = "\nMy sister has a cat named Marmalade.\n"
 QUESTION = "\n\nQuestion: What is my sibling's pet called?\nAnswer: My sibling's pet is called"
 

@@ -206,17 +206,22 @@ class HiddenStates:
         self._side_capture = HiddenCapture(model.n_layer, model.n_embd, stop=True)
         self._side = Runtime(model, n_ctx=side_cells, n_batch=side_cells, n_threads=n_threads,
                              eval_callback=self._side_capture.callback)
+        # the model's BOS, or its first token of a line break where it has none
+        self._start = model.bos_token if model.bos_token >= 0 else model.tokenize("\n", add_special=False)[0]
 
     def reset(self) -> None:
         self.store = VectorStore(self.store.cap)
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
-        """The vectors of `tokens` (the last side_cells - 1 of a long prompt) decoded alone."""
-        tokens = list(tokens)[-(self._side.n_ctx - 1):]
+        """The vectors of `tokens` (the last side_cells - 2 of a long prompt) decoded alone, after
+        a start token whose vector is dropped: a causal model's first position is its attention
+        sink, whose state (an outlier that every sequence's first token shares) matched the
+        stream's own first block, whatever the prompt asked (docs/METHOD.md)."""
+        tokens = [self._start] + list(tokens)[-(self._side.n_ctx - 2):]
         self._side.clear()
         for i in range(0, len(tokens), self._side.n_batch):
             self._side.decode(tokens[i:i + self._side.n_batch], logits="none")
-        return self._side_capture.take(len(tokens))
+        return self._side_capture.take(len(tokens))[1:]
 
     def close(self) -> None:
         self._side.close()
