@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infmllm_gguf.memory import MemoryConfig, bm25, block_starts, choose
+from infmllm_gguf.memory import Memory, MemoryConfig, bm25, block_starts, choose
 from infmllm_gguf.memory import hidden
 from infmllm_gguf.memory.hidden import DIMENSIONS, VectorStore, hidden_layer, maxsim
 from infmllm_gguf.memory.ranking import held_verbatim, weighted_bm25
@@ -102,6 +102,21 @@ def test_vector_store_keeps_the_mean_of_what_it_holds():
     restored = VectorStore(cap=100)
     restored.load_state(store.state())
     np.testing.assert_allclose(restored.mean(), store.mean(), atol=1e-6)
+
+
+def test_the_hidden_ranking_falls_back_to_bm25_where_no_layer_output_was_seen():
+    """A model whose layer output is named otherwise (the store keeps only zeros): BM25 ranks."""
+    from types import SimpleNamespace
+
+    memory = Memory(MemoryConfig(), budget=512)
+    store = VectorStore(cap=1000)
+    store.append(np.arange(200), np.zeros((200, DIMENSIONS), np.float16))
+    memory.hidden = SimpleNamespace(store=store)  # embed() would fail if it were called
+    ids = np.random.default_rng(0).integers(0, 50, 200)
+    starts, score, matched = memory.blocks(ids, np.arange(200), [3, 7, 9])
+    expected = bm25(ids, starts, memory.window, np.array([3, 7, 9]))
+    np.testing.assert_allclose(score, expected[0])
+    np.testing.assert_array_equal(matched, expected[1])
 
 
 def test_hidden_vectors_are_llamas_layer_output(tiny_llama):

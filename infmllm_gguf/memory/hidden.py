@@ -88,6 +88,12 @@ class VectorStore:
             self._pieces = [(indices[-self.cap:], vectors[-self.cap:])]
         return self._pieces[0]
 
+    @property
+    def present(self) -> int:
+        """How many kept tokens have a vector (the layer was seen: not zeros)."""
+        self.arrays()  # applies the cap
+        return self._count
+
     def mean(self) -> np.ndarray:
         """float32[DIMENSIONS]: the mean of the kept vectors that are not zeros."""
         self.arrays()  # applies the cap

@@ -240,10 +240,10 @@ class Memory:
         does not change during one prompt's recall: computed once. The hidden ranking falls back
         to BM25 where the model's layer output was never seen (a model that names it otherwise)."""
         starts = block_starts(ids.size, self.window)
-        vectors = self.hidden.store.aligned(indices) if self.hidden is not None else None
         if self.config.ranking == "embedding":
             score, matched = weighted_bm25(ids, starts, self.window, self.vectors.expand(np.asarray(query)))
-        elif vectors is not None and vectors.any():
+        elif self.hidden is not None and self.hidden.store.present:
+            vectors = self.hidden.store.aligned(indices)
             score = maxsim(self.hidden.embed(query), vectors, starts, self.window, self.hidden.store.mean())
             matched = np.full(starts.size, np.iinfo(np.int64).max)  # meaning, not shared tokens, decides
         else:
