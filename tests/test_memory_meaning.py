@@ -9,7 +9,7 @@ import pytest
 
 from infmllm_gguf.memory import Memory, MemoryConfig, bm25, block_starts, choose
 from infmllm_gguf.memory import hidden
-from infmllm_gguf.memory.hidden import DIMENSIONS, VectorStore, hidden_layer, maxsim
+from infmllm_gguf.memory.hidden import DIMENSIONS, VectorStore, dequantize, hidden_layer, maxsim, quantize
 from infmllm_gguf.memory.ranking import held_verbatim, weighted_bm25
 from infmllm_gguf.session import StreamSession
 
@@ -48,15 +48,28 @@ def test_a_block_whose_text_the_cache_holds_word_for_word_is_not_needed():
 
 def test_maxsim_finds_the_block_that_holds_a_close_token():
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((320, DIMENSIONS)).astype(np.float16)
-    query = rng.standard_normal((6, DIMENSIONS)).astype(np.float16)
+    vectors = rng.standard_normal((320, DIMENSIONS))
+    query = rng.standard_normal((6, DIMENSIONS))
     close = [162, 166, 170]  # in blocks 9 (tokens 144..175) and 10 (160..191)
     vectors[close] = query[1:4] + 0.05 * rng.standard_normal((3, DIMENSIONS))
     starts = block_starts(320, 32)
-    score = maxsim(query, vectors, starts, 32)
+    score = maxsim(query, *quantize(vectors), starts, 32)
     assert set(np.argsort(-score)[:2]) == {9, 10}
     vectors[close] = 0  # a token without a vector matches nothing
-    assert not {9, 10} & set(np.argsort(-maxsim(query, vectors, starts, 32))[:2])
+    assert not {9, 10} & set(np.argsort(-maxsim(query, *quantize(vectors), starts, 32))[:2])
+
+
+def test_quantized_vectors_keep_their_direction():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((200, DIMENSIONS)) * rng.uniform(0.01, 300, (200, 1)) + 40
+    rows[5] = 0
+    codes, scales = quantize(rows)
+    assert codes.dtype == np.int8 and scales.dtype == np.float16 and np.abs(codes).max() == 127
+    back = dequantize(codes, scales)
+    assert not back[5].any() and scales[5] == 0  # a token without a vector stays one
+    back, rows = np.delete(back, 5, axis=0), np.delete(rows, 5, axis=0)
+    cosine = np.sum(back * rows, axis=1) / np.linalg.norm(back, axis=1) / np.linalg.norm(rows, axis=1)
+    assert cosine.min() > 0.999, cosine.min()
 
 
 def reference_maxsim(query, vectors, starts, window):
@@ -78,30 +91,36 @@ def test_maxsim_is_late_interaction_over_blocks(monkeypatch, n, window):
     multiple of every block), the last block off the half-window grid, tokens without a vector."""
     monkeypatch.setattr(hidden, "CHUNK", 48)
     rng = np.random.default_rng(n)
-    vectors = (rng.standard_normal((n, DIMENSIONS)) * 3 + 5).astype(np.float16)
+    vectors = rng.standard_normal((n, DIMENSIONS)) * rng.uniform(1, 5, (n, 1)) + 5
     vectors[rng.random(n) < 0.1] = 0
-    query = (rng.standard_normal((7, DIMENSIONS)) + 5).astype(np.float16)
+    codes, scales = quantize(vectors)
+    query = rng.standard_normal((7, DIMENSIONS)) + 5
     starts = block_starts(n, window)
-    np.testing.assert_allclose(maxsim(query, vectors, starts, window),
-                               reference_maxsim(query, vectors, starts, min(window, n)), atol=1e-3)
+    np.testing.assert_allclose(maxsim(query, codes, scales, starts, window),
+                               reference_maxsim(query, dequantize(codes, scales), starts, min(window, n)), atol=1e-3)
 
 
 def test_vector_store_keeps_the_mean_of_what_it_holds():
     rng = np.random.default_rng(0)
     store = VectorStore(cap=100)
-    rows = rng.standard_normal((250, DIMENSIONS)).astype(np.float16)
+    rows = rng.standard_normal((250, DIMENSIONS))
     rows[::7] = 0  # tokens without a vector do not count
+    codes, scales = quantize(rows)
     for a in range(0, 250, 30):
-        store.append(np.arange(a, min(a + 30, 250)), rows[a:a + 30])
-    kept = rows[150:]
+        store.append(np.arange(a, min(a + 30, 250)), codes[a:a + 30], scales[a:a + 30])
+    kept = dequantize(codes[150:], scales[150:])
     np.testing.assert_allclose(store.mean(), kept[np.abs(kept).sum(axis=1) > 0].astype(np.float64).mean(axis=0),
                                atol=1e-5)
-    np.testing.assert_array_equal(store.aligned(np.arange(120, 250))[:30], 0)  # beyond the cap: none
-    np.testing.assert_array_equal(store.aligned(np.arange(120, 250))[30:], kept)
-    np.testing.assert_array_equal(store.aligned(np.arange(150, 250, 2)), kept[::2])
+    beyond = store.aligned(np.arange(120, 250))
+    assert not beyond[0][:30].any() and not beyond[1][:30].any()  # beyond the cap: none
+    np.testing.assert_array_equal(dequantize(*beyond)[30:], kept)
+    np.testing.assert_array_equal(dequantize(*store.aligned(np.arange(150, 250, 2))), kept[::2])
     restored = VectorStore(cap=100)
     restored.load_state(store.state())
     np.testing.assert_allclose(restored.mean(), store.mean(), atol=1e-6)
+    earlier = VectorStore(cap=100)  # an earlier version's save (float16, 64 dimensions): none kept
+    earlier.load_state({"vector_indices": np.arange(3), "vectors": np.ones((3, 64), np.float16)})
+    assert earlier.present == 0 and earlier.arrays()[0].size == 0
 
 
 def test_the_hidden_ranking_falls_back_to_bm25_where_no_layer_output_was_seen():
@@ -110,7 +129,7 @@ def test_the_hidden_ranking_falls_back_to_bm25_where_no_layer_output_was_seen():
 
     memory = Memory(MemoryConfig(), budget=512)
     store = VectorStore(cap=1000)
-    store.append(np.arange(200), np.zeros((200, DIMENSIONS), np.float16))
+    store.append(np.arange(200), np.zeros((200, DIMENSIONS), np.int8), np.zeros(200, np.float16))
     memory.hidden = SimpleNamespace(store=store)  # embed() would fail if it were called
     ids = np.random.default_rng(0).integers(0, 50, 200)
     starts, score, matched = memory.blocks(ids, np.arange(200), [3, 7, 9])
@@ -126,7 +145,8 @@ def test_hidden_vectors_are_llamas_layer_output(tiny_llama):
     with StreamSession(tiny_llama, "inf-mllm", budget=128, chunk=32, n_threads=2,
                        memory=MemoryConfig(ranking="hidden", reserve=32)) as s:
         s.feed_tokens(tokens)
-        indices, vectors = s.memory.hidden.store.arrays()
+        indices, codes, scales = s.memory.hidden.store.arrays()
+        vectors = dequantize(codes, scales)
         projection, layer = s.memory.hidden.capture.projection, hidden_layer(s.model.n_layer)
     reference = layer_outputs(tiny_llama, tokens, layer) @ projection
     assert indices.tolist() == list(range(96))

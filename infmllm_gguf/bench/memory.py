@@ -21,7 +21,7 @@ from ..recall.needles import NeedleMaker, exact_match
 from ..runtime import Model
 from ..session import StreamSession
 from ..memory import MemoryConfig, TokenStore
-from ..memory.hidden import VECTOR_BYTES, HiddenStates
+from ..memory.hidden import VECTOR_BYTES, HiddenStates, quantize
 from .common import Rate, stream_tokens
 
 
@@ -67,13 +67,14 @@ def _give_past_vectors(hidden: HiddenStates, past: np.ndarray, slots: np.ndarray
     """Hidden-state vectors for the past given to the memory: the stream's own, repeated (the
     ranking's cost depends on their number, not their content), and around each needle the
     vectors of its text and `context` tokens either side, decoded in the side context."""
-    indices, vectors = hidden.store.arrays()
-    rows = np.resize(vectors, (past.size, vectors.shape[1]))
+    indices, codes, scales = hidden.store.arrays()
+    rows, row_scales = np.resize(codes, (past.size, codes.shape[1])), np.resize(scales, past.size)
     for at in slots:
         a, b = max(at - context, 0), min(at + 64 + context, past.size)
-        rows[a:b] = hidden.embed(past[a:b].tolist())
+        rows[a:b], row_scales[a:b] = quantize(hidden.embed(past[a:b].tolist()))
     hidden.store.load_state({"vector_indices": np.concatenate((np.arange(-past.size, 0), indices)),
-                             "vectors": np.concatenate((rows, vectors))})
+                             "vectors": np.concatenate((rows, codes)),
+                             "vector_scales": np.concatenate((row_scales, scales))})
 
 
 def _stream_speed(model: Model, policy: str, budget: int, tokens: np.ndarray, chunk: int,

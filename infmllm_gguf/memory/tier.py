@@ -2,7 +2,7 @@
 
 Every text token the stream decodes is kept, as its token id and stream index, in host memory
 (`TokenStore`, 12 bytes a token, up to `cap` tokens), and with the default `hidden` ranking a
-vector of the model's own layer output (`hidden`, 128 bytes a token, up to `vector_cap`). At each
+vector of the model's own layer output (`hidden`, 130 bytes a token, up to `vector_cap`). At each
 new prompt (`StreamSession.generate` with a prompt, a user turn) the prompt ranks the memory's
 blocks (`ranking`, `hidden`, `embedding`), and the best that the cache no longer holds are
 *re-read*: decoded again, in stream order, right before the prompt, inside the budget. Room for
@@ -55,7 +55,7 @@ class MemoryConfig:
     to a file in `directory` (`store` "disk"; default: <cache>/memory), deleted with the session
     unless a save names it;
     `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond;
-    `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (128 bytes each)."""
+    `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (130 bytes each)."""
     ranking: str = "hidden"
     reserve: int = 0
     window: int = 0
@@ -221,11 +221,11 @@ class Memory:
         if k:
             self.store.add_copies(indices[:k], decoded.copies)
             tokens, indices = tokens[k:], indices[k:]
-            vectors = None if vectors is None else vectors[k:]
+            vectors = None if vectors is None else (vectors[0][k:], vectors[1][k:])
             if not len(indices):
                 return
         if vectors is not None:
-            self.hidden.store.append(indices, vectors)
+            self.hidden.store.append(indices, *vectors)
         if decoded.is_image:
             self.images.add(tokens, int(indices[0]), non_causal=not decoded.causal, layout=decoded.layout)
             self.store.append(np.full(len(indices), IMAGE_ID), indices)
@@ -243,8 +243,8 @@ class Memory:
         if self.config.ranking == "embedding":
             score, matched = weighted_bm25(ids, starts, self.window, self.vectors.expand(np.asarray(query)))
         elif self.hidden is not None and self.hidden.store.present:
-            vectors = self.hidden.store.aligned(indices)
-            score = maxsim(self.hidden.embed(query), vectors, starts, self.window, self.hidden.store.mean())
+            codes, scales = self.hidden.store.aligned(indices)
+            score = maxsim(self.hidden.embed(query), codes, scales, starts, self.window, self.hidden.store.mean())
             matched = np.full(starts.size, np.iinfo(np.int64).max)  # meaning, not shared tokens, decides
         else:
             score, matched = bm25(ids, starts, self.window, np.asarray(query))
