@@ -267,9 +267,9 @@ def test_bench_prices_the_memory_beside_no_memory(default_model, tmp_path):
     assert "first answer token, 5,000 tokens in memory" in proc.stdout
     obj = json.loads(out.read_text())
     memory = obj["memory"]
-    # the default ranking keeps 130 bytes of hidden state per token (128 int8, a float16 scale)
+    # the default ranking keeps 66 bytes of hidden state per token (64 int8, a float16 scale)
     # beside the 12 of the token
-    assert (memory["memory_tokens"], memory["questions"], memory["host_bytes_per_token"]) == (5000, 2, 142)
+    assert (memory["memory_tokens"], memory["questions"], memory["host_bytes_per_token"]) == (5000, 2, 78)
     assert memory["correct_off"] == 0 < memory["correct_on"]  # the needles are 1,500+ tokens back
     assert memory["tokens_per_s_off"]["median"] > 0 and memory["first_token_s_on"]["median"] > 0
     assert {t["target"] for t in obj["targets"]} == {"memory on / off tokens/s", "first answer token, memory on / off"}

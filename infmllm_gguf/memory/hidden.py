@@ -1,6 +1,6 @@
 """The model's own hidden states, for a ranking that follows meaning (`ranking="hidden"`).
 
-An early-middle layer's output (`l_out-<n_layer // 4>`) places a token by what it means in its sentence,
+A middle layer's output (`l_out-<n_layer // 3>`) places a token by what it means in its sentence,
 not by how it is spelled: "sister" in "my sister has a cat" lies near "sibling" in "my sibling's
 pet". The stream's decode hands each token's vector to the memory through llama.cpp's eval
 callback (`HiddenCapture`, no second forward pass); the prompt is decoded alone in a small side
@@ -8,14 +8,14 @@ context for its own. A block scores by late interaction as ColBERT does (Khattab
 SIGIR 2020): each prompt token takes its most similar token in the block, the similarities
 averaged (`maxsim`). Vectors are centred on the stream's mean (a causal model's hidden states
 share one large direction) and projected to `DIMENSIONS` by a fixed random matrix, kept as int8
-codes with a float16 scale per token (`quantize`): `VECTOR_BYTES` bytes a token (130), the newest
+codes with a float16 scale per token (`quantize`): `VECTOR_BYTES` bytes a token (66), the newest
 `cap` tokens kept (`VectorStore`).
 
 Measured before it was built (Qwen2.5-0.5B, layer 8 of 24, 64 dimensions): the block that holds a
 paraphrased fact ranks in the top 3 of 76 blocks for 12 of 16 questions by `maxsim`, 5 of 16 by a
 mean-pooled vector, 0 of 16 by BM25. Among the 12,500 blocks of a 200k-token stream that holds all
-16 facts, 64 float16 dimensions of layer 8 ranked 4 of them in the top 3 (the 4k before each);
-128 int8 dimensions of layer 6, the same bytes, 7 (docs/METHOD.md, "Memory beyond the budget").
+16 facts, 3 of them in the top 3, whatever the layer (6 or 8), the dimensions (64 to all 896) or
+the projection (`scripts/hidden_probe.py`; docs/METHOD.md, "Memory beyond the budget").
 """
 from __future__ import annotations
 
@@ -26,18 +26,19 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..runtime import Runtime, ggml
 
-DIMENSIONS = 128
+DIMENSIONS = 64
 VECTOR_BYTES = DIMENSIONS + 2  # int8 codes and a float16 scale, per token
 PREFIX = "l_out-"  # llama.cpp names each layer's output l_out-<il>
 
 
 def hidden_layer(n_layer: int) -> int:
-    return max(n_layer // 4, 0)
+    return max(n_layer // 3, 0)
 
 
 def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes [n, d], float16 scales [n]) with row ~ scale * codes, a zero row all zeros:
-    half the bytes of float16, and no block's rank moved on a 200k-token stream."""
+    """(int8 codes [n, d], float16 scales [n]) with row ~ scale * codes, a zero row all zeros: half
+    the bytes of float16, and the same ten best blocks for each of 16 questions over a 200k-token
+    stream (`scripts/hidden_probe.py`)."""
     scales = (np.abs(rows).max(axis=1, initial=0.0) / 127).astype(np.float16)
     safe = np.where(scales > 0, scales.astype(np.float32), 1.0)
     return np.rint(rows / safe[:, None]).clip(-127, 127).astype(np.int8), scales

@@ -2,7 +2,7 @@
 
 Every text token the stream decodes is kept, as its token id and stream index, in host memory
 (`TokenStore`, 12 bytes a token, up to `cap` tokens), and with the default `hidden` ranking a
-vector of the model's own layer output (`hidden`, 130 bytes a token, up to `vector_cap`). At each
+vector of the model's own layer output (`hidden`, 66 bytes a token, up to `vector_cap`). At each
 new prompt (`StreamSession.generate` with a prompt, a user turn) the prompt ranks the memory's
 blocks (`ranking`, `hidden`, `embedding`), and the best that the cache no longer holds are
 *re-read*: decoded again, in stream order, right before the prompt, inside the budget. Room for
@@ -55,7 +55,7 @@ class MemoryConfig:
     to a file in `directory` (`store` "disk"; default: <cache>/memory), deleted with the session
     unless a save names it;
     `image_cap_mib`: the images' embeddings kept in RAM (float16), the oldest dropped beyond;
-    `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (130 bytes each)."""
+    `vector_cap`: tokens whose hidden-state vectors the `hidden` ranking keeps (66 bytes each)."""
     ranking: str = "hidden"
     reserve: int = 0
     window: int = 0
