@@ -1,17 +1,19 @@
 """Where the hidden ranking puts a paraphrased fact among a long stream's blocks: the offline probe
 behind the layer and the dimensions that `memory/hidden.py` keeps (docs/METHOD.md).
 
-    python scripts/hidden_probe.py MODEL.gguf [--tokens 200000] [--layers 6,8] [--dims 64,128,256] \\
-        [--cache DIR] [--threads 2]
+    python scripts/hidden_probe.py MODEL.gguf [--tokens 200000] [--layers 6,8] [--dims 64,128,256,0] \\
+        [--seeds 1] [--cache DIR] [--threads 2]
 
 Puts the 16 facts of the recall benchmark's `paraphrase` kind at random places in Shakespeare's
 text, reads every token's output of each layer through llama.cpp's eval callback (each 512-token
 piece decoded in a fresh context after the 256 tokens before it), and the questions' (alone, after
 the start token, as `HiddenStates.embed` decodes a prompt). For each layer and number of
-dimensions (a Gaussian projection as the memory's, int8 codes as it keeps them), each fact's
+dimensions (a Gaussian projection as the memory's, seed 0 its own, `--seeds` more; 0: all of the
+layer's, unprojected; int8 codes as the memory keeps them), each fact's
 32-token block is ranked by `maxsim` among the blocks of the stream up to 4k, 64k and 200k tokens
 after the fact (the stream's first 64 tokens, the attention sink's, left out); prints how many of
-the 16 rank in the top 3 (what the default reserve re-reads) and the top 10. The layer outputs are
+the 16 rank in the top 3 (what the default reserve re-reads) and the top 10, the mean over the
+projections with several seeds. The layer outputs are
 kept in `--cache` (float16, 1.8 KB a token a layer for Qwen2.5-0.5B): a second run only ranks.
 """
 from __future__ import annotations
@@ -112,7 +114,8 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--layers", default="6,8")
-    parser.add_argument("--dims", default="64,128,256")
+    parser.add_argument("--dims", default="64,128,256,0")
+    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/infmllm-gguf/hidden-probe")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -133,14 +136,19 @@ def main() -> None:
         rows = np.load(paths[il]).astype(np.float32)
         rows[:SINK] = 0
         for d in dims:
-            projection = (np.random.default_rng(0).standard_normal((model.n_embd, d)) / np.sqrt(d)).astype(np.float32)
-            codes, scales = quantize(rows @ projection)
-            cells = []
-            for after in AFTER:
-                ranks = [rank_of_fact(asked[i][il] @ projection, codes[:min(b + after, len(codes))],
-                                      scales[:min(b + after, len(codes))], (a, b)) for i, (a, b) in enumerate(facts)]
-                cells.append(f"{sum(r < 3 for r in ranks):2d} ({sum(r < 10 for r in ranks):2d})")
-            print(f"  layer {il:2d}, {d:3d} dimensions ({d + 2} bytes a token): " + "   ".join(cells), flush=True)
+            counts = np.zeros((args.seeds if d else 1, len(AFTER), 2))
+            for seed in range(len(counts)):
+                projection = (np.random.default_rng(seed).standard_normal((model.n_embd, d)) / np.sqrt(d)
+                              if d else np.eye(model.n_embd)).astype(np.float32)
+                codes, scales = quantize(rows @ projection)
+                for j, after in enumerate(AFTER):
+                    end = [min(b + after, len(codes)) for _, b in facts]
+                    ranks = np.array([rank_of_fact(asked[i][il] @ projection, codes[:end[i]], scales[:end[i]], fact)
+                                      for i, fact in enumerate(facts)])
+                    counts[seed, j] = np.count_nonzero(ranks < 3), np.count_nonzero(ranks < 10)
+            width = d or model.n_embd
+            cells = "   ".join(f"{top3:4.1f} ({top10:4.1f})" for top3, top10 in counts.mean(axis=0))
+            print(f"  layer {il:2d}, {width:3d} dimensions ({width + 2} bytes a token): {cells}", flush=True)
 
 
 if __name__ == "__main__":
