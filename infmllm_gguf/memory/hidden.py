@@ -48,6 +48,11 @@ def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scales.astype(np.float32)[:, None]
 
 
+def no_vectors(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) of `n` tokens without a vector: zeros."""
+    return np.zeros((n, DIMENSIONS), np.int8), np.zeros(n, np.float16)
+
+
 class HiddenCapture:
     """An eval callback (`callback`) that keeps, projected and quantized, the rows of one layer's
     output that each decode computes (`take` hands over the last ones). With `stop`, the forward
@@ -67,12 +72,9 @@ class HiddenCapture:
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(codes, scales) of the last `n` tokens decoded (zeros where the layer was not seen), the
         rest forgotten."""
-        codes = np.concatenate([c for c, _ in self.rows]) if self.rows else np.zeros((0, DIMENSIONS), np.int8)
-        scales = np.concatenate([s for _, s in self.rows]) if self.rows else np.zeros(0, np.float16)
+        seen = sum(len(c) for c, _ in self.rows)
+        codes, scales = (np.concatenate(part) for part in zip(no_vectors(max(n - seen, 0)), *self.rows))
         self.rows = []
-        if len(codes) < n:
-            codes = np.concatenate((np.zeros((n - len(codes), DIMENSIONS), np.int8), codes))
-            scales = np.concatenate((np.zeros(n - len(scales), np.float16), scales))
         return codes[len(codes) - n:], scales[len(scales) - n:]
 
 
@@ -100,9 +102,8 @@ class VectorStore:
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(stream indices int64[n], codes int8[n, DIMENSIONS], scales float16[n]), oldest first."""
         if len(self._pieces) != 1 or len(self._pieces[0][0]) > self.cap:
-            pieces = self._pieces or [(np.zeros(0, np.int64), np.zeros((0, DIMENSIONS), np.int8),
-                                       np.zeros(0, np.float16))]
-            indices, codes, scales = (np.concatenate(part) for part in zip(*pieces))
+            indices, codes, scales = (np.concatenate(part) for part in zip((np.zeros(0, np.int64), *no_vectors(0)),
+                                                                          *self._pieces))
             self._add(codes[:-self.cap], scales[:-self.cap], -1)
             self._pieces = [(indices[-self.cap:], codes[-self.cap:], scales[-self.cap:])]
         return self._pieces[0]
@@ -124,10 +125,9 @@ class VectorStore:
         if kept.size <= indices.size and np.array_equal(indices[indices.size - kept.size:], kept):
             if kept.size == indices.size:  # every stored token has its vector: no copy
                 return codes, scales
-            head = indices.size - kept.size  # the oldest tokens beyond the vectors' cap
-            return (np.concatenate((np.zeros((head, DIMENSIONS), np.int8), codes)),
-                    np.concatenate((np.zeros(head, np.float16), scales)))
-        out_codes, out_scales = np.zeros((indices.size, DIMENSIONS), np.int8), np.zeros(indices.size, np.float16)
+            head_codes, head_scales = no_vectors(indices.size - kept.size)  # the oldest, beyond the cap
+            return np.concatenate((head_codes, codes)), np.concatenate((head_scales, scales))
+        out_codes, out_scales = no_vectors(indices.size)
         at = np.searchsorted(indices, kept)
         found = (at < indices.size) & (indices[np.minimum(at, indices.size - 1)] == kept)
         out_codes[at[found]], out_scales[at[found]] = codes[found], scales[found]
